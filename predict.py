@@ -1,0 +1,17 @@
+"""Write a Kaggle submission from a checkpoint, offline:
+`python predict.py ckpt_path=RUN/checkpoints/best.ckpt input_path=test.csv output_path=submission.csv`
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from pref_lightning.pipeline import predict
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()

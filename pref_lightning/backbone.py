@@ -1,0 +1,148 @@
+"""Backbones and tokenizers: a hub name, a local folder, or a tiny DeBERTa trained offline.
+
+Real users pass `microsoft/deberta-v3-small` (or a local copy of it). Tests and the embedded default
+use `tiny`: a DeBERTa-v3-shaped model built from a config (random init) with a Unigram tokenizer
+trained on the training texts and cached on disk, since no model hub is reachable there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoModel, AutoTokenizer, DebertaV2Config, PreTrainedModel
+
+TINY = "tiny"
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
+                  "mask_token": "[MASK]"}
+# DeBERTa-v3's own layout: relative attention with shared keys, log buckets, no token types
+TINY_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "max_position_embeddings": 512,
+    "relative_attention": True,
+    "position_buckets": 256,
+    "pos_att_type": ["p2c", "c2p"],
+    "norm_rel_ebd": "layer_norm",
+    "share_att_key": True,
+    "position_biased_input": False,
+    "type_vocab_size": 0,
+    "hidden_act": "gelu",
+}
+TOKENIZER_FORMAT = "unigram-metaspace-v1"  # part of the cache key: bump when training changes
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PREF_LIGHTNING_CACHE", Path.home() / ".cache" / "pref_lightning"))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a sentencepiece-style Unigram tokenizer (as DeBERTa-v3 uses) on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.Unigram())
+    core.normalizer = normalizers.NFKC()
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL_TOKENS[k] for k in ("pad_token", "cls_token", "sep_token", "unk_token", "mask_token")],
+        unk_token=SPECIAL_TOKENS["unk_token"],
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=1_000_000, **SPECIAL_TOKENS)
+
+
+def cached_trained_tokenizer(texts: list[str], vocab_size: int, cache_dir: str | Path | None = None):
+    """Train once per (texts, vocab size) and reuse the saved folder on later runs and other ranks."""
+    digest = hashlib.sha256()
+    digest.update(f"{TOKENIZER_FORMAT}\0{vocab_size}\0".encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", "replace"))
+        digest.update(b"\0")
+    folder = Path(cache_dir or default_cache_dir()) / "tokenizers" / digest.hexdigest()[:20]
+    if not (folder / "tokenizer_config.json").exists():
+        tokenizer = train_tokenizer(texts, vocab_size)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # save beside and rename, so that a concurrent rank never reads a half-written folder
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process won the race; its folder is equivalent
+            shutil.rmtree(staging, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_tokenizer(name_or_path: str):
+    """A hub name or a local folder (which must hold tokenizer_config.json for AutoTokenizer)."""
+    path = Path(name_or_path)
+    if path.exists() and path.is_dir() and not (path / "tokenizer_config.json").exists():
+        raise FileNotFoundError(
+            f"{path}: no tokenizer_config.json; save the tokenizer there with tokenizer.save_pretrained()"
+        )
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def tiny_config(vocab_size: int, overrides: Mapping[str, Any] | None = None) -> DebertaV2Config:
+    return DebertaV2Config(**{**TINY_DEFAULTS, **dict(overrides or {}), "vocab_size": vocab_size})
+
+
+def build_backbone(
+    backbone: str,
+    *,
+    vocab_size: int | None = None,
+    tiny_overrides: Mapping[str, Any] | None = None,
+    config_dict: Mapping[str, Any] | None = None,
+    dropout: float | None = None,
+) -> PreTrainedModel:
+    """Build the encoder.
+
+    `config_dict` (from a checkpoint) builds the architecture without weights, which the checkpoint's
+    state dict then fills: prediction needs neither the hub nor the original folder.
+    `dropout=0.0` switches the backbone's dropout off, which helps regression-like fine-tuning.
+    """
+    dropout_kwargs = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    if config_dict is not None:
+        config = AutoConfig.for_model(**dict(config_dict))
+        return AutoModel.from_config(config)
+    if backbone == TINY:
+        if vocab_size is None:
+            raise ValueError("model.backbone=tiny needs the tokenizer's vocab_size")
+        config = tiny_config(vocab_size, tiny_overrides)
+        for key, value in dropout_kwargs.items():
+            setattr(config, key, value)
+        return AutoModel.from_config(config)
+    config = AutoConfig.from_pretrained(backbone, **dropout_kwargs)
+    return AutoModel.from_pretrained(backbone, config=config)
+
+
+def tokenizer_files(tokenizer, folder: str | Path | None = None) -> dict[str, bytes]:
+    """The tokenizer's saved files, to embed in checkpoints; also written to `folder` when given."""
+    with tempfile.TemporaryDirectory(prefix="pref_tokenizer_") as staging:
+        tokenizer.save_pretrained(staging)
+        files = {p.name: p.read_bytes() for p in sorted(Path(staging).iterdir()) if p.is_file()}
+    if folder is not None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+    return files
+
+
+def tokenizer_from_files(files: Mapping[str, bytes], folder: str | Path | None = None):
+    """Rebuild a tokenizer from files embedded in a checkpoint (offline)."""
+    target = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="pref_tokenizer_"))
+    target.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (target / Path(name).name).write_bytes(data)
+    return AutoTokenizer.from_pretrained(target)

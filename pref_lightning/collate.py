@@ -1,0 +1,38 @@
+"""Tokenized pairs -> padded batches (dynamic padding: each batch only to its own longest side)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pref_lightning.pairs import EncodedPair
+
+
+class PairCollator:
+    """Stack sides A and B of a batch into one (2B, L) tensor so the encoder runs once per batch.
+
+    Rows 0..B-1 are the A sides, rows B..2B-1 the B sides; L is the longest side in the batch,
+    rounded up to `pad_to_multiple_of` (8 suits tensor cores on GPUs).
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
+        sides = [item.ids_a for item in items] + [item.ids_b for item in items]
+        length = max(len(s) for s in sides)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(sides), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sides), length), dtype=torch.long)
+        for row, ids in enumerate(sides):
+            input_ids[row, : len(ids)] = torch.from_numpy(ids.astype("int64"))
+            attention_mask[row, : len(ids)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": torch.tensor([item.label for item in items], dtype=torch.long),
+            "index": torch.tensor([item.index for item in items], dtype=torch.long),
+        }

@@ -1,0 +1,36 @@
+"""The competition metric as a torchmetrics Metric (DDP-safe sums)."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+EPS = 1e-15
+
+
+def competition_log_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Mean negative log likelihood as Kaggle scores it: each row divided by its sum, then clipped."""
+    probs = probs.double()
+    probs = (probs / probs.sum(dim=-1, keepdim=True)).clamp(eps, 1 - eps)
+    return -probs.gather(-1, target.view(-1, 1)).log().mean()
+
+
+class LogLoss(Metric):
+    """Multiclass log loss accumulated over batches (and processes) as a sum and a count."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, eps: float = EPS, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.eps = eps
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        self.total += competition_log_loss(probs, target, self.eps) * target.numel()
+        self.count += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()

@@ -1,0 +1,149 @@
+"""Records -> tokenized pairs: one (prompt, response) token sequence per side for a shared encoder.
+
+Each side is `[CLS] prompt [SEP] response [SEP]`, turns inside a segment joined by `[SEP]`. When a
+side does not fit, a token budget is spent so that the prompt and the response always keep a share;
+inside a segment the latest turns are kept first, and a turn that must be cut keeps its head and tail.
+Because A and B are encoded separately, neither answer can ever be truncated away by the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pref_lightning.records import PairRecord
+
+CHARS_PER_TOKEN_CAP = 16  # pre-clip very long turns in characters before tokenizing (speed only)
+
+
+@dataclass
+class EncodedPair:
+    ids_a: np.ndarray  # int32 token ids of side A, special tokens included
+    ids_b: np.ndarray
+    label: int  # -1 when unknown (test rows)
+    index: int  # position of the record in its input, to restore order after length sorting
+
+    def __len__(self) -> int:
+        return max(len(self.ids_a), len(self.ids_b))
+
+
+def head_tail(ids: Sequence[int], budget: int, head_fraction: float = 0.5) -> list[int]:
+    """Keep the first and last tokens of `ids` within `budget` tokens."""
+    if budget <= 0:
+        return []
+    if len(ids) <= budget:
+        return list(ids)
+    head = int(np.ceil(budget * head_fraction))
+    tail = budget - head
+    return list(ids[:head]) + (list(ids[len(ids) - tail:]) if tail else [])
+
+
+def fit_turns(turns: Sequence[Sequence[int]], budget: int, sep_id: int, head_fraction: float = 0.5) -> list[int]:
+    """Join turns with `sep_id` in at most `budget` tokens, latest turns first."""
+    kept: list[list[int]] = []
+    remaining = budget
+    for turn in reversed(turns):
+        cost_sep = 1 if kept else 0
+        room = remaining - cost_sep
+        if room <= 0:
+            break
+        piece = head_tail(turn, room, head_fraction)
+        kept.append(piece)
+        remaining -= len(piece) + cost_sep
+        if len(piece) < len(turn):
+            break
+    out: list[int] = []
+    for i, piece in enumerate(reversed(kept)):
+        if i:
+            out.append(sep_id)
+        out.extend(piece)
+    return out
+
+
+def segment_length(turns: Sequence[Sequence[int]]) -> int:
+    return sum(len(t) for t in turns) + max(len(turns) - 1, 0)
+
+
+def split_budget(prompt_len: int, response_len: int, budget: int, prompt_fraction: float) -> tuple[int, int]:
+    """Tokens for (prompt, response): the prompt gets at most `prompt_fraction` of the budget (at least
+    one token) unless the response leaves room; the response gets the rest."""
+    if prompt_len + response_len <= budget:
+        return prompt_len, response_len
+    prompt_cap = max(1, int(budget * prompt_fraction))
+    prompt_alloc = min(prompt_len, prompt_cap)
+    response_alloc = min(response_len, budget - prompt_alloc)
+    prompt_alloc = min(prompt_len, budget - response_alloc)  # unused response room goes back
+    return prompt_alloc, response_alloc
+
+
+class PairEncoder:
+    """Tokenize records into `EncodedPair`s with a fast tokenizer, in batches."""
+
+    def __init__(self, tokenizer, max_length: int = 512, prompt_fraction: float = 0.3,
+                 head_fraction: float = 0.5, batch_size: int = 2048) -> None:
+        if max_length < 8:
+            raise ValueError(f"data.max_length={max_length} is too small; use at least 8")
+        if not 0.0 < prompt_fraction < 1.0:
+            raise ValueError(f"data.prompt_fraction={prompt_fraction} must lie in (0, 1)")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.prompt_fraction = prompt_fraction
+        self.head_fraction = head_fraction
+        self.batch_size = batch_size
+        self.cls_id = _special_id(tokenizer, "cls_token_id", "bos_token_id")
+        self.sep_id = _special_id(tokenizer, "sep_token_id", "eos_token_id")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def _clip_chars(self, text: str) -> str:
+        # very long turns (100k characters occur) would be tokenized only to be cut: keep head and tail
+        cap = self.max_length * CHARS_PER_TOKEN_CAP
+        if len(text) <= 2 * cap:
+            return text
+        return text[:cap] + " " + text[-cap:]
+
+    def tokenize_turns(self, texts: list[str]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [self._clip_chars(t) for t in texts[start:start + self.batch_size]]
+            out.extend(self.tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        return out
+
+    def build_side(self, prompt: Sequence[Sequence[int]], response: Sequence[Sequence[int]]) -> np.ndarray:
+        budget = self.max_length - 3
+        p_alloc, r_alloc = split_budget(segment_length(prompt), segment_length(response), budget,
+                                        self.prompt_fraction)
+        p_ids = fit_turns(prompt, p_alloc, self.sep_id, self.head_fraction)
+        r_ids = fit_turns(response, r_alloc, self.sep_id, self.head_fraction)
+        return np.asarray([self.cls_id, *p_ids, self.sep_id, *r_ids, self.sep_id], dtype=np.int32)
+
+    def encode(self, records: Sequence[PairRecord]) -> list[EncodedPair]:
+        # flatten every turn of every record into one batched tokenizer call
+        texts: list[str] = []
+        spans: list[tuple[tuple[int, int], ...]] = []
+        for record in records:
+            row_spans = []
+            for turns in (record.prompt, record.response_a, record.response_b):
+                row_spans.append((len(texts), len(texts) + len(turns)))
+                texts.extend(turns)
+            spans.append(tuple(row_spans))
+        ids = self.tokenize_turns(texts)
+        pairs = []
+        for index, (record, ((p0, p1), (a0, a1), (b0, b1))) in enumerate(zip(records, spans)):
+            prompt = ids[p0:p1]
+            pairs.append(EncodedPair(
+                ids_a=self.build_side(prompt, ids[a0:a1]),
+                ids_b=self.build_side(prompt, ids[b0:b1]),
+                label=-1 if record.label is None else int(record.label),
+                index=index,
+            ))
+        return pairs
+
+
+def _special_id(tokenizer, *names: str) -> int:
+    for name in names:
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"tokenizer {type(tokenizer).__name__} has none of {', '.join(names)}")

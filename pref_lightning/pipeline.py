@@ -1,0 +1,166 @@
+"""Shared building code for `train.py` and `predict.py`: config -> objects -> run -> files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
+from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.module import PreferenceModule
+from pref_lightning.records import CLASS_NAMES, label_array
+
+log = logging.getLogger(__name__)
+
+
+def set_runtime_defaults() -> None:
+    # TF32 matmuls on GPUs that have them (flushing CPU denormals is done by the module's loop hooks)
+    torch.set_float32_matmul_precision("high")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write beside the target and rename, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_tokenizer(model_cfg: DictConfig, datamodule: PreferenceDataModule):
+    """The tokenizer named by the model config; for the tiny backbone, one trained on the train texts."""
+    if model_cfg.backbone == TINY and not model_cfg.get("tokenizer"):
+        return cached_trained_tokenizer(datamodule.tokenizer_texts(), int(model_cfg.tokenizer_vocab_size),
+                                        model_cfg.get("cache_dir"))
+    return load_tokenizer(model_cfg.get("tokenizer") or model_cfg.backbone)
+
+
+def instantiate_list(group: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a config group (callbacks, loggers); skip the rest."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir).resolve()
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, validate the best checkpoint, write `metrics.json`; return the metrics."""
+    started = time.perf_counter()
+    set_runtime_defaults()
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = output_dir(cfg)
+
+    datamodule: PreferenceDataModule = instantiate(cfg.data)
+    datamodule.load_records()
+    tokenizer = build_tokenizer(cfg.model, datamodule)
+    datamodule.attach_tokenizer(tokenizer)
+
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
+                                     logger=instantiate_list(cfg.get("logger")) or False)
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                    if k not in ("tokenizer", "tokenizer_vocab_size", "cache_dir")}
+    model: PreferenceModule = instantiate(model_kwargs, vocab_size=len(tokenizer), _convert_="all")
+    # the tokenizer travels inside every checkpoint; rank 0 also leaves a copy in the run folder
+    model.tokenizer_files = tokenizer_files(tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
+    model.data_settings = {"max_length": datamodule.max_length, "prompt_fraction": datamodule.prompt_fraction}
+    model.reference = datamodule.validation_reference()
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    results = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    metrics = {
+        "val_log_loss": float(results["val/log_loss"]),
+        "val_accuracy": float(results["val/accuracy"]),
+        **{k: float(v) for k, v in model.reference.items()},
+        "train_rows": len(datamodule.train_records),
+        "val_rows": len(datamodule.val_records),
+        "data": datamodule.source_name,
+        "backbone": cfg.model.backbone,
+        "epochs": trainer.current_epoch,
+        "best_checkpoint": str(Path(best).resolve()) if best else None,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    metrics["gain_over_prior"] = metrics["prior_log_loss"] - metrics["val_log_loss"]
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        print(f"[pref-lightning] run folder: {run_dir}")
+        print(f"[pref-lightning] best checkpoint: {metrics['best_checkpoint']}")
+        print(f"[pref-lightning] metrics: {run_dir / 'metrics.json'}")
+        summary = {k: round(metrics[k], 4) for k in ("val_log_loss", "prior_log_loss", "oracle_log_loss",
+                                                      "val_accuracy") if k in metrics}
+        print(f"[pref-lightning] {summary}")
+    return metrics
+
+
+def gather_predictions(outputs: Iterable[dict[str, torch.Tensor]], n_rows: int) -> np.ndarray:
+    """Logits in input order, checking that every row was predicted exactly once."""
+    index = torch.cat([o["index"] for o in outputs]).numpy()
+    logits = torch.cat([o["logits"] for o in outputs]).numpy()
+    counts = np.bincount(index, minlength=n_rows)
+    if len(counts) != n_rows or (counts != 1).any():
+        missing, repeated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
+        raise RuntimeError(f"prediction covered rows unevenly: {len(missing)} missing, {len(repeated)} repeated")
+    ordered = np.empty_like(logits)
+    ordered[index] = logits
+    return ordered
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def submission_frame(ids: list[str], probs: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame({"id": ids})
+    for j, name in enumerate(CLASS_NAMES):
+        frame[name] = probs[:, j]
+    return frame
+
+
+def predict(cfg: DictConfig) -> Path:
+    """Write the Kaggle submission for `cfg.input_path` from `cfg.ckpt_path`, offline."""
+    set_runtime_defaults()
+    model, tokenizer, settings = PreferenceModule.from_checkpoint(cfg.ckpt_path)
+    datamodule = PreferenceDataModule(predict_path=cfg.input_path, eval_batch_size=cfg.batch_size,
+                                      max_length=int(cfg.get("max_length") or settings["max_length"]),
+                                      prompt_fraction=float(settings["prompt_fraction"]))
+    datamodule.attach_tokenizer(tokenizer)
+    datamodule.setup("predict")
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    outputs = trainer.predict(model, datamodule=datamodule)
+    records = datamodule.predict_records
+    probs = softmax(gather_predictions(outputs, len(records)))
+    output_path = Path(cfg.output_path)
+    atomic_write_text(output_path, submission_frame([r.id for r in records], probs).to_csv(index=False))
+    print(f"[pref-lightning] wrote {len(records)} predictions to {output_path.resolve()}")
+    labelled = [i for i, r in enumerate(records) if r.label is not None]
+    if len(labelled) == len(records):
+        from pref_lightning.metrics import competition_log_loss
+
+        loss = competition_log_loss(torch.from_numpy(probs), torch.from_numpy(label_array(records)))
+        print(f"[pref-lightning] input has labels: log loss {float(loss):.4f}")
+    return output_path

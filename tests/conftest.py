@@ -1,0 +1,75 @@
+"""Shared tiny, offline fixtures: a small synthetic CSV, a trained tokenizer, a local tiny backbone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PREF_LIGHTNING_SHARED_DATA", REPO.parent / "shared" / "data"))
+ARENA_SAMPLE = SHARED_DATA / "lmsys_arena_sample.csv"
+
+# a small backbone so that end-to-end tests take seconds on 2 CPU cores
+TEST_TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 128}
+TEST_TINY_OVERRIDES = [
+    "model.tiny_config.hidden_size=32",
+    "model.tiny_config.num_hidden_layers=1",
+    "model.tiny_config.num_attention_heads=2",
+    "model.tiny_config.intermediate_size=64",
+    "model.tiny_config.max_position_embeddings=128",
+    "model.tokenizer_vocab_size=600",
+    "model.head_hidden=32",
+]
+
+
+def needs_shared_data() -> pytest.MarkDecorator:
+    """Skip only when the shared data folder is truly absent (CI always has it)."""
+    return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # tokenizer caches go to a per-session folder, never to the user's home
+    monkeypatch.setenv("PREF_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_frame():
+    from pref_lightning.synthetic import generate
+
+    return generate(400, seed=3).frame
+
+
+@pytest.fixture(scope="session")
+def synthetic_csv(tmp_path_factory, synthetic_frame) -> Path:
+    from pref_lightning.synthetic import write_csv
+
+    path = tmp_path_factory.mktemp("data") / "train.csv"
+    write_csv(synthetic_frame, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory, synthetic_frame):
+    from pref_lightning.backbone import cached_trained_tokenizer
+    from pref_lightning.records import records_from_frame
+
+    texts = []
+    for r in records_from_frame(synthetic_frame, "synthetic", require_labels=True):
+        texts += r.prompt + r.response_a + r.response_b
+    return cached_trained_tokenizer(texts, 600, tmp_path_factory.mktemp("tok_cache"))
+
+
+@pytest.fixture(scope="session")
+def local_backbone_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A folder laid out like a downloaded hub model: config, weights, tokenizer files."""
+    from pref_lightning.backbone import build_backbone
+
+    folder = tmp_path_factory.mktemp("tiny-deberta-v3")
+    model = build_backbone("tiny", vocab_size=len(tiny_tokenizer), tiny_overrides=TEST_TINY)
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

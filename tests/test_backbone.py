@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from pref_lightning.backbone import (
+    build_backbone,
+    cached_trained_tokenizer,
+    load_tokenizer,
+    tokenizer_files,
+    tokenizer_from_files,
+)
+
+
+def test_trained_tokenizer_encodes_real_pieces_not_unk(tiny_tokenizer, synthetic_frame):
+    text = "Here is a short guide about the topic with a few examples."
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 3
+    unk = tiny_tokenizer.unk_token_id
+    assert sum(i == unk for i in ids) == 0
+    assert tiny_tokenizer.decode(ids) == text  # lossless round trip
+    assert len(set(ids)) > 3
+
+
+def test_special_tokens_have_deberta_ids(tiny_tokenizer):
+    assert tiny_tokenizer.pad_token_id == 0
+    assert tiny_tokenizer.cls_token_id == 1
+    assert tiny_tokenizer.sep_token_id == 2
+    assert tiny_tokenizer.unk_token_id == 3
+
+
+def test_cache_reuses_folder(tmp_path):
+    texts = ["alpha beta gamma delta"] * 20 + ["photosynthesis makes sugar from light"] * 20
+    first = cached_trained_tokenizer(texts, 60, tmp_path)
+    folders = list((tmp_path / "tokenizers").iterdir())
+    assert len(folders) == 1 and (folders[0] / "tokenizer_config.json").exists()
+    mtime = (folders[0] / "tokenizer.json").stat().st_mtime_ns
+    second = cached_trained_tokenizer(texts, 60, tmp_path)
+    assert (folders[0] / "tokenizer.json").stat().st_mtime_ns == mtime  # not retrained
+    assert first("alpha gamma")["input_ids"] == second("alpha gamma")["input_ids"]
+
+
+def test_tokenizer_files_round_trip(tmp_path, tiny_tokenizer):
+    files = tokenizer_files(tiny_tokenizer, tmp_path / "saved")
+    assert "tokenizer_config.json" in files and "tokenizer.json" in files
+    restored = tokenizer_from_files(files, tmp_path / "restored")
+    text = "the quick answer, with code and a list"
+    assert restored(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
+
+
+def test_local_folder_backbone_and_tokenizer(local_backbone_dir, tiny_tokenizer):
+    tokenizer = load_tokenizer(str(local_backbone_dir))
+    text = "a real sentence about the topic"
+    assert tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
+    model = build_backbone(str(local_backbone_dir), dropout=0.0)
+    assert model.config.hidden_size == 32 and model.config.hidden_dropout_prob == 0.0
+    out = model(input_ids=torch.tensor([[1, 5, 6, 2]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    assert out.last_hidden_state.shape == (1, 4, 32)
+
+
+def test_folder_without_tokenizer_config_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_tiny_backbone_from_config_is_deberta_v3_shaped():
+    model = build_backbone("tiny", vocab_size=500, tiny_overrides={"hidden_size": 32, "num_attention_heads": 2,
+                                                                  "num_hidden_layers": 1, "intermediate_size": 64})
+    assert model.config.model_type == "deberta-v2"
+    assert model.config.relative_attention and model.config.pos_att_type == ["p2c", "c2p"]
+    assert model.get_input_embeddings().num_embeddings == 500
+    rebuilt = build_backbone("ignored", config_dict=model.config.to_dict())
+    assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_needs_vocab_size():
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_backbone("tiny")

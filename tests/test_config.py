@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from pref_lightning.datamodule import PreferenceDataModule
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_train(overrides=()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_default_is_the_embedded_experiment():
+    cfg = compose_train()
+    assert cfg.model.backbone == "tiny"
+    assert cfg.data.train_path is None and cfg.data.synthetic_rows > 0
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.callbacks.model_checkpoint.monitor == "val/log_loss"
+    assert cfg.callbacks.model_checkpoint.filename == "best"
+
+
+def test_full_data_composes_with_user_keys(tmp_path):
+    cfg = compose_train(["experiment=full_data", f"data.train_path={tmp_path}/train.csv",
+                         "model.backbone=/models/deberta-v3-small", "model.lr=1e-5", "data.max_length=512",
+                         "data.batch_size=4", "trainer.max_epochs=3", "trainer.devices=2", "seed=7"])
+    assert cfg.model.backbone == "/models/deberta-v3-small" and cfg.model.lr == 1e-5
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 2
+    assert cfg.data.max_length == 512 and cfg.data.batch_size == 4 and cfg.data.split_seed == 7
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, PreferenceDataModule) and dm.train_path.endswith("train.csv")
+
+
+def test_full_data_defaults_to_deberta_v3_small_on_all_gpus():
+    cfg = compose_train(["experiment=full_data", "data.train_path=x.csv"])
+    assert cfg.model.backbone == "microsoft/deberta-v3-small"
+    assert cfg.trainer.devices == -1
+    assert cfg.model.head_lr > cfg.model.lr  # fresh head, pretrained backbone
+
+
+def test_full_data_requires_train_path():
+    cfg = compose_train(["experiment=full_data"])
+    with pytest.raises(Exception, match="train_path"):
+        OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("trainer,accelerator", [("cpu", "cpu"), ("gpu", "gpu"), ("ddp", "gpu")])
+def test_trainer_group(trainer, accelerator):
+    cfg = compose_train([f"trainer={trainer}"])
+    assert cfg.trainer.accelerator == accelerator
+    assert cfg.trainer._target_ == "lightning.Trainer"
+
+
+def test_predict_config_composes():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="predict", overrides=["ckpt_path=a.ckpt", "input_path=t.csv"])
+    assert cfg.output_path == "submission.csv" and cfg.trainer.devices == 1

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from pref_lightning.datamodule import PreferenceDataModule, grouped_split, prompt_key
+from pref_lightning.records import PairRecord
+
+
+def records_with_shared_prompts(n_groups=40, per_group=3):
+    out = []
+    for g in range(n_groups):
+        for k in range(per_group):
+            prompt = [f"Question number {g}?"] if k % 2 == 0 else [f"question   NUMBER {g}?"]  # same, normalised
+            out.append(PairRecord(f"{g}-{k}", prompt, ["a"], ["b"], label=k % 3))
+    return out
+
+
+def test_grouped_split_never_straddles_a_prompt():
+    records = records_with_shared_prompts()
+    train, val = grouped_split(records, 0.2, seed=1)
+    assert sorted(train + val) == list(range(len(records)))
+    train_keys = {prompt_key(records[i]) for i in train}
+    val_keys = {prompt_key(records[i]) for i in val}
+    assert not train_keys & val_keys
+    assert 0.2 * len(records) <= len(val) <= 0.2 * len(records) + 3
+
+
+def test_grouped_split_is_seeded_and_order_free():
+    records = records_with_shared_prompts()
+    _, val1 = grouped_split(records, 0.2, seed=1)
+    _, val2 = grouped_split(list(reversed(records)), 0.2, seed=1)
+    n = len(records)
+    assert sorted(records[i].id for i in val1) == sorted(records[n - 1 - i].id for i in val2)
+    _, other = grouped_split(records, 0.2, seed=2)
+    assert other != val1
+
+
+def test_split_rejects_impossible_fractions():
+    with pytest.raises(ValueError, match="val_fraction"):
+        grouped_split(records_with_shared_prompts(), 1.0, seed=0)
+    one_prompt = [PairRecord(str(i), ["same"], ["a"], ["b"], label=0) for i in range(5)]
+    with pytest.raises(ValueError, match="1 distinct prompts"):
+        grouped_split(one_prompt, 0.5, seed=0)
+
+
+def test_datamodule_from_csv_builds_batches(synthetic_csv, tiny_tokenizer):
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), val_fraction=0.2, max_length=48, batch_size=4)
+    dm.load_records()
+    assert len(dm.train_records) + len(dm.val_records) == 400
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 48
+    assert batch["labels"].shape == (4,)
+    reference = dm.validation_reference()
+    assert 0.9 < reference["prior_log_loss"] < 1.2
+    assert reference["oracle_log_loss"] < reference["prior_log_loss"]
+    assert np.isclose(dm.train_prior.sum(), 1.0)
+
+
+def test_setup_without_tokenizer_is_a_clear_error(synthetic_csv):
+    dm = PreferenceDataModule(train_path=str(synthetic_csv))
+    with pytest.raises(RuntimeError, match="attach_tokenizer"):
+        dm.setup("fit")
+
+
+def test_embedded_synthetic_source(tiny_tokenizer):
+    dm = PreferenceDataModule(train_path=None, synthetic_rows=200, synthetic_seed=5, val_fraction=0.25)
+    dm.load_records()
+    assert len(dm.train_records) + len(dm.val_records) == 200
+    assert all(r.oracle is not None for r in dm.val_records)
+    assert "synthetic" in dm.source_name

@@ -1,0 +1,105 @@
+"""Real runs of train.py and predict.py as a user types them (subprocesses, tiny offline models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pref_lightning.records import LABEL_COLUMNS, ORACLE_COLUMNS
+
+from .conftest import ARENA_SAMPLE, REPO, TEST_TINY_OVERRIDES, needs_shared_data
+
+pytestmark = pytest.mark.slow
+FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "data.max_length=48",
+        "data.batch_size=16", *TEST_TINY_OVERRIDES]
+
+
+def run(script, *overrides, timeout=600):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, script, *overrides], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
+
+
+def check_submission(path, expected_ids):
+    sub = pd.read_csv(path, dtype={"id": str})
+    assert list(sub.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+    assert sub["id"].tolist() == list(expected_ids)
+    probs = sub[list(LABEL_COLUMNS)].to_numpy()
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    return probs
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    out = run("train.py", "data.synthetic_rows=600", f"hydra.run.dir={run_dir}", *FAST)
+    return run_dir, out
+
+
+def test_train_writes_checkpoint_and_metrics(trained_run):
+    run_dir, out = trained_run
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("val_log_loss", "val_accuracy", "prior_log_loss", "oracle_log_loss"):
+        assert np.isfinite(metrics[key])
+    assert metrics["oracle_log_loss"] < metrics["prior_log_loss"]
+    assert metrics["train_rows"] + metrics["val_rows"] == 600
+    assert str(run_dir / "checkpoints" / "best.ckpt") in out and "metrics.json" in out
+    assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_predict_in_input_order_without_labels(trained_run, tmp_path, synthetic_frame):
+    run_dir, _ = trained_run
+    test = synthetic_frame.drop(columns=list(LABEL_COLUMNS) + list(ORACLE_COLUMNS)).sample(frac=1, random_state=0)
+    test_path = tmp_path / "test.csv"
+    test.to_csv(test_path, index=False)
+    output = tmp_path / "sub" / "submission.csv"
+    run("predict.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"input_path={test_path}",
+        f"output_path={output}", f"hydra.run.dir={tmp_path}/pred", "trainer.enable_progress_bar=false")
+    check_submission(output, test["id"].astype(str).tolist())
+
+
+@needs_shared_data()
+def test_predict_real_arena_rows(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    arena = pd.read_csv(ARENA_SAMPLE, dtype=str, keep_default_na=False)
+    test_path = tmp_path / "arena_test.csv"
+    arena.drop(columns=list(LABEL_COLUMNS)).to_csv(test_path, index=False)
+    output = tmp_path / "submission.csv"
+    run("predict.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"input_path={test_path}",
+        f"output_path={output}", f"hydra.run.dir={tmp_path}/pred", "trainer.enable_progress_bar=false",
+        "batch_size=64")
+    check_submission(output, arena["id"].tolist())
+
+
+def test_full_data_experiment_with_local_backbone(tmp_path, local_backbone_dir, synthetic_csv):
+    """The competition config's code path (hub-style folder, bf16, DDP strategy) on CPU."""
+    run_dir = tmp_path / "full"
+    run("train.py", "experiment=full_data", f"data.train_path={synthetic_csv}", f"model.backbone={local_backbone_dir}",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.limit_train_batches=4", "trainer.max_epochs=1", "trainer.val_check_interval=1.0",
+        "data.num_workers=0", "data.max_length=48", "trainer.enable_progress_bar=false",
+        "model.head_hidden=16", f"hydra.run.dir={run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["backbone"] == str(local_backbone_dir)
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    run_dir = tmp_path / "ddp"
+    out = run("train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+              "data.synthetic_rows=300", f"hydra.run.dir={run_dir}", *FAST)
+    assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train_rows"] + metrics["val_rows"] == 300 and np.isfinite(metrics["val_log_loss"])
+    # one run folder: the second rank adds only its log file, no stray folders
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == [
+        "checkpoints", "csv", "metrics.json", "tokenizer", "train.log", "train_ddp_process_1.log"]

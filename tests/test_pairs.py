@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from pref_lightning.pairs import PairEncoder, fit_turns, head_tail, split_budget
+from pref_lightning.records import PairRecord
+
+SEP = 2
+
+
+def test_head_tail_keeps_both_ends():
+    assert head_tail(list(range(10)), 4) == [0, 1, 8, 9]
+    assert head_tail(list(range(10)), 5) == [0, 1, 2, 8, 9]
+    assert head_tail([1, 2], 5) == [1, 2]
+    assert head_tail([1, 2], 0) == []
+
+
+def test_fit_turns_latest_first():
+    turns = [[10] * 5, [20] * 5, [30] * 5]
+    assert fit_turns(turns, 100, SEP) == [10] * 5 + [SEP] + [20] * 5 + [SEP] + [30] * 5
+    # room for the last turn and part of the middle one, nothing of the first
+    out = fit_turns(turns, 9, SEP)
+    assert len(out) == 9 and out[-5:] == [30] * 5 and 10 not in out
+    assert out[3] == SEP
+
+
+def test_split_budget_gives_each_segment_a_share():
+    assert split_budget(10, 20, 100, 0.3) == (10, 20)
+    assert split_budget(500, 500, 100, 0.3) == (30, 70)
+    assert split_budget(500, 20, 100, 0.3) == (80, 20)  # short answer leaves room to the prompt
+    assert split_budget(5, 500, 100, 0.3) == (5, 95)
+
+
+def make_record(prompt_words, a_words, b_words, turns=1, label=0):
+    def turn_list(n):
+        return [" ".join(f"w{i}" for i in range(n))] * turns
+    return PairRecord("1", turn_list(prompt_words), turn_list(a_words), turn_list(b_words), label=label)
+
+
+def test_truncation_keeps_all_three_segments(tiny_tokenizer):
+    encoder = PairEncoder(tiny_tokenizer, max_length=64, prompt_fraction=0.3)
+    record = PairRecord("x", ["alpha " * 400], ["beta " * 400 + "ENDA"], ["gamma gamma"])
+    pair = encoder.encode([record])[0]
+    assert len(pair.ids_a) == 64 and len(pair.ids_b) <= 64
+    for ids, answer_word in ((pair.ids_a, "beta"), (pair.ids_b, "gamma")):
+        text = tiny_tokenizer.decode(ids)
+        assert "alpha" in text and answer_word in text
+        assert ids[0] == tiny_tokenizer.cls_token_id and ids[-1] == tiny_tokenizer.sep_token_id
+        assert (ids == tiny_tokenizer.sep_token_id).sum() == 2
+    # the tail of a long answer survives
+    assert "ENDA" in tiny_tokenizer.decode(pair.ids_a).replace(" ", "")
+    # B is short, so its side keeps all of it and more of the prompt
+    assert tiny_tokenizer.decode(pair.ids_b).count("gamma") == 2
+
+
+def test_multi_turn_keeps_latest_turns(tiny_tokenizer):
+    encoder = PairEncoder(tiny_tokenizer, max_length=40)
+    record = PairRecord("x", ["first question " * 3, "second question"], ["old answer " * 30, "latest reply"],
+                        ["old answer " * 30, "newest words"])
+    pair = encoder.encode([record])[0]
+    text = tiny_tokenizer.decode(pair.ids_a)
+    assert "latest reply" in text and "second question" in text
+
+
+def test_no_truncation_when_it_fits(tiny_tokenizer):
+    encoder = PairEncoder(tiny_tokenizer, max_length=256)
+    record = PairRecord("x", ["a short prompt"], ["answer one"], ["answer two"], label=2)
+    pair = encoder.encode([record])[0]
+    assert tiny_tokenizer.decode(pair.ids_a, skip_special_tokens=True).split() == "a short prompt answer one".split()
+    assert pair.label == 2 and pair.index == 0 and pair.ids_a.dtype == np.int32
+
+
+def test_bad_settings_are_rejected(tiny_tokenizer):
+    with pytest.raises(ValueError, match="max_length"):
+        PairEncoder(tiny_tokenizer, max_length=4)
+    with pytest.raises(ValueError, match="prompt_fraction"):
+        PairEncoder(tiny_tokenizer, prompt_fraction=1.5)

@@ -1,0 +1,16 @@
+"""Train a preference model: `python train.py [experiment=full_data] [key=value ...]`."""
+
+import hydra
+from omegaconf import DictConfig
+
+from pref_lightning.pipeline import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    # the value is returned for Hydra sweepers that optimise it
+    return train(cfg)["val_log_loss"]
+
+
+if __name__ == "__main__":
+    main()
