@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from pref_lightning.pairs import EncodedPair
@@ -30,9 +31,13 @@ class PairCollator:
         for row, ids in enumerate(sides):
             input_ids[row, : len(ids)] = torch.from_numpy(ids.astype("int64"))
             attention_mask[row, : len(ids)] = 1
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": torch.tensor([item.label for item in items], dtype=torch.long),
             "index": torch.tensor([item.index for item in items], dtype=torch.long),
         }
+        if items[0].stats_a is not None:
+            stats = np.stack([item.stats_a for item in items] + [item.stats_b for item in items])
+            batch["stats"] = torch.from_numpy(stats)
+        return batch

@@ -49,6 +49,22 @@ def grouped_split(records: Sequence[PairRecord], val_fraction: float, seed: int)
     return [i for i in range(len(records)) if i not in val_set], sorted(val)
 
 
+def fit_stats_norm(pairs: Sequence[EncodedPair]) -> dict[str, list[float]]:
+    """Mean and std of the per-side statistics over both sides of the training pairs."""
+    stats = np.stack([p.stats_a for p in pairs] + [p.stats_b for p in pairs]).astype(np.float64)
+    std = stats.std(0)
+    return {"mean": stats.mean(0).tolist(), "std": np.where(std > 1e-6, std, 1.0).tolist()}
+
+
+def normalise_stats(pairs: list[EncodedPair], norm: dict[str, list[float]]) -> list[EncodedPair]:
+    mean = np.asarray(norm["mean"], dtype=np.float32)
+    std = np.asarray(norm["std"], dtype=np.float32)
+    for pair in pairs:
+        pair.stats_a = (pair.stats_a - mean) / std
+        pair.stats_b = (pair.stats_b - mean) / std
+    return pairs
+
+
 class PairDataset:
     """A list of encoded pairs; a plain sequence is all a DataLoader needs."""
 
@@ -83,6 +99,7 @@ class PreferenceDataModule(L.LightningDataModule):
         synthetic_rows: int = 10_000,
         synthetic_seed: int = 0,
         split_seed: int = 42,
+        stats_norm: dict[str, list[float]] | None = None,
     ) -> None:
         super().__init__()
         self.train_path = train_path
@@ -97,6 +114,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.synthetic_rows = synthetic_rows
         self.synthetic_seed = synthetic_seed
         self.split_seed = split_seed
+        # mean/std of the per-side statistics: fitted on the training split, or given (prediction)
+        self.stats_norm = stats_norm
         self.tokenizer = None
         self.encoder: PairEncoder | None = None
         self.train_records: list[PairRecord] | None = None
@@ -174,11 +193,21 @@ class PreferenceDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate"):
             self.load_records()
             if self.train_set is None:
-                self.train_set = PairDataset(encoder.encode(self.train_records))
-                self.val_set = PairDataset(encoder.encode(self.val_records))
+                train_pairs = encoder.encode(self.train_records)
+                if self.stats_norm is None:
+                    self.stats_norm = fit_stats_norm(train_pairs)
+                self.train_set = PairDataset(normalise_stats(train_pairs, self.stats_norm))
+                self.val_set = PairDataset(normalise_stats(encoder.encode(self.val_records), self.stats_norm))
         if stage in (None, "predict") and self.predict_path and self.predict_set is None:
+            if self.stats_norm is None:
+                raise RuntimeError("prediction needs stats_norm (it travels in the checkpoint)")
             self.predict_records = read_records(self.predict_path, require_labels=False)
-            self.predict_set = PairDataset(encoder.encode(self.predict_records))
+            self.predict_set = PairDataset(normalise_stats(encoder.encode(self.predict_records), self.stats_norm))
+
+    def settings(self) -> dict:
+        """What prediction needs to encode rows exactly as training did (stored in checkpoints)."""
+        return {"max_length": self.max_length, "prompt_fraction": self.prompt_fraction,
+                "stats_norm": self.stats_norm}
 
     # ---- loaders ------------------------------------------------------------------------------
     def _loader(self, dataset: PairDataset, batch_size: int, shuffle: bool) -> DataLoader:

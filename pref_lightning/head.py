@@ -29,30 +29,58 @@ def pooled_size(hidden_size: int, method: str) -> int:
     return 2 * hidden_size if method == "mean_cls" else hidden_size
 
 
-class PairHead(nn.Module):
-    """Combine the two side vectors ([a, b, a-b, a*b] by default) and map them through an MLP.
+def mlp(in_size: int, hidden: int, out_size: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(in_size, hidden), nn.GELU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, out_size))
+    return nn.Sequential(*layers)
 
-    Freshly initialised, so it gets its own (higher) learning rate in the optimiser.
+
+class PairHead(nn.Module):
+    """Two side vectors (pooled encoder output, optionally with per-side text statistics) -> 3 logits.
+
+    `symmetric=False`: an MLP over the combination `combine` ([a, b, a-b, a*b] by default).
+    `symmetric=True`: position-equivariant by construction. One MLP scores "this side wins" from
+    (self, other, self-other, self*other), applied as f(a, b) and f(b, a); another scores the tie from
+    the order-free (a+b, |a-b|, a*b). Swapping A and B swaps the two win logits exactly and leaves the
+    tie logit unchanged. Freshly initialised, so it gets its own (higher) learning rate.
     """
 
     def __init__(self, in_size: int, combine: Sequence[str] = ("a", "b", "diff", "prod"), hidden: int = 256,
-                 dropout: float = 0.0, n_classes: int = 3) -> None:
+                 dropout: float = 0.0, n_classes: int = 3, stats_size: int = 0, symmetric: bool = False) -> None:
         super().__init__()
         unknown = [c for c in combine if c not in COMBINATIONS]
         if unknown or not combine:
             raise ValueError(f"model.combine={list(combine)}; choose from {', '.join(COMBINATIONS)}")
+        if symmetric and n_classes != 3:
+            raise ValueError("the symmetric head predicts exactly A wins, B wins, tie")
         self.combine = tuple(combine)
+        self.symmetric = symmetric
+        self.stats_size = stats_size
         self.norm = nn.LayerNorm(in_size)  # keeps the head's input scale fixed whatever the backbone
-        layers: list[nn.Module] = [nn.Linear(in_size * len(self.combine), hidden), nn.GELU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(hidden, n_classes))
-        self.mlp = nn.Sequential(*layers)
+        side = in_size + stats_size
+        if symmetric:
+            self.win = mlp(4 * side, hidden, 1, dropout)
+            self.tie = mlp(3 * side, hidden, 1, dropout)
+        else:
+            self.mlp = mlp(side * len(self.combine), hidden, n_classes, dropout)
 
     def features(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         parts = {"a": lambda: a, "b": lambda: b, "diff": lambda: a - b, "prod": lambda: a * b,
                  "absdiff": lambda: (a - b).abs()}
         return torch.cat([parts[c]() for c in self.combine], dim=-1)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.features(self.norm(a), self.norm(b)))
+    def forward(self, a: torch.Tensor, b: torch.Tensor, stats_a: torch.Tensor | None = None,
+                stats_b: torch.Tensor | None = None) -> torch.Tensor:
+        a, b = self.norm(a), self.norm(b)
+        if self.stats_size:
+            if stats_a is None or stats_b is None:
+                raise ValueError("this head was built with text statistics; the batch has none")
+            a, b = torch.cat([a, stats_a.to(a.dtype)], -1), torch.cat([b, stats_b.to(b.dtype)], -1)
+        if not self.symmetric:
+            return self.mlp(self.features(a, b))
+        win_a = self.win(torch.cat([a, b, a - b, a * b], -1))
+        win_b = self.win(torch.cat([b, a, b - a, a * b], -1))
+        tie = self.tie(torch.cat([a + b, (a - b).abs(), a * b], -1))
+        return torch.cat([win_a, win_b, tie], -1)

@@ -14,9 +14,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from pref_lightning.backbone import build_backbone, tokenizer_from_files
 from pref_lightning.head import PairHead, pool, pooled_size
 from pref_lightning.metrics import LogLoss
+from pref_lightning.pairs import STATS_FEATURES
 
 CHECKPOINT_KEY = "pref_lightning"
 CHECKPOINT_FORMAT = 1
+SWAP = (1, 0, 2)  # class order after exchanging A and B
+SWAP_MODES = ("none", "random", "full")
 
 
 def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
@@ -53,16 +56,27 @@ class PreferenceModule(L.LightningModule):
         schedule: str = "cosine",
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
+        use_text_stats: bool = True,
+        symmetric_head: bool = False,
+        swap_augment: str = "random",
+        tta_swap: bool = True,
+        layer_lr_decay: float = 1.0,
+        freeze_embeddings: bool = False,
         backbone_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if swap_augment not in SWAP_MODES:
+            raise ValueError(f"model.swap_augment={swap_augment!r}; choose from {', '.join(SWAP_MODES)}")
         self.save_hyperparameters(ignore=["backbone_config"])
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
                                        config_dict=backbone_config, dropout=backbone_dropout)
         if gradient_checkpointing:
             self.backbone.gradient_checkpointing_enable()
+        if freeze_embeddings:
+            self.backbone.get_input_embeddings().weight.requires_grad_(False)
         hidden = self.backbone.config.hidden_size
-        self.head = PairHead(pooled_size(hidden, pooling), combine, head_hidden, head_dropout)
+        self.head = PairHead(pooled_size(hidden, pooling), combine, head_hidden, head_dropout,
+                             stats_size=len(STATS_FEATURES) if use_text_stats else 0, symmetric=symmetric_head)
         self.val_log_loss = LogLoss()
         self.val_accuracy = MulticlassAccuracy(num_classes=3, average="micro")
         self.train_log_loss = LogLoss()
@@ -70,6 +84,9 @@ class PreferenceModule(L.LightningModule):
         self.tokenizer_files: dict[str, bytes] = {}
         self.data_settings: dict[str, Any] = {}
         self.reference: dict[str, float] = {}
+        self.train_prior: list[float] = []  # class frequencies of the training split (PriorGuard)
+        self.temperature: float = 1.0  # fitted on validation logits after training (calibration)
+        self.apply_temperature = True
 
     # ---- runtime ------------------------------------------------------------------------------
     def _flush_denormals(self) -> None:
@@ -94,51 +111,100 @@ class PreferenceModule(L.LightningModule):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(hidden, attention_mask, self.hparams.pooling)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def side_vectors(self, batch: Mapping[str, torch.Tensor]):
+        """Pooled vectors and statistics of sides A and B (the backbone runs once for both)."""
         pooled = self.encode(batch["input_ids"], batch["attention_mask"]).float()
         n = pooled.shape[0] // 2
-        return self.head(pooled[:n], pooled[n:])
+        stats = batch.get("stats")
+        stats_a, stats_b = (None, None) if stats is None else (stats[:n].float(), stats[n:].float())
+        return pooled[:n], pooled[n:], stats_a, stats_b
+
+    def forward(self, batch: Mapping[str, torch.Tensor], tta_swap: bool = False) -> torch.Tensor:
+        """Logits (A wins, B wins, tie); `tta_swap` also scores B-vs-A and averages the two views."""
+        a, b, stats_a, stats_b = self.side_vectors(batch)
+        logits = self.head(a, b, stats_a, stats_b)
+        if tta_swap:
+            logits = 0.5 * (logits + self.head(b, a, stats_b, stats_a)[:, SWAP])
+        return logits
 
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
-        loss = F.cross_entropy(logits, batch["labels"])
-        self.train_log_loss(logits.detach().softmax(-1), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
-        self.log("train/log_loss", self.train_log_loss, on_step=False, on_epoch=True, batch_size=len(batch["labels"]))
+        a, b, stats_a, stats_b = self.side_vectors(batch)
+        labels = batch["labels"]
+        swap = torch.tensor(SWAP, device=labels.device)
+        mode = self.hparams.swap_augment
+        if mode == "random":
+            # each pair is seen as (A, B) or (B, A) with labels exchanged; the backbone pass is shared
+            flip = torch.rand(len(labels), device=labels.device) < 0.5
+            col = flip.unsqueeze(1)
+            a, b = torch.where(col, b, a), torch.where(col, a, b)
+            if stats_a is not None:
+                stats_a, stats_b = torch.where(col, stats_b, stats_a), torch.where(col, stats_a, stats_b)
+            labels = torch.where(flip, swap[labels], labels)
+        logits = self.head(a, b, stats_a, stats_b)
+        loss = F.cross_entropy(logits, labels)
+        if mode == "full":  # both orders in the same step
+            loss = 0.5 * (loss + F.cross_entropy(self.head(b, a, stats_b, stats_a), swap[labels]))
+        self.train_log_loss(logits.detach().softmax(-1), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        self.log("train/log_loss", self.train_log_loss, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch)
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch, tta_swap=self.hparams.tta_swap)
         probs = logits.softmax(-1)
         self.val_log_loss(probs, batch["labels"])
         self.val_accuracy(probs, batch["labels"])
         size = len(batch["labels"])
         self.log("val/log_loss", self.val_log_loss, prog_bar=True, batch_size=size)
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=size)
+        return logits
 
     def on_validation_epoch_end(self) -> None:
         for name, value in self.reference.items():
             self.log(f"val/{name}", float(value), sync_dist=False)
 
     def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self(batch).float()
+        logits = self(batch, tta_swap=self.hparams.tta_swap).float()
+        if self.apply_temperature:
+            logits = logits / self.temperature
         return {"index": batch["index"], "logits": logits}
 
     # ---- optimisation -------------------------------------------------------------------------
+    def backbone_depths(self) -> dict[str, int]:
+        """Depth of each backbone parameter: 0 embeddings, i+1 for layer i, top for the rest."""
+        n_layers = int(getattr(self.backbone.config, "num_hidden_layers", 0))
+        depths = {}
+        for name, _ in self.backbone.named_parameters():
+            depth = n_layers
+            if "embeddings" in name and "rel_embeddings" not in name:
+                depth = 0
+            else:
+                for part in (".layer.", ".layers."):
+                    if part in name:
+                        depth = int(name.split(part)[1].split(".")[0]) + 1
+                        break
+            depths[name] = depth
+        return depths
+
     def configure_optimizers(self):
-        decay, no_decay = [], []
+        hp = self.hparams
+        top = int(getattr(self.backbone.config, "num_hidden_layers", 0))
+        depths = self.backbone_depths()
+        buckets: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
         for name, param in self.backbone.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(param)
-        head_params = [p for p in self.head.parameters() if p.requires_grad]
-        hp = self.hparams
+            no_decay = param.ndim < 2 or "LayerNorm" in name or "bias" in name
+            buckets.setdefault((depths[name], no_decay), []).append(param)
         groups = [
-            {"params": decay, "lr": hp.lr, "weight_decay": hp.weight_decay, "name": "backbone"},
-            {"params": no_decay, "lr": hp.lr, "weight_decay": 0.0, "name": "backbone_no_decay"},
-            {"params": head_params, "lr": hp.head_lr, "weight_decay": 0.0, "name": "head"},
+            {"params": params, "lr": hp.lr * hp.layer_lr_decay ** (top - depth),
+             "weight_decay": 0.0 if no_decay else hp.weight_decay,
+             "name": f"backbone_d{depth}" + ("_no_decay" if no_decay else "")}
+            for (depth, no_decay), params in sorted(buckets.items())
         ]
+        groups.append({"params": [p for p in self.head.parameters() if p.requires_grad], "lr": hp.head_lr,
+                       "weight_decay": 0.0, "name": "head"})
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp.warmup_ratio * total)
@@ -155,6 +221,8 @@ class PreferenceModule(L.LightningModule):
             "tokenizer_files": dict(self.tokenizer_files),
             "data_settings": dict(self.data_settings),
             "reference": dict(self.reference),
+            "temperature": float(self.temperature),
+            "train_prior": list(self.train_prior),
         }
 
     @classmethod
@@ -170,5 +238,7 @@ class PreferenceModule(L.LightningModule):
         module.tokenizer_files = dict(payload["tokenizer_files"])
         module.data_settings = dict(payload["data_settings"])
         module.reference = dict(payload["reference"])
+        module.temperature = float(payload.get("temperature", 1.0))
+        module.train_prior = list(payload.get("train_prior", []))
         tokenizer = tokenizer_from_files(payload["tokenizer_files"])
         return module, tokenizer, module.data_settings

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from pref_lightning.records import PairRecord
+from pref_lightning.text_stats import SIDE_FEATURES, side_stats
 
 CHARS_PER_TOKEN_CAP = 16  # pre-clip very long turns in characters before tokenizing (speed only)
+# per-side statistics fed to the hybrid head: the answer's text statistics, its token count before
+# truncation (what the encoder may not see), and the shared prompt's size
+STATS_FEATURES: tuple[str, ...] = (*SIDE_FEATURES, "tokens", "prompt_chars", "prompt_turns", "prompt_tokens")
 
 
 @dataclass
@@ -24,6 +28,8 @@ class EncodedPair:
     ids_b: np.ndarray
     label: int  # -1 when unknown (test rows)
     index: int  # position of the record in its input, to restore order after length sorting
+    stats_a: np.ndarray | None = None  # float32 STATS_FEATURES of side A (normalised by the datamodule)
+    stats_b: np.ndarray | None = None
 
     def __len__(self) -> int:
         return max(len(self.ids_a), len(self.ids_b))
@@ -132,13 +138,22 @@ class PairEncoder:
         pairs = []
         for index, (record, ((p0, p1), (a0, a1), (b0, b1))) in enumerate(zip(records, spans)):
             prompt = ids[p0:p1]
+            prompt_stats = side_stats(record.prompt)
+            shared = np.array([prompt_stats[0], len(record.prompt), np.log1p(segment_length(prompt))], np.float32)
             pairs.append(EncodedPair(
                 ids_a=self.build_side(prompt, ids[a0:a1]),
                 ids_b=self.build_side(prompt, ids[b0:b1]),
                 label=-1 if record.label is None else int(record.label),
                 index=index,
+                stats_a=side_features(record.response_a, segment_length(ids[a0:a1]), shared),
+                stats_b=side_features(record.response_b, segment_length(ids[b0:b1]), shared),
             ))
         return pairs
+
+
+def side_features(response: Sequence[str], n_tokens: int, prompt_part: np.ndarray) -> np.ndarray:
+    """STATS_FEATURES of one side (raw, before normalisation)."""
+    return np.concatenate([side_stats(response), [np.log1p(n_tokens)], prompt_part]).astype(np.float32)
 
 
 def _special_id(tokenizer, *names: str) -> int:

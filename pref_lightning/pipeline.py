@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
 from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.module import PreferenceModule
+from pref_lightning.calibration import collect_logits, fit_temperature
+from pref_lightning.metrics import competition_log_loss
+from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
 from pref_lightning.records import CLASS_NAMES, label_array
 
 log = logging.getLogger(__name__)
@@ -84,16 +86,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model: PreferenceModule = instantiate(model_kwargs, vocab_size=len(tokenizer), _convert_="all")
     # the tokenizer travels inside every checkpoint; rank 0 also leaves a copy in the run folder
     model.tokenizer_files = tokenizer_files(tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
-    model.data_settings = {"max_length": datamodule.max_length, "prompt_fraction": datamodule.prompt_fraction}
+    datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (kept for prediction)
+    model.data_settings = datamodule.settings()
     model.reference = datamodule.validation_reference()
+    model.train_prior = datamodule.train_prior.tolist()
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    calibration = calibrate(model, datamodule, best if trainer.is_global_zero else None,
+                            enabled=bool(cfg.get("calibrate", True)))
     metrics = {
         "val_log_loss": float(results["val/log_loss"]),
         "val_accuracy": float(results["val/accuracy"]),
+        **calibration,
         **{k: float(v) for k, v in model.reference.items()},
         "train_rows": len(datamodule.train_records),
         "val_rows": len(datamodule.val_records),
@@ -109,10 +116,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[pref-lightning] run folder: {run_dir}")
         print(f"[pref-lightning] best checkpoint: {metrics['best_checkpoint']}")
         print(f"[pref-lightning] metrics: {run_dir / 'metrics.json'}")
-        summary = {k: round(metrics[k], 4) for k in ("val_log_loss", "prior_log_loss", "oracle_log_loss",
-                                                      "val_accuracy") if k in metrics}
+        summary = {k: round(metrics[k], 4) for k in ("val_log_loss", "val_log_loss_calibrated", "prior_log_loss",
+                                                      "oracle_log_loss", "val_accuracy") if k in metrics}
         print(f"[pref-lightning] {summary}")
     return metrics
+
+
+def calibrate(model: PreferenceModule, datamodule: PreferenceDataModule, checkpoint: str | None,
+              enabled: bool = True) -> dict[str, float]:
+    """Fit a temperature on the validation logits of `model` (the best weights) and store it in
+    `checkpoint` (rank 0 passes the path, other ranks None). Returns the log loss before and after."""
+    if not enabled:
+        return {}
+    logits, labels = collect_logits(model, datamodule.val_dataloader(), tta_swap=model.hparams.tta_swap)
+    temperature = fit_temperature(logits, labels)
+    model.temperature = temperature
+    before = float(competition_log_loss(logits.softmax(-1), labels))
+    after = float(competition_log_loss((logits / temperature).softmax(-1), labels))
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state[CHECKPOINT_KEY]["temperature"] = temperature
+        atomic_torch_save(state, checkpoint)
+    return {"temperature": temperature, "val_log_loss_uncalibrated": before, "val_log_loss_calibrated": after}
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def gather_predictions(outputs: Iterable[dict[str, torch.Tensor]], n_rows: int) -> np.ndarray:
@@ -145,9 +183,13 @@ def predict(cfg: DictConfig) -> Path:
     """Write the Kaggle submission for `cfg.input_path` from `cfg.ckpt_path`, offline."""
     set_runtime_defaults()
     model, tokenizer, settings = PreferenceModule.from_checkpoint(cfg.ckpt_path)
+    if cfg.get("tta_swap") is not None:
+        model.hparams.tta_swap = bool(cfg.tta_swap)
+    model.apply_temperature = bool(cfg.get("calibrate", True))
     datamodule = PreferenceDataModule(predict_path=cfg.input_path, eval_batch_size=cfg.batch_size,
                                       max_length=int(cfg.get("max_length") or settings["max_length"]),
-                                      prompt_fraction=float(settings["prompt_fraction"]))
+                                      prompt_fraction=float(settings["prompt_fraction"]),
+                                      stats_norm=settings["stats_norm"])
     datamodule.attach_tokenizer(tokenizer)
     datamodule.setup("predict")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
@@ -159,8 +201,6 @@ def predict(cfg: DictConfig) -> Path:
     print(f"[pref-lightning] wrote {len(records)} predictions to {output_path.resolve()}")
     labelled = [i for i, r in enumerate(records) if r.label is not None]
     if len(labelled) == len(records):
-        from pref_lightning.metrics import competition_log_loss
-
         loss = competition_log_loss(torch.from_numpy(probs), torch.from_numpy(label_array(records)))
         print(f"[pref-lightning] input has labels: log loss {float(loss):.4f}")
     return output_path

@@ -53,6 +53,14 @@ def test_train_writes_checkpoint_and_metrics(trained_run):
         assert np.isfinite(metrics[key])
     assert metrics["oracle_log_loss"] < metrics["prior_log_loss"]
     assert metrics["train_rows"] + metrics["val_rows"] == 600
+    # calibration: the temperature is fitted on validation, stored in the checkpoint, never worse
+    assert metrics["temperature"] > 0
+    assert metrics["val_log_loss_calibrated"] <= metrics["val_log_loss_uncalibrated"] + 1e-9
+    import torch
+
+    payload = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["pref_lightning"]
+    assert payload["temperature"] == metrics["temperature"]
+    assert len(payload["data_settings"]["stats_norm"]["mean"]) == 13
     assert str(run_dir / "checkpoints" / "best.ckpt") in out and "metrics.json" in out
     assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
 

@@ -37,7 +37,7 @@ def test_optimizer_uses_separate_head_lr(tiny_tokenizer, synthetic_csv):
                         limit_val_batches=0, accelerator="cpu")
     trainer.fit(module, dm)
     groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
-    assert groups["head"]["initial_lr"] == 1e-3 and groups["backbone"]["initial_lr"] == 1e-5
+    assert groups["head"]["initial_lr"] == 1e-3 and groups["backbone_d1"]["initial_lr"] == 1e-5
 
 
 def test_checkpoint_is_self_contained(tmp_path, tiny_tokenizer, synthetic_csv):
@@ -63,3 +63,58 @@ def test_checkpoint_is_self_contained(tmp_path, tiny_tokenizer, synthetic_csv):
     restored.eval()
     with torch.no_grad():
         assert torch.allclose(module(batch), restored(batch), atol=1e-6)
+
+
+def _batch(tokenizer, csv, n=6):
+    dm = PreferenceDataModule(train_path=str(csv), max_length=32, batch_size=n)
+    dm.attach_tokenizer(tokenizer)
+    dm.setup("fit")
+    return next(iter(dm.val_dataloader()))
+
+
+def test_batches_carry_normalised_side_statistics(tiny_tokenizer, synthetic_csv):
+    from pref_lightning.pairs import STATS_FEATURES
+
+    batch = _batch(tiny_tokenizer, synthetic_csv)
+    stats = batch["stats"]
+    assert stats.shape == (2 * len(batch["labels"]), len(STATS_FEATURES))
+    assert stats.abs().max() < 20 and torch.isfinite(stats).all()
+
+
+def test_tta_swap_is_exact_for_symmetric_head_and_averages_otherwise(tiny_tokenizer, synthetic_csv):
+    batch = _batch(tiny_tokenizer, synthetic_csv)
+    torch.manual_seed(0)
+    symmetric = tiny_module(tiny_tokenizer, symmetric_head=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(symmetric(batch), symmetric(batch, tta_swap=True), atol=1e-5)
+        # swapping the two sides of the batch swaps the win logits
+        n = len(batch["labels"])
+        order = list(range(n, 2 * n)) + list(range(n))
+        swapped = {**batch, "input_ids": batch["input_ids"][order], "attention_mask": batch["attention_mask"][order],
+                   "stats": batch["stats"][order]}
+        assert torch.allclose(symmetric(batch)[:, [1, 0, 2]], symmetric(swapped), atol=1e-5)
+        plain = tiny_module(tiny_tokenizer).eval()
+        averaged = plain(batch, tta_swap=True)
+        assert torch.allclose(averaged[:, [1, 0, 2]], plain(swapped, tta_swap=True), atol=1e-5)
+
+
+def test_layer_lr_decay_scales_lower_layers(tiny_tokenizer, synthetic_csv):
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=8)
+    dm.attach_tokenizer(tiny_tokenizer)
+    config = {**TEST_TINY, "num_hidden_layers": 2}
+    module = PreferenceModule(backbone="tiny", tiny_config=config, vocab_size=len(tiny_tokenizer), head_hidden=16,
+                              lr=1e-4, head_lr=1e-3, layer_lr_decay=0.5, freeze_embeddings=True)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, accelerator="cpu")
+    trainer.fit(module, dm)
+    lrs = {g["name"]: g["initial_lr"] for g in trainer.optimizers[0].param_groups}
+    assert lrs["backbone_d2"] == 1e-4 and lrs["backbone_d1"] == 5e-5 and lrs["head"] == 1e-3
+    assert lrs["backbone_d0_no_decay"] == 2.5e-5  # embedding LayerNorm still trains, at lr * 0.5 ** 2
+    assert module.backbone.get_input_embeddings().weight.requires_grad is False
+
+
+def test_swap_augment_mode_is_validated(tiny_tokenizer):
+    import pytest
+
+    with pytest.raises(ValueError, match="swap_augment"):
+        tiny_module(tiny_tokenizer, swap_augment="sometimes")
