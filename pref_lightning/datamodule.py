@@ -9,11 +9,12 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from pref_lightning.collate import PairCollator
 from pref_lightning.pairs import EncodedPair, PairEncoder
 from pref_lightning.records import PairRecord, class_prior, label_array, prior_log_loss, read_records
+from pref_lightning.sampler import LengthGroupedSampler
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_path: str | None = None,
+        val_path: str | None = None,
         predict_path: str | None = None,
         val_fraction: float = 0.1,
         max_length: int = 512,
@@ -100,9 +102,12 @@ class PreferenceDataModule(L.LightningDataModule):
         synthetic_seed: int = 0,
         split_seed: int = 42,
         stats_norm: dict[str, list[float]] | None = None,
+        length_grouped: bool = True,
+        mega_batch_mult: int = 50,
     ) -> None:
         super().__init__()
         self.train_path = train_path
+        self.val_path = val_path  # an explicit validation file replaces the held-out split
         self.predict_path = predict_path
         self.val_fraction = val_fraction
         self.max_length = max_length
@@ -116,6 +121,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         # mean/std of the per-side statistics: fitted on the training split, or given (prediction)
         self.stats_norm = stats_norm
+        # batches of similar length (training: shuffled within mega-batches; evaluation: sorted)
+        self.length_grouped = length_grouped
+        self.mega_batch_mult = mega_batch_mult
         self.tokenizer = None
         self.encoder: PairEncoder | None = None
         self.train_records: list[PairRecord] | None = None
@@ -144,10 +152,15 @@ class PreferenceDataModule(L.LightningDataModule):
 
             frame = generate(self.synthetic_rows, seed=self.synthetic_seed).frame
             records = records_from_frame(frame, self.source_name, require_labels=True)
-        train_idx, val_idx = grouped_split(records, self.val_fraction, self.split_seed)
-        self.train_records = [records[i] for i in train_idx]
-        self.val_records = [records[i] for i in val_idx]
-        log.info("%s: %d train rows, %d validation rows", self.source_name, len(train_idx), len(val_idx))
+        if self.val_path:
+            self.train_records = records
+            self.val_records = read_records(Path(self.val_path), require_labels=True)
+        else:
+            train_idx, val_idx = grouped_split(records, self.val_fraction, self.split_seed)
+            self.train_records = [records[i] for i in train_idx]
+            self.val_records = [records[i] for i in val_idx]
+        log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
+                 len(self.val_records))
 
     def tokenizer_texts(self, max_rows: int = 20_000) -> list[str]:
         """Training texts to fit an offline tokenizer on (validation rows excluded)."""
@@ -210,15 +223,27 @@ class PreferenceDataModule(L.LightningDataModule):
                 "stats_norm": self.stats_norm}
 
     # ---- loaders ------------------------------------------------------------------------------
+    def _replicas(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
     def _loader(self, dataset: PairDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=PairCollator(self.encoder.pad_id, self.pad_to_multiple_of),
-            persistent_workers=self.num_workers > 0,
-        )
+        collate = PairCollator(self.encoder.pad_id, self.pad_to_multiple_of)
+        common = {"num_workers": self.num_workers, "collate_fn": collate,
+                  "persistent_workers": self.num_workers > 0}
+        replicas, rank = self._replicas()
+        if not self.length_grouped:
+            # the trainer runs with use_distributed_sampler=false, so sharding is done here
+            sampler = DistributedSampler(dataset, replicas, rank, shuffle=shuffle, seed=self.split_seed) \
+                if replicas > 1 else None
+            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                              sampler=sampler, **common)
+        sampler = LengthGroupedSampler([len(p) for p in dataset.pairs], batch_size, shuffle=shuffle,
+                                       mega_batch_mult=self.mega_batch_mult, seed=self.split_seed,
+                                       num_replicas=replicas, rank=rank)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

@@ -99,6 +99,18 @@ class PreferenceModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._flush_denormals()
+        # Lightning sets the epoch only on plain and distributed samplers; ours is a batch sampler
+        batch_sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if hasattr(batch_sampler, "set_epoch"):
+            batch_sampler.set_epoch(self.current_epoch)
+        self._real_tokens = torch.zeros((), device=self.device)
+        self._padded_tokens = torch.zeros((), device=self.device)
+
+    def on_train_epoch_end(self) -> None:
+        if getattr(self, "_padded_tokens", None) is not None and self._padded_tokens > 0:
+            real = self.trainer.strategy.reduce(self._real_tokens, reduce_op="sum")
+            padded = self.trainer.strategy.reduce(self._padded_tokens, reduce_op="sum")
+            self.log("train/padding_efficiency", real / padded, rank_zero_only=True)
 
     def on_validation_epoch_start(self) -> None:
         self._flush_denormals()
@@ -131,6 +143,9 @@ class PreferenceModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         a, b, stats_a, stats_b = self.side_vectors(batch)
         labels = batch["labels"]
+        if getattr(self, "_padded_tokens", None) is not None:  # real / processed tokens, no host sync
+            self._real_tokens += batch["attention_mask"].sum()
+            self._padded_tokens += batch["attention_mask"].numel()
         swap = torch.tensor(SWAP, device=labels.device)
         mode = self.hparams.swap_augment
         if mode == "random":

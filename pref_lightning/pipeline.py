@@ -19,8 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
-from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.calibration import collect_logits, fit_temperature
+from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
 from pref_lightning.records import CLASS_NAMES, label_array
@@ -195,6 +195,15 @@ def predict(cfg: DictConfig) -> Path:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     outputs = trainer.predict(model, datamodule=datamodule)
     records = datamodule.predict_records
+    if trainer.world_size > 1:
+        # each rank predicted its own share of the (unpadded) batches: collect them all on rank 0
+        import torch.distributed as dist
+
+        shares: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(shares, [{k: v.cpu() for k, v in o.items()} for o in outputs])
+        outputs = [o for share in shares for o in share]
+        if not trainer.is_global_zero:
+            return Path(cfg.output_path)
     probs = softmax(gather_predictions(outputs, len(records)))
     output_path = Path(cfg.output_path)
     atomic_write_text(output_path, submission_frame([r.id for r in records], probs).to_csv(index=False))

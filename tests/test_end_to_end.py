@@ -76,6 +76,23 @@ def test_predict_in_input_order_without_labels(trained_run, tmp_path, synthetic_
     check_submission(output, test["id"].astype(str).tolist())
 
 
+def test_ddp_prediction_writes_every_id_once_and_matches_single_process(trained_run, tmp_path, synthetic_frame):
+    run_dir, _ = trained_run
+    test = synthetic_frame.drop(columns=list(LABEL_COLUMNS)).iloc[:203]  # odd count: uneven shards
+    test_path = tmp_path / "test.csv"
+    test.to_csv(test_path, index=False)
+    common = [f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"input_path={test_path}",
+              "trainer.enable_progress_bar=false", "batch_size=16", "trainer.accelerator=cpu"]
+    run("predict.py", *common, f"output_path={tmp_path}/single.csv", f"hydra.run.dir={tmp_path}/p1")
+    run("predict.py", *common, f"output_path={tmp_path}/ddp.csv", f"hydra.run.dir={tmp_path}/p2",
+        "trainer.devices=2", "trainer.strategy=ddp")
+    ids = test["id"].astype(str).tolist()
+    single = check_submission(tmp_path / "single.csv", ids)
+    ddp = check_submission(tmp_path / "ddp.csv", ids)
+    # ranks batch (and so pad) rows differently; under bf16 autocast that moves probabilities a little
+    assert np.abs(single - ddp).max() < 5e-3
+
+
 @needs_shared_data()
 def test_predict_real_arena_rows(trained_run, tmp_path):
     run_dir, _ = trained_run

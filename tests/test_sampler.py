@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from pref_lightning.sampler import LengthGroupedSampler, padding_efficiency
+
+
+def lengths(n=1000, seed=0):
+    return np.random.default_rng(seed).lognormal(5, 1, n).astype(int) + 1
+
+
+def test_training_batches_cover_every_item_once_and_pad_little():
+    lens = lengths()
+    sampler = LengthGroupedSampler(lens, batch_size=8, shuffle=True, seed=1)
+    batches = list(sampler)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(lens)))
+    assert len(batches) == len(sampler)
+    random_batches = np.array_split(np.random.default_rng(0).permutation(len(lens)), len(lens) // 8)
+    assert padding_efficiency(lens, batches) > 0.8 > padding_efficiency(lens, random_batches) + 0.3
+
+
+def test_training_order_is_random_and_changes_with_epoch():
+    lens = lengths()
+    sampler = LengthGroupedSampler(lens, batch_size=8, shuffle=True, seed=1)
+    first = list(sampler)
+    assert first == list(sampler)  # same epoch, same order
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert first != second
+    # batch order is shuffled, not sorted by length
+    maxima = [max(lens[b]) for b in first]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+
+
+def test_evaluation_batches_are_sorted_and_complete():
+    lens = lengths(101)
+    batches = list(LengthGroupedSampler(lens, batch_size=10, shuffle=False))
+    assert sorted(i for b in batches for i in b) == list(range(101))
+    maxima = [max(lens[b]) for b in batches]
+    assert maxima == sorted(maxima, reverse=True)
+
+
+def test_ddp_ranks_share_training_batches_evenly():
+    lens = lengths(1001)
+    ranks = [list(LengthGroupedSampler(lens, 8, shuffle=True, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])
+    seen = [i for batches in ranks for b in batches for i in b]
+    assert set(seen) == set(range(1001))
+
+
+def test_ddp_evaluation_has_no_duplicates():
+    lens = lengths(1001)
+    ranks = [list(LengthGroupedSampler(lens, 8, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
+    seen = [i for batches in ranks for b in batches for i in b]
+    assert sorted(seen) == list(range(1001))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size"):
+        LengthGroupedSampler([1, 2], 0)
+    with pytest.raises(ValueError, match="rank"):
+        LengthGroupedSampler([1, 2], 1, num_replicas=2, rank=2)
