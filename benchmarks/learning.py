@@ -23,13 +23,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pref_lightning.datamodule import grouped_split  # noqa: E402
-from pref_lightning.records import LABEL_COLUMNS, label_array, prior_log_loss, read_records  # noqa: E402
+from pref_lightning.records import (  # noqa: E402
+    LABEL_COLUMNS,
+    class_prior,
+    label_array,
+    prior_log_loss,
+    read_records,
+)
 from pref_lightning.text_stats import fit_logistic_regression, log_loss, pair_stats_matrix, predict_proba  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -98,28 +105,51 @@ def part_real(work: Path, data_dir: Path, quick: bool, max_length: int, epochs: 
     train_records, val_records, train_path, val_path, counts = real_split(
         data_dir, work, extra, val_fraction=0.4, max_rows=None)
     y_train, y_val = label_array(train_records), label_array(val_records)
-    prior = prior_log_loss(y_train, y_val)
+    n_arena = counts["arena (train part)"]
+    y_arena = y_train[:n_arena]
+    # the in-distribution prior (arena training rows) and the prior of the whole training mix, whose
+    # extra sets have few or no ties
+    prior = prior_log_loss(y_arena, y_val)
+    prior_mix = prior_log_loss(y_train, y_val)
     rows = lambda rs: [(r.prompt, r.response_a, r.response_b) for r in rs]  # noqa: E731
     lr_model = fit_logistic_regression(pair_stats_matrix(rows(train_records)), y_train, l2=1e-2)
     stats_lr = log_loss(predict_proba(lr_model, pair_stats_matrix(rows(val_records))), y_val)
     # the same regression fitted on the arena training part only (in-distribution rows)
-    arena_train = [r for r in train_records[: counts["arena (train part)"]]]
+    arena_train = train_records[:n_arena]
     lr_arena = fit_logistic_regression(pair_stats_matrix(rows(arena_train)), label_array(arena_train), l2=1e-2)
     stats_lr_arena = log_loss(predict_proba(lr_arena, pair_stats_matrix(rows(val_records))), y_val)
-    print(f"real: train rows {counts}, val rows {len(val_records)}; prior {prior:.4f}, "
+    print(f"real: train rows {counts}, val rows {len(val_records)}; prior {prior:.4f} (mix {prior_mix:.4f}), "
           f"text-stats LR {stats_lr:.4f} (arena-only {stats_lr_arena:.4f})", flush=True)
+    run_dir = work / "real_minilm"
     metrics, _, seconds = train(
-        work / "real_minilm", "model=minilm", "data=kaggle", f"data.train_path={train_path}",
+        run_dir, "model=minilm", "data=kaggle", f"data.train_path={train_path}",
         f"data.val_path={val_path}", f"data.max_length={max_length}", "data.batch_size=16",
         "data.eval_batch_size=32", "data.num_workers=0", "data.pad_to_multiple_of=null",
         f"trainer.max_epochs={epochs}", "trainer.val_check_interval=0.5")
+    # label-shift correction (no validation labels used): reweight the model's probabilities by
+    # arena-train prior / training-mix prior, the known difference between the two distributions
+    probs = predict_probs(run_dir / "checkpoints" / "best.ckpt", val_path, work / "val_pred.csv")
+    shift = class_prior(y_arena) / class_prior(y_train)
+    shifted = probs * shift
+    shifted /= shifted.sum(1, keepdims=True)
     result = {"train_rows": counts, "val_rows": len(val_records), "max_length": max_length, "epochs": epochs,
-              "prior_log_loss": prior, "text_stats_lr_log_loss": stats_lr,
+              "prior_log_loss": prior, "prior_mix_log_loss": prior_mix,
+              "minilm_uncalibrated_log_loss": log_loss(probs, y_val),
+              "minilm_label_shift_log_loss": log_loss(shifted, y_val), "text_stats_lr_log_loss": stats_lr,
               "text_stats_lr_arena_only_log_loss": stats_lr_arena, "minilm_val_log_loss": metrics["val_log_loss"],
               "minilm_val_log_loss_calibrated": metrics.get("val_log_loss_calibrated"),
               "minilm_val_accuracy": metrics["val_accuracy"], "seconds": round(seconds, 1)}
     print(f"real: {result}", flush=True)
     return result
+
+
+def predict_probs(ckpt: Path, input_path: Path, output: Path) -> np.ndarray:
+    result = subprocess.run([sys.executable, "predict.py", f"ckpt_path={ckpt}", f"input_path={input_path}",
+                             f"output_path={output}", "calibrate=false", f"hydra.run.dir={output.parent / 'pred'}",
+                             "trainer.enable_progress_bar=false"], cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"predict.py failed:\n{result.stderr[-4000:]}")
+    return pd.read_csv(output)[list(LABEL_COLUMNS)].to_numpy()
 
 
 def part_recipe(work: Path, data_dir: Path) -> dict:
@@ -179,11 +209,14 @@ def print_table(results: dict) -> None:
     if "real" in results:
         r = results["real"]
         print("\n| real data (arena held-out prompts) | log loss |\n|---|---|")
-        print(f"| class prior | {r['prior_log_loss']:.4f} |")
+        print(f"| class prior of the arena training rows | {r['prior_log_loss']:.4f} |")
+        print(f"| class prior of the whole training mix | {r['prior_mix_log_loss']:.4f} |")
         print(f"| text-statistics logistic regression | {r['text_stats_lr_log_loss']:.4f} |")
         print(f"| text-statistics LR, arena rows only | {r['text_stats_lr_arena_only_log_loss']:.4f} |")
-        print(f"| MiniLM siamese + hybrid head | {r['minilm_val_log_loss']:.4f} (calibrated "
-              f"{r['minilm_val_log_loss_calibrated']:.4f}) |")
+        print(f"| MiniLM siamese + hybrid head (swap TTA) | {r['minilm_uncalibrated_log_loss']:.4f} |")
+        print(f"| ... + temperature fitted on this validation set (optimistic) | "
+              f"{r['minilm_val_log_loss_calibrated']:.4f} |")
+        print(f"| ... + label-shift correction to the arena-train prior | {r['minilm_label_shift_log_loss']:.4f} |")
     if "recipe" in results:
         r = results["recipe"]
         print(f"\nfailing recipe: val {r['val_log_loss']:.4f} vs prior {r['prior_log_loss']:.4f}; "

@@ -13,7 +13,8 @@ from pref_lightning.pairs import EncodedPair
 class PairCollator:
     """Stack sides A and B of a batch into one (2B, L) tensor so the encoder runs once per batch.
 
-    Rows 0..B-1 are the A sides, rows B..2B-1 the B sides; L is the longest side in the batch,
+    Rows 0..B-1 are the A sides, rows B..2B-1 the B sides (cross layout: B rows, one per pair);
+    `stats` stays (2B, F) in both layouts. L is the longest sequence in the batch,
     rounded up to `pad_to_multiple_of` (8 suits tensor cores on GPUs).
     """
 
@@ -22,7 +23,9 @@ class PairCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
-        sides = [item.ids_a for item in items] + [item.ids_b for item in items]
+        sides = [item.ids_a for item in items]
+        if items[0].ids_b is not None:  # cross layout: one sequence per row
+            sides += [item.ids_b for item in items]
         length = max(len(s) for s in sides)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of

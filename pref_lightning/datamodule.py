@@ -104,6 +104,8 @@ class PreferenceDataModule(L.LightningDataModule):
         stats_norm: dict[str, list[float]] | None = None,
         length_grouped: bool = True,
         mega_batch_mult: int = 50,
+        layout: str = "siamese",
+        naive_truncation: bool = False,
     ) -> None:
         super().__init__()
         self.train_path = train_path
@@ -124,6 +126,8 @@ class PreferenceDataModule(L.LightningDataModule):
         # batches of similar length (training: shuffled within mega-batches; evaluation: sorted)
         self.length_grouped = length_grouped
         self.mega_batch_mult = mega_batch_mult
+        self.layout = layout  # siamese: one sequence per side; cross: one sequence per row
+        self.naive_truncation = naive_truncation
         self.tokenizer = None
         self.encoder: PairEncoder | None = None
         self.train_records: list[PairRecord] | None = None
@@ -194,7 +198,8 @@ class PreferenceDataModule(L.LightningDataModule):
     # ---- tokenization -------------------------------------------------------------------------
     def attach_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.encoder = PairEncoder(tokenizer, self.max_length, self.prompt_fraction)
+        self.encoder = PairEncoder(tokenizer, self.max_length, self.prompt_fraction, layout=self.layout,
+                                   naive_truncation=self.naive_truncation)
 
     def _require_encoder(self) -> PairEncoder:
         if self.encoder is None:
@@ -220,7 +225,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def settings(self) -> dict:
         """What prediction needs to encode rows exactly as training did (stored in checkpoints)."""
         return {"max_length": self.max_length, "prompt_fraction": self.prompt_fraction,
-                "stats_norm": self.stats_norm}
+                "stats_norm": self.stats_norm, "layout": self.layout, "naive_truncation": self.naive_truncation}
 
     # ---- loaders ------------------------------------------------------------------------------
     def _replicas(self) -> tuple[int, int]:

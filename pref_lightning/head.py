@@ -84,3 +84,23 @@ class PairHead(nn.Module):
         win_b = self.win(torch.cat([b, a, b - a, a * b], -1))
         tie = self.tie(torch.cat([a + b, (a - b).abs(), a * b], -1))
         return torch.cat([win_a, win_b, tie], -1)
+
+
+class CrossHead(nn.Module):
+    """Cross-encoder layout: one pooled vector per row (prompt, A and B read together) -> 3 logits,
+    with the two sides' text statistics (and their difference) beside it when enabled."""
+
+    def __init__(self, in_size: int, hidden: int = 256, dropout: float = 0.0, stats_size: int = 0) -> None:
+        super().__init__()
+        self.stats_size = stats_size
+        self.norm = nn.LayerNorm(in_size)
+        self.mlp = mlp(in_size + 3 * stats_size, hidden, 3, dropout)
+
+    def forward(self, pooled: torch.Tensor, stats_a: torch.Tensor | None = None,
+                stats_b: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(pooled)
+        if self.stats_size:
+            if stats_a is None or stats_b is None:
+                raise ValueError("this head was built with text statistics; the batch has none")
+            x = torch.cat([x, stats_a.to(x.dtype), stats_b.to(x.dtype), (stats_a - stats_b).to(x.dtype)], -1)
+        return self.mlp(x)

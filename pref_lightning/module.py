@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,10 +13,11 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from pref_lightning.backbone import build_backbone, tokenizer_from_files
-from pref_lightning.head import PairHead, pool, pooled_size
+from pref_lightning.head import CrossHead, PairHead, pool, pooled_size
 from pref_lightning.metrics import LogLoss
 from pref_lightning.pairs import STATS_FEATURES
 
+log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "pref_lightning"
 CHECKPOINT_FORMAT = 1
 SWAP = (1, 0, 2)  # class order after exchanging A and B
@@ -62,6 +64,7 @@ class PreferenceModule(L.LightningModule):
         tta_swap: bool = True,
         layer_lr_decay: float = 1.0,
         freeze_embeddings: bool = False,
+        layout: str = "siamese",
         backbone_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -75,8 +78,17 @@ class PreferenceModule(L.LightningModule):
         if freeze_embeddings:
             self.backbone.get_input_embeddings().weight.requires_grad_(False)
         hidden = self.backbone.config.hidden_size
-        self.head = PairHead(pooled_size(hidden, pooling), combine, head_hidden, head_dropout,
-                             stats_size=len(STATS_FEATURES) if use_text_stats else 0, symmetric=symmetric_head)
+        stats_size = len(STATS_FEATURES) if use_text_stats else 0
+        if layout == "cross":
+            if swap_augment != "none" or tta_swap:
+                # a swapped cross-encoder row is a different token sequence: it needs its own pass
+                log.warning("layout=cross: swap augmentation and swap TTA are not applied")
+            self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size)
+        elif layout == "siamese":
+            self.head = PairHead(pooled_size(hidden, pooling), combine, head_hidden, head_dropout,
+                                 stats_size=stats_size, symmetric=symmetric_head)
+        else:
+            raise ValueError(f"layout={layout!r}; choose siamese or cross")
         self.val_log_loss = LogLoss()
         self.val_accuracy = MulticlassAccuracy(num_classes=3, average="micro")
         self.train_log_loss = LogLoss()
@@ -123,6 +135,17 @@ class PreferenceModule(L.LightningModule):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(hidden, attention_mask, self.hparams.pooling)
 
+    @property
+    def is_cross(self) -> bool:
+        return self.hparams.layout == "cross"
+
+    def cross_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        pooled = self.encode(batch["input_ids"], batch["attention_mask"]).float()
+        stats = batch.get("stats")
+        n = pooled.shape[0]
+        stats_a, stats_b = (None, None) if stats is None else (stats[:n].float(), stats[n:].float())
+        return self.head(pooled, stats_a, stats_b)
+
     def side_vectors(self, batch: Mapping[str, torch.Tensor]):
         """Pooled vectors and statistics of sides A and B (the backbone runs once for both)."""
         pooled = self.encode(batch["input_ids"], batch["attention_mask"]).float()
@@ -133,6 +156,8 @@ class PreferenceModule(L.LightningModule):
 
     def forward(self, batch: Mapping[str, torch.Tensor], tta_swap: bool = False) -> torch.Tensor:
         """Logits (A wins, B wins, tie); `tta_swap` also scores B-vs-A and averages the two views."""
+        if self.is_cross:
+            return self.cross_logits(batch)
         a, b, stats_a, stats_b = self.side_vectors(batch)
         logits = self.head(a, b, stats_a, stats_b)
         if tta_swap:
@@ -141,11 +166,13 @@ class PreferenceModule(L.LightningModule):
 
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        a, b, stats_a, stats_b = self.side_vectors(batch)
         labels = batch["labels"]
         if getattr(self, "_padded_tokens", None) is not None:  # real / processed tokens, no host sync
             self._real_tokens += batch["attention_mask"].sum()
             self._padded_tokens += batch["attention_mask"].numel()
+        if self.is_cross:
+            return self._log_train(self.cross_logits(batch), labels)
+        a, b, stats_a, stats_b = self.side_vectors(batch)
         swap = torch.tensor(SWAP, device=labels.device)
         mode = self.hparams.swap_augment
         if mode == "random":
@@ -160,6 +187,11 @@ class PreferenceModule(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         if mode == "full":  # both orders in the same step
             loss = 0.5 * (loss + F.cross_entropy(self.head(b, a, stats_b, stats_a), swap[labels]))
+        return self._log_train(logits, labels, loss)
+
+    def _log_train(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor:
+        if loss is None:
+            loss = F.cross_entropy(logits, labels)
         self.train_log_loss(logits.detach().softmax(-1), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         self.log("train/log_loss", self.train_log_loss, on_step=False, on_epoch=True, batch_size=len(labels))

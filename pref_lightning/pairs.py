@@ -24,15 +24,15 @@ STATS_FEATURES: tuple[str, ...] = (*SIDE_FEATURES, "tokens", "prompt_chars", "pr
 
 @dataclass
 class EncodedPair:
-    ids_a: np.ndarray  # int32 token ids of side A, special tokens included
-    ids_b: np.ndarray
+    ids_a: np.ndarray  # int32 token ids of side A, special tokens included (cross layout: the whole row)
+    ids_b: np.ndarray | None  # None in the cross layout
     label: int  # -1 when unknown (test rows)
     index: int  # position of the record in its input, to restore order after length sorting
     stats_a: np.ndarray | None = None  # float32 STATS_FEATURES of side A (normalised by the datamodule)
     stats_b: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return max(len(self.ids_a), len(self.ids_b))
+        return len(self.ids_a) if self.ids_b is None else max(len(self.ids_a), len(self.ids_b))
 
 
 def head_tail(ids: Sequence[int], budget: int, head_fraction: float = 0.5) -> list[int]:
@@ -84,11 +84,26 @@ def split_budget(prompt_len: int, response_len: int, budget: int, prompt_fractio
     return prompt_alloc, response_alloc
 
 
+LAYOUTS = ("siamese", "cross")
+
+
 class PairEncoder:
-    """Tokenize records into `EncodedPair`s with a fast tokenizer, in batches."""
+    """Tokenize records into `EncodedPair`s with a fast tokenizer, in batches.
+
+    `layout="siamese"` (default): one `[CLS] prompt [SEP] response [SEP]` sequence per side.
+    `layout="cross"`: one `[CLS] prompt [SEP] A [SEP] B [SEP]` sequence per row (`ids_b` is None),
+    with the same budgeted truncation (prompt share, then A and B halves), or, with
+    `naive_truncation=True`, simply the first `max_length` tokens as the public notebooks did,
+    which can cut answer B away entirely.
+    """
 
     def __init__(self, tokenizer, max_length: int = 512, prompt_fraction: float = 0.3,
-                 head_fraction: float = 0.5, batch_size: int = 2048) -> None:
+                 head_fraction: float = 0.5, batch_size: int = 2048, layout: str = "siamese",
+                 naive_truncation: bool = False) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"data.layout={layout!r}; choose from {', '.join(LAYOUTS)}")
+        self.layout = layout
+        self.naive_truncation = naive_truncation
         if max_length < 8:
             raise ValueError(f"data.max_length={max_length} is too small; use at least 8")
         if not 0.0 < prompt_fraction < 1.0:
@@ -124,6 +139,23 @@ class PairEncoder:
         r_ids = fit_turns(response, r_alloc, self.sep_id, self.head_fraction)
         return np.asarray([self.cls_id, *p_ids, self.sep_id, *r_ids, self.sep_id], dtype=np.int32)
 
+    def build_cross(self, prompt: Sequence[Sequence[int]], a: Sequence[Sequence[int]],
+                    b: Sequence[Sequence[int]]) -> np.ndarray:
+        if self.naive_truncation:
+            joined = [self.cls_id]
+            for segment in (prompt, a, b):
+                joined += fit_turns(segment, segment_length(segment), self.sep_id) + [self.sep_id]
+            return np.asarray(joined[: self.max_length], dtype=np.int32)
+        budget = self.max_length - 4
+        p_alloc, answers = split_budget(segment_length(prompt), segment_length(a) + segment_length(b), budget,
+                                        self.prompt_fraction)
+        a_alloc, b_alloc = split_budget(segment_length(a), segment_length(b), answers, 0.5)
+        p_alloc = min(segment_length(prompt), budget - a_alloc - b_alloc)
+        parts = [fit_turns(seg, n, self.sep_id, self.head_fraction) for seg, n in
+                 ((prompt, p_alloc), (a, a_alloc), (b, b_alloc))]
+        return np.asarray([self.cls_id, *parts[0], self.sep_id, *parts[1], self.sep_id, *parts[2], self.sep_id],
+                          dtype=np.int32)
+
     def encode(self, records: Sequence[PairRecord]) -> list[EncodedPair]:
         # flatten every turn of every record into one batched tokenizer call
         texts: list[str] = []
@@ -140,9 +172,13 @@ class PairEncoder:
             prompt = ids[p0:p1]
             prompt_stats = side_stats(record.prompt)
             shared = np.array([prompt_stats[0], len(record.prompt), np.log1p(segment_length(prompt))], np.float32)
+            if self.layout == "cross":
+                ids_a, ids_b = self.build_cross(prompt, ids[a0:a1], ids[b0:b1]), None
+            else:
+                ids_a, ids_b = self.build_side(prompt, ids[a0:a1]), self.build_side(prompt, ids[b0:b1])
             pairs.append(EncodedPair(
-                ids_a=self.build_side(prompt, ids[a0:a1]),
-                ids_b=self.build_side(prompt, ids[b0:b1]),
+                ids_a=ids_a,
+                ids_b=ids_b,
                 label=-1 if record.label is None else int(record.label),
                 index=index,
                 stats_a=side_features(record.response_a, segment_length(ids[a0:a1]), shared),

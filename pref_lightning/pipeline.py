@@ -83,7 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                      logger=instantiate_list(cfg.get("logger")) or False)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                     if k not in ("tokenizer", "tokenizer_vocab_size", "cache_dir")}
-    model: PreferenceModule = instantiate(model_kwargs, vocab_size=len(tokenizer), _convert_="all")
+    model: PreferenceModule = instantiate(model_kwargs, vocab_size=len(tokenizer), layout=datamodule.layout,
+                                          _convert_="all")
     # the tokenizer travels inside every checkpoint; rank 0 also leaves a copy in the run folder
     model.tokenizer_files = tokenizer_files(tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
     datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (kept for prediction)
@@ -189,7 +190,9 @@ def predict(cfg: DictConfig) -> Path:
     datamodule = PreferenceDataModule(predict_path=cfg.input_path, eval_batch_size=cfg.batch_size,
                                       max_length=int(cfg.get("max_length") or settings["max_length"]),
                                       prompt_fraction=float(settings["prompt_fraction"]),
-                                      stats_norm=settings["stats_norm"])
+                                      stats_norm=settings["stats_norm"],
+                                      layout=settings.get("layout", "siamese"),
+                                      naive_truncation=bool(settings.get("naive_truncation", False)))
     datamodule.attach_tokenizer(tokenizer)
     datamodule.setup("predict")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pref_lightning import text_stats
+from pref_lightning.records import parse_turns, prior_log_loss
 
 __all__ = [
     "KAGGLE_COLUMNS",
@@ -726,25 +727,13 @@ def generate(
     return SyntheticData(frame=frame, seed=seed, latents=latents)
 
 
-def _turns(cell: str) -> list[str]:
-    # Same convention as the data parser: JSON null turns become NULL_TURN.
-    return [text_stats.NULL_TURN if t is None else t for t in json.loads(cell)]
-
-
 def text_stats_log_loss(frame: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> float:
     """Cross-validated log loss of the logistic regression on text_stats.pair_stats features."""
     X = text_stats.pair_stats_matrix(
-        (_turns(p), _turns(a), _turns(b))
+        (parse_turns(p), parse_turns(a), parse_turns(b))
         for p, a, b in zip(frame["prompt"], frame["response_a"], frame["response_b"], strict=True)
     )
     return text_stats.cross_validated_log_loss(X, _labels(frame), n_folds=n_folds, seed=seed)
-
-
-def prior_log_loss(labels: np.ndarray, n_classes: int = 3) -> float:
-    """Log loss of always predicting the empirical class frequencies."""
-    labels = np.asarray(labels, dtype=np.int64)
-    freq = np.bincount(labels, minlength=n_classes) / max(labels.size, 1)
-    return text_stats.log_loss(np.tile(freq, (labels.size, 1)), labels)
 
 
 def summary(data: SyntheticData, with_text_stats: bool = True) -> dict:
@@ -761,7 +750,7 @@ def summary(data: SyntheticData, with_text_stats: bool = True) -> dict:
         "n_rows": len(frame),
         "seed": data.seed,
         "class_balance": {name: round(float(v), 4) for name, v in zip(LABEL_COLUMNS, balance, strict=True)},
-        "prior_log_loss": round(prior_log_loss(labels), 4),
+        "prior_log_loss": round(prior_log_loss(labels, labels), 4),
         "oracle_log_loss": round(data.oracle_log_loss, 4),
         "answer_chars": {
             "median": float(np.median(answer_chars)),

@@ -128,3 +128,14 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     # one run folder: the second rank adds only its log file, no stray folders
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == [
         "checkpoints", "csv", "metrics.json", "tokenizer", "train.log", "train_ddp_process_1.log"]
+
+
+def test_cross_layout_trains_and_predicts(tmp_path, synthetic_frame):
+    run_dir = tmp_path / "cross"
+    run("train.py", "data.layout=cross", "data.synthetic_rows=300", f"hydra.run.dir={run_dir}", *FAST)
+    assert json.loads((run_dir / "metrics.json").read_text())["val_log_loss"] < 2.0
+    test = synthetic_frame.drop(columns=list(LABEL_COLUMNS)).iloc[:50]
+    test.to_csv(tmp_path / "test.csv", index=False)
+    run("predict.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"input_path={tmp_path}/test.csv",
+        f"output_path={tmp_path}/sub.csv", f"hydra.run.dir={tmp_path}/p", "trainer.enable_progress_bar=false")
+    check_submission(tmp_path / "sub.csv", test["id"].astype(str).tolist())

@@ -74,3 +74,25 @@ def test_bad_settings_are_rejected(tiny_tokenizer):
         PairEncoder(tiny_tokenizer, max_length=4)
     with pytest.raises(ValueError, match="prompt_fraction"):
         PairEncoder(tiny_tokenizer, prompt_fraction=1.5)
+
+
+def test_cross_layout_budget_keeps_both_answers(tiny_tokenizer):
+    encoder = PairEncoder(tiny_tokenizer, max_length=64, layout="cross")
+    record = PairRecord("x", ["alpha " * 100], ["beta " * 100], ["gamma " * 100])
+    pair = encoder.encode([record])[0]
+    assert pair.ids_b is None and len(pair.ids_a) == 64 and len(pair) == 64
+    text = tiny_tokenizer.decode(pair.ids_a)
+    assert "alpha" in text and "beta" in text and "gamma" in text
+    assert (pair.ids_a == tiny_tokenizer.sep_token_id).sum() == 3
+
+
+def test_cross_layout_naive_truncation_cuts_answer_b_away(tiny_tokenizer):
+    encoder = PairEncoder(tiny_tokenizer, max_length=64, layout="cross", naive_truncation=True)
+    record = PairRecord("x", ["alpha " * 100], ["beta " * 100], ["gamma " * 100])
+    text = tiny_tokenizer.decode(encoder.encode([record])[0].ids_a)
+    assert "alpha" in text and "gamma" not in text
+
+
+def test_unknown_layout_rejected(tiny_tokenizer):
+    with pytest.raises(ValueError, match="data.layout"):
+        PairEncoder(tiny_tokenizer, layout="triple")

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from pref_lightning import synthetic, text_stats
+from pref_lightning.records import parse_turns
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_null_turns_map_to_placeholder(data: synthetic.SyntheticData) -> None:
     cells = pd.concat([data.frame["response_a"], data.frame["response_b"]])
     with_null = [c for c in cells if None in json.loads(c)]
     assert with_null  # the real dump has JSON nulls; the generator reproduces a few
-    vec = text_stats.side_stats(synthetic._turns(with_null[0]))
+    vec = text_stats.side_stats(parse_turns(with_null[0]))
     assert vec[text_stats.SIDE_FEATURES.index("null_turn")] == 1.0
 
 
