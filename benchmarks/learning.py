@@ -100,8 +100,9 @@ def real_split(data_dir: Path, work: Path, extra_files: list[str], val_fraction:
     return train_records, val_records, train_path, val_path, counts
 
 
-def part_real(work: Path, data_dir: Path, quick: bool, max_length: int, epochs: int) -> dict:
-    extra = REAL_EXTRA[1:] if quick else REAL_EXTRA
+def part_real(work: Path, data_dir: Path, quick: bool, max_length: int, epochs: int,
+              extra_files: list[str] | None = None) -> dict:
+    extra = extra_files if extra_files is not None else (REAL_EXTRA[1:] if quick else REAL_EXTRA)
     train_records, val_records, train_path, val_path, counts = real_split(
         data_dir, work, extra, val_fraction=0.4, max_rows=None)
     y_train, y_val = label_array(train_records), label_array(val_records)
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--extra-files", default=",".join(REAL_EXTRA),
+                        help="real files trained on beside the arena rows (comma-separated, in --data-dir)")
+    parser.add_argument("--key", default="real", help="name of the real-data result in the JSON")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "learning.json")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if "synthetic" in parts:
             results["synthetic"] = part_synthetic(work, args.quick)
         if "real" in parts:
-            results["real"] = part_real(work, args.data_dir, args.quick, args.max_length, args.epochs)
+            extra = [f for f in args.extra_files.split(",") if f]
+            results[args.key] = part_real(work, args.data_dir, args.quick, args.max_length, args.epochs, extra)
         if "recipe" in parts:
             results["recipe"] = part_recipe(work, args.data_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,9 +211,11 @@ def print_table(results: dict) -> None:
             print(f"| {r['seed']} | {r['val_log_loss']:.4f} | {r['val_log_loss_calibrated']:.4f} | {r['prior']:.4f} "
                   f"| {r['oracle']:.4f} | {r['gap_to_oracle']:+.4f} | {r['accuracy']:.3f} | {r['seconds']} |")
         print(f"worst gap to oracle: {max(r['gap_to_oracle'] for r in results['synthetic']):+.4f} (target <= 0.03)")
-    if "real" in results:
-        r = results["real"]
-        print("\n| real data (arena held-out prompts) | log loss |\n|---|---|")
+    for key in [k for k in results if k.startswith("real")]:
+        r = results[key]
+        print(f"\n{key}: trained on {r['train_rows']} for {r['epochs']} epoch(s), max_length {r['max_length']}, "
+              f"{r['seconds']} s")
+        print("| real data (arena held-out prompts) | log loss |\n|---|---|")
         print(f"| class prior of the arena training rows | {r['prior_log_loss']:.4f} |")
         print(f"| class prior of the whole training mix | {r['prior_mix_log_loss']:.4f} |")
         print(f"| text-statistics logistic regression | {r['text_stats_lr_log_loss']:.4f} |")
