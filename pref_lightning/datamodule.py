@@ -1,9 +1,14 @@
-"""LightningDataModule: records -> prompt-grouped train/validation split -> tokenized pairs -> batches."""
+"""LightningDataModule: records -> prompt-grouped train/validation split -> tokenized pairs -> batches.
+
+With `cache_dir` set, a data file's tokenized pairs (and what its split needs) are stored on disk by
+`pref_lightning.cache` and reused by later runs: see `PreferenceDataModule.prepare_data`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +16,16 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pref_lightning.cache import (
+    EncodedTable,
+    LazyRecords,
+    PairCache,
+    RowTable,
+    encode_table,
+    file_sha256,
+    pairs_key_fields,
+    rows_key_fields,
+)
 from pref_lightning.collate import PairCollator
 from pref_lightning.pairs import EncodedPair, PairEncoder
 from pref_lightning.records import PairRecord, class_prior, label_array, prior_log_loss, read_records
@@ -29,30 +44,45 @@ def grouped_split(records: Sequence[PairRecord], val_fraction: float, seed: int)
 
     Hashing the group key (rather than shuffling positions) makes the split independent of row order.
     """
+    return grouped_split_keys([prompt_key(record) for record in records], val_fraction, seed)
+
+
+def grouped_split_keys(keys: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """`grouped_split` from the rows' prompt keys alone (what the data cache stores)."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
     groups: dict[str, list[int]] = {}
-    for i, record in enumerate(records):
-        groups.setdefault(prompt_key(record), []).append(i)
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
     order = sorted(groups, key=lambda k: hashlib.sha1(f"{seed}\0{k}".encode()).hexdigest())
-    target = val_fraction * len(records)
+    target = val_fraction * len(keys)
     val: list[int] = []
     for key in order:
         if len(val) >= target:
             break
         val.extend(groups[key])
-    if len(val) == len(records) or not val:
+    if len(val) == len(keys) or not val:
         raise ValueError(
-            f"cannot hold out data.val_fraction={val_fraction} of {len(records)} rows "
+            f"cannot hold out data.val_fraction={val_fraction} of {len(keys)} rows "
             f"({len(groups)} distinct prompts)"
         )
     val_set = set(val)
-    return [i for i in range(len(records)) if i not in val_set], sorted(val)
+    return [i for i in range(len(keys)) if i not in val_set], sorted(val)
 
 
 def fit_stats_norm(pairs: Sequence[EncodedPair]) -> dict[str, list[float]]:
     """Mean and std of the per-side statistics over both sides of the training pairs."""
-    stats = np.stack([p.stats_a for p in pairs] + [p.stats_b for p in pairs]).astype(np.float64)
+    return stats_norm_from(np.stack([p.stats_a for p in pairs] + [p.stats_b for p in pairs]))
+
+
+def fit_stats_norm_table(table: EncodedTable, rows: np.ndarray) -> dict[str, list[float]]:
+    """`fit_stats_norm` of the pairs at `rows` of an encoded table (same numbers, no per-pair objects)."""
+    return stats_norm_from(np.concatenate([table.stats_a[rows], table.stats_b[rows]]))
+
+
+def stats_norm_from(stats: np.ndarray) -> dict[str, list[float]]:
+    """Per-feature mean and std (constant features keep std 1)."""
+    stats = stats.astype(np.float64)
     std = stats.std(0)
     return {"mean": stats.mean(0).tolist(), "std": np.where(std > 1e-6, std, 1.0).tolist()}
 
@@ -79,11 +109,81 @@ class PairDataset:
         return self.pairs[i]
 
 
+class CachedFile:
+    """One data file served through a `PairCache`: its row table (split inputs), its records (parsed
+    only when asked for) and its encoded pairs (per encoder settings), each computed at most once."""
+
+    def __init__(self, path: str | Path, require_labels: bool, cache: PairCache) -> None:
+        self.path = Path(path)
+        self.require_labels = require_labels
+        self.cache = cache
+        self._records: list[PairRecord] | None = None
+        self._rows: RowTable | None = None
+        self._tables: dict[str, EncodedTable] = {}
+
+    @property
+    def file_hash(self) -> str:
+        if not self.path.is_file():
+            self.records()  # raises the reader's DataError naming the file
+        return file_sha256(self.path)
+
+    def records(self) -> list[PairRecord]:
+        if self._records is None:
+            self._records = read_records(self.path, require_labels=self.require_labels)
+        return self._records
+
+    def rows(self) -> RowTable:
+        """Prompt keys, labels, oracle probabilities of every row: from the cache, else parsed (and stored)."""
+        if self._rows is None:
+            fields = rows_key_fields(self.file_hash, self.require_labels)
+            table = self.cache.load_rows(fields)
+            if table is None:
+                table = RowTable.from_records(self.records(), prompt_key)
+                self.cache.save_rows(fields, table)
+            self._rows = table
+        return self._rows
+
+    def _fields(self, encoder: PairEncoder) -> dict:
+        return pairs_key_fields(self.file_hash, encoder, self.require_labels)
+
+    def has_pairs(self, encoder: PairEncoder) -> bool:
+        fields = self._fields(encoder)
+        return self.cache.pairs_path(fields).name in self._tables or self.cache.pairs_path(fields).exists()
+
+    def pairs(self, encoder: PairEncoder) -> EncodedTable:
+        """Every row encoded in file order: from memory, from the cache, or tokenized now (and stored)."""
+        fields = self._fields(encoder)
+        name = self.cache.pairs_path(fields).name
+        if name not in self._tables:
+            self._tables[name] = self.cache.pairs_or_build(fields, lambda: self._encode(encoder))
+        return self._tables[name]
+
+    def _encode(self, encoder: PairEncoder) -> EncodedTable:
+        import time
+
+        records = self.records()
+        if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "no", "off"):
+            log.warning("TOKENIZERS_PARALLELISM=%s: the fast tokenizer runs on one thread",
+                        os.environ["TOKENIZERS_PARALLELISM"])
+        started = time.perf_counter()
+        table = encode_table(encoder, records)
+        log.info("%s: tokenized %d rows in %.1f s (cached in %s)", self.path, len(records),
+                 time.perf_counter() - started, self.cache.folder)
+        return table
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Reads the training file (or generates the embedded synthetic set), splits, tokenizes, batches.
 
     The tokenizer is attached by the pipeline (`attach_tokenizer`) once it is known, because the tiny
     offline backbone trains its tokenizer on this module's training texts.
+
+    `cache_dir` (None: no cache) keeps each data file's tokenized pairs and split inputs on disk
+    (`pref_lightning.cache`), keyed by the file's content, the tokenizer and the encoding settings.
+    `prepare_data()` builds what is missing; `setup()` loads it (building it first if needed), selects
+    the split's rows and normalises the statistics per split. A cached run parses no JSON and
+    tokenizes nothing; `train_records` / `val_records` are then `LazyRecords` that parse the file only
+    if a record itself is read. The embedded synthetic set is generated in memory and never cached.
     """
 
     def __init__(
@@ -106,6 +206,7 @@ class PreferenceDataModule(L.LightningDataModule):
         mega_batch_mult: int = 50,
         layout: str = "siamese",
         naive_truncation: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.train_path = train_path
@@ -128,6 +229,12 @@ class PreferenceDataModule(L.LightningDataModule):
         self.mega_batch_mult = mega_batch_mult
         self.layout = layout  # siamese: one sequence per side; cross: one sequence per row
         self.naive_truncation = naive_truncation
+        self.cache_dir = cache_dir  # tokenized pairs of each data file are cached here (None: no cache)
+        self._cache = PairCache(cache_dir) if cache_dir else None
+        self._files: dict[tuple[str, bool], CachedFile] = {}
+        # with the cache: (file, row positions) of each split
+        self._train_rows: tuple[CachedFile, np.ndarray] | None = None
+        self._val_rows: tuple[CachedFile, np.ndarray] | None = None
         self.tokenizer = None
         self.encoder: PairEncoder | None = None
         self.train_records: list[PairRecord] | None = None
@@ -144,9 +251,35 @@ class PreferenceDataModule(L.LightningDataModule):
             return str(self.train_path)
         return f"synthetic(rows={self.synthetic_rows}, seed={self.synthetic_seed})"
 
+    def _cached_file(self, path: str | Path, require_labels: bool) -> CachedFile:
+        key = (str(path), require_labels)
+        if key not in self._files:
+            self._files[key] = CachedFile(path, require_labels, self._cache)
+        return self._files[key]
+
+    def _load_records_cached(self) -> None:
+        """The split from the cached row table (prompt keys, labels): no JSON parsing on a cached run."""
+        train = self._cached_file(self.train_path, True)
+        n_rows = len(train.rows())
+        if self.val_path:
+            val = self._cached_file(self.val_path, True)
+            self._train_rows = (train, np.arange(n_rows, dtype=np.int64))
+            self._val_rows = (val, np.arange(len(val.rows()), dtype=np.int64))
+        else:
+            train_idx, val_idx = grouped_split_keys(train.rows().prompt_keys, self.val_fraction, self.split_seed)
+            self._train_rows = (train, np.asarray(train_idx, dtype=np.int64))
+            self._val_rows = (train, np.asarray(val_idx, dtype=np.int64))
+        self.train_records = LazyRecords(self._train_rows[0].records, self._train_rows[1])
+        self.val_records = LazyRecords(self._val_rows[0].records, self._val_rows[1])
+
     def load_records(self) -> None:
         """Read and split the training data once (cheap to call again)."""
         if self.train_records is not None:
+            return
+        if self.train_path and self._cache is not None:
+            self._load_records_cached()
+            log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
+                     len(self.val_records))
             return
         if self.train_path:
             records = read_records(Path(self.train_path), require_labels=True)
@@ -179,6 +312,9 @@ class PreferenceDataModule(L.LightningDataModule):
     @property
     def train_labels(self) -> np.ndarray:
         self.load_records()
+        if self._train_rows is not None:
+            source, rows = self._train_rows
+            return source.rows().labels[rows]
         return label_array(self.train_records)
 
     @property
@@ -188,10 +324,18 @@ class PreferenceDataModule(L.LightningDataModule):
     def validation_reference(self) -> dict[str, float]:
         """Log losses to judge the model by on the validation split: the train prior and the oracle."""
         self.load_records()
-        val_labels = label_array(self.val_records)
+        if self._val_rows is not None:
+            source, rows = self._val_rows
+            val_labels = source.rows().labels[rows]
+            oracle = source.rows().oracle
+            probs = None if oracle is None else oracle[rows]
+        else:
+            val_labels = label_array(self.val_records)
+            probs = None
+            if all(r.oracle is not None for r in self.val_records):
+                probs = np.array([r.oracle for r in self.val_records], dtype=np.float64)
         out = {"prior_log_loss": prior_log_loss(self.train_labels, val_labels)}
-        if all(r.oracle is not None for r in self.val_records):
-            probs = np.array([r.oracle for r in self.val_records], dtype=np.float64)
+        if probs is not None:
             out["oracle_log_loss"] = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-15, 1)).mean())
         return out
 
@@ -206,10 +350,47 @@ class PreferenceDataModule(L.LightningDataModule):
             raise RuntimeError("attach_tokenizer() must be called before setup()")
         return self.encoder
 
+    def _cached_files_to_prepare(self) -> list[CachedFile]:
+        files = []
+        if self.train_path:
+            files.append(self._cached_file(self.train_path, True))
+            if self.val_path:
+                files.append(self._cached_file(self.val_path, True))
+        if self.predict_path:
+            files.append(self._cached_file(self.predict_path, False))
+        return files
+
+    def prepare_data(self) -> None:
+        """Build the cache of the training (and validation / prediction) files if it is missing.
+
+        Lightning calls this once per node (local rank 0); `setup()` calls it too when the cache is
+        missing, so the pipeline's explicit `setup("fit")` before `trainer.fit` uses the cache. DDP ranks
+        sharing a machine wait for one builder (file lock). Without `cache_dir`, or before a tokenizer is
+        attached (the key needs it), there is nothing to do.
+        """
+        if self._cache is None or self.encoder is None:
+            return
+        for source in self._cached_files_to_prepare():
+            source.rows()
+            if not source.has_pairs(self.encoder):
+                source.pairs(self.encoder)  # builds, stores and keeps the table for setup()
+
+    def _setup_fit_cached(self, encoder: PairEncoder) -> None:
+        (train, train_rows), (val, val_rows) = self._train_rows, self._val_rows
+        if not (train.has_pairs(encoder) and val.has_pairs(encoder)):
+            self.prepare_data()
+        train_table = train.pairs(encoder)
+        if self.stats_norm is None:
+            self.stats_norm = fit_stats_norm_table(train_table, train_rows)
+        self.train_set = PairDataset(train_table.select(train_rows, self.stats_norm))
+        self.val_set = PairDataset(val.pairs(encoder).select(val_rows, self.stats_norm))
+
     def setup(self, stage: str | None = None) -> None:
         encoder = self._require_encoder()
         if stage in (None, "fit", "validate"):
             self.load_records()
+            if self.train_set is None and self._train_rows is not None:
+                self._setup_fit_cached(encoder)
             if self.train_set is None:
                 train_pairs = encoder.encode(self.train_records)
                 if self.stats_norm is None:
@@ -219,8 +400,16 @@ class PreferenceDataModule(L.LightningDataModule):
         if stage in (None, "predict") and self.predict_path and self.predict_set is None:
             if self.stats_norm is None:
                 raise RuntimeError("prediction needs stats_norm (it travels in the checkpoint)")
-            self.predict_records = read_records(self.predict_path, require_labels=False)
-            self.predict_set = PairDataset(normalise_stats(encoder.encode(self.predict_records), self.stats_norm))
+            if self._cache is not None:
+                source = self._cached_file(self.predict_path, False)
+                self.predict_records = source.records()  # ids are needed for the submission anyway
+                if not source.has_pairs(encoder):
+                    self.prepare_data()
+                rows = np.arange(len(self.predict_records), dtype=np.int64)
+                self.predict_set = PairDataset(source.pairs(encoder).select(rows, self.stats_norm))
+            else:
+                self.predict_records = read_records(self.predict_path, require_labels=False)
+                self.predict_set = PairDataset(normalise_stats(encoder.encode(self.predict_records), self.stats_norm))
 
     def settings(self) -> dict:
         """What prediction needs to encode rows exactly as training did (stored in checkpoints)."""
