@@ -49,11 +49,15 @@ speed-up over (a) is at least 1 / (a's padding efficiency) if everything else is
 reported as a fraction of that bound.
 
     python benchmarks/throughput.py --quick          # 400 rows, 10 timed steps: a few minutes
-    python benchmarks/throughput.py                  # 2,000 rows, 60 timed steps at batch 8 (about 10 min)
+    python benchmarks/throughput.py                  # 2,000 rows, 60 timed steps at batch 8 (5-7 min)
     python benchmarks/throughput.py --rows 1000 --steps 12 --batch-sizes 8 --out /tmp/t.json
 
-Run it alone on the machine (other jobs make every number smaller and the ratios noisy); the JSON
-records the load average and any `train.py`/`learning.py` process seen during the run.
+Smaller batch sizes than the first get more timed steps (half the first one's timed rows, at least
+`--steps`). Run it alone on the machine: other jobs make every number smaller and the ratios noisy.
+Contention is measured, not guessed: for each setup the parent takes the machine's busy CPU time
+(/proc/stat) minus its own and its children's, as a share of all cores ("foreign_cpu_share"); a setup
+during which others took more than `--max-foreign` (10%) is run again, up to `--retries` (2) times, and
+the least contended run is kept. The table header says CONTENDED when even that run was.
 """
 
 from __future__ import annotations
