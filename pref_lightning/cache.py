@@ -29,14 +29,13 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pref_lightning.atomic import atomic_path
 from pref_lightning.pairs import CHARS_PER_TOKEN_CAP, STATS_FEATURES, EncodedPair, PairEncoder
 from pref_lightning.records import PairRecord
 
@@ -391,23 +390,11 @@ class PairCache:
     def _save(self, path: Path, fields: dict, arrays: dict[str, np.ndarray]) -> Path | None:
         """Write atomically; an unwritable cache folder is a warning, not an error."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as err:
-            log.warning("cannot write the data cache in %s (%s); continuing without it", self.folder, err)
-            return None
-        try:
-            with os.fdopen(fd, "wb") as handle:
+            with atomic_path(path) as tmp, open(tmp, "wb") as handle:
                 np.savez(handle, meta=_meta(fields), **arrays)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
         except OSError as err:
-            Path(tmp).unlink(missing_ok=True)
-            log.warning("cannot write %s (%s); continuing without the cache", path, err)
+            log.warning("cannot write the data cache %s (%s); continuing without it", path, err)
             return None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from pref_lightning.atomic import atomic_path, atomic_write_text
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
 from pref_lightning.calibration import collect_logits, fit_temperature
 from pref_lightning.datamodule import PreferenceDataModule
@@ -31,21 +30,6 @@ log = logging.getLogger(__name__)
 def set_runtime_defaults() -> None:
     # TF32 matmuls on GPUs that have them (flushing CPU denormals is done by the module's loop hooks)
     torch.set_float32_matmul_precision("high")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write beside the target and rename, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_tokenizer(model_cfg: DictConfig, datamodule: PreferenceDataModule):
@@ -142,16 +126,8 @@ def calibrate(model: PreferenceModule, datamodule: PreferenceDataModule, checkpo
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def gather_predictions(outputs: Iterable[dict[str, torch.Tensor]], n_rows: int) -> np.ndarray:

@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pref_lightning import text_stats
+from pref_lightning.atomic import atomic_path
 from pref_lightning.records import parse_turns, prior_log_loss
 
 __all__ = [
@@ -772,18 +772,9 @@ def write_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
 
     Readers never see a half-written file, and a crash leaves the previous file intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Opened with "x" rather than mkstemp so the result gets normal (umask) permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", newline="", encoding="utf-8") as fh:
-            frame.to_csv(fh, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
