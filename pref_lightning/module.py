@@ -65,6 +65,8 @@ class PreferenceModule(L.LightningModule):
         layer_lr_decay: float = 1.0,
         freeze_embeddings: bool = False,
         layout: str = "siamese",
+        compile: bool = False,
+        compile_backend: str = "inductor",
         backbone_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -74,9 +76,16 @@ class PreferenceModule(L.LightningModule):
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
                                        config_dict=backbone_config, dropout=backbone_dropout)
         if gradient_checkpointing:
-            self.backbone.gradient_checkpointing_enable()
+            # transformers 5 renamed it; the old name is deprecated
+            enable = getattr(self.backbone, "activation_checkpointing_enable", None) \
+                or self.backbone.gradient_checkpointing_enable
+            enable()
         if freeze_embeddings:
             self.backbone.get_input_embeddings().weight.requires_grad_(False)
+        if compile:
+            # in place (nn.Module.compile), so parameter names and checkpoints stay those of the
+            # plain module; dynamic shapes because length-grouped batches vary in length
+            self.backbone.compile(backend=compile_backend, dynamic=True)
         hidden = self.backbone.config.hidden_size
         stats_size = len(STATS_FEATURES) if use_text_stats else 0
         if layout == "cross":
@@ -273,13 +282,17 @@ class PreferenceModule(L.LightningModule):
         }
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: str = "cpu") -> tuple[PreferenceModule, Any, dict[str, Any]]:
-        """Rebuild (module, tokenizer, data settings) from one checkpoint file, offline."""
+    def from_checkpoint(cls, path: str, map_location: str = "cpu",
+                        compile: bool = False) -> tuple[PreferenceModule, Any, dict[str, Any]]:
+        """Rebuild (module, tokenizer, data settings) from one checkpoint file, offline.
+
+        `compile` replaces the training run's setting: compiling pays off for long prediction jobs only.
+        """
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         payload = checkpoint.get(CHECKPOINT_KEY)
         if payload is None:
             raise ValueError(f"{path}: not a pref-lightning checkpoint (no '{CHECKPOINT_KEY}' entry)")
-        hparams = dict(checkpoint["hyper_parameters"])
+        hparams = {**checkpoint["hyper_parameters"], "compile": compile}
         module = cls(**hparams, backbone_config=payload["backbone_config"])
         module.load_state_dict(checkpoint["state_dict"])
         module.tokenizer_files = dict(payload["tokenizer_files"])

@@ -113,7 +113,7 @@ def calibrate(model: PreferenceModule, datamodule: PreferenceDataModule, checkpo
     `checkpoint` (rank 0 passes the path, other ranks None). Returns the log loss before and after."""
     if not enabled:
         return {}
-    logits, labels = collect_logits(model, datamodule.val_dataloader(), tta_swap=model.hparams.tta_swap)
+    logits, labels = all_ranks(*collect_logits(model, datamodule.val_dataloader(), tta_swap=model.hparams.tta_swap))
     temperature = fit_temperature(logits, labels)
     model.temperature = temperature
     before = float(competition_log_loss(logits.softmax(-1), labels))
@@ -123,6 +123,18 @@ def calibrate(model: PreferenceModule, datamodule: PreferenceDataModule, checkpo
         state[CHECKPOINT_KEY]["temperature"] = temperature
         atomic_torch_save(state, checkpoint)
     return {"temperature": temperature, "val_log_loss_uncalibrated": before, "val_log_loss_calibrated": after}
+
+
+def all_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor concatenated over the DDP ranks (each holds its own share of the rows), on every
+    rank; unchanged in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, [t.cpu() for t in tensors])
+    return tuple(torch.cat([share[i] for share in shares]) for i in range(len(tensors)))
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -168,7 +180,8 @@ def predict(cfg: DictConfig) -> Path:
                                       prompt_fraction=float(settings["prompt_fraction"]),
                                       stats_norm=settings["stats_norm"],
                                       layout=settings.get("layout", "siamese"),
-                                      naive_truncation=bool(settings.get("naive_truncation", False)))
+                                      naive_truncation=bool(settings.get("naive_truncation", False)),
+                                      cache_dir=cfg.get("cache_dir"))
     datamodule.attach_tokenizer(tokenizer)
     datamodule.setup("predict")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)

@@ -118,3 +118,38 @@ def test_swap_augment_mode_is_validated(tiny_tokenizer):
 
     with pytest.raises(ValueError, match="swap_augment"):
         tiny_module(tiny_tokenizer, swap_augment="sometimes")
+
+
+def _fit_two_steps(tokenizer, csv_path, trainer_kwargs=None, **module_kwargs):
+    dm = PreferenceDataModule(train_path=str(csv_path), max_length=32, batch_size=4)
+    dm.attach_tokenizer(tokenizer)
+    module = tiny_module(tokenizer, **module_kwargs)
+    before = {k: v.detach().clone() for k, v in module.backbone.named_parameters()}
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
+                        **(trainer_kwargs or {}))
+    trainer.fit(module, dm)
+    moved = [k for k, v in module.backbone.named_parameters() if not torch.equal(v, before[k])]
+    return module, trainer, moved
+
+
+def test_gradient_checkpointing_trains(tiny_tokenizer, synthetic_csv):
+    module, trainer, moved = _fit_two_steps(tiny_tokenizer, synthetic_csv, gradient_checkpointing=True)
+    assert getattr(module.backbone, "is_activation_checkpointing", None) or module.backbone.is_gradient_checkpointing
+    assert trainer.global_step == 2 and moved
+
+
+def test_gradient_accumulation_steps_once_per_window(tiny_tokenizer, synthetic_csv):
+    _, trainer, moved = _fit_two_steps(tiny_tokenizer, synthetic_csv, {"accumulate_grad_batches": 3})
+    # two optimizer steps consumed six batches
+    assert trainer.global_step == 2 and trainer.fit_loop.epoch_loop.batch_progress.total.ready == 6 and moved
+
+
+def test_compile_switch_trains_and_keeps_checkpoint_names(tmp_path, tiny_tokenizer, synthetic_csv):
+    module, trainer, moved = _fit_two_steps(tiny_tokenizer, synthetic_csv, compile=True,
+                                            compile_backend="aot_eager")
+    assert module.backbone._compiled_call_impl is not None and moved
+    # compiled in place: the state dict has the plain module's names, so checkpoints load anywhere
+    assert not any("_orig_mod" in k for k in module.state_dict())
+    plain = tiny_module(tiny_tokenizer)
+    plain.load_state_dict(module.state_dict())
