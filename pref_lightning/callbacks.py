@@ -299,3 +299,28 @@ class PriorGuard(L.Callback):
         self.bad_checks = int(state_dict.get("bad_checks", 0))
         self.triggered = bool(state_dict.get("triggered", False))
         self.last_diagnosis = state_dict.get("last_diagnosis")
+
+
+class SigtermCheckpoint(L.Callback):
+    """On SIGTERM (a cluster's pre-emption or time limit, `kill`), save a resumable `last.ckpt` and stop.
+
+    Lightning turns SIGTERM into an exception at the end of the current training batch (on every DDP
+    rank); this saves the full training state there, next to the ModelCheckpoint's files, so
+    `python train.py ckpt_path=last hydra.run.dir=RUN` continues from the next batch.
+    """
+
+    def __init__(self, filename: str = "last.ckpt") -> None:
+        self.filename = filename
+        self.saved_path: str | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        checkpoint = trainer.checkpoint_callback
+        folder = getattr(checkpoint, "dirpath", None) or f"{trainer.default_root_dir}/checkpoints"
+        self.saved_path = f"{folder}/{self.filename}"
+        trainer.save_checkpoint(self.saved_path)
+        log.warning("SIGTERM at epoch %d, step %d: saved %s to resume from", trainer.current_epoch,
+                    trainer.global_step, self.saved_path)

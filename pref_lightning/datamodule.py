@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -29,7 +30,7 @@ from pref_lightning.cache import (
 from pref_lightning.collate import PairCollator
 from pref_lightning.pairs import EncodedPair, PairEncoder
 from pref_lightning.records import PairRecord, class_prior, label_array, prior_log_loss, read_records
-from pref_lightning.sampler import LengthGroupedSampler
+from pref_lightning.sampler import LengthGroupedSampler, ResumableLoader
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,8 @@ class PreferenceDataModule(L.LightningDataModule):
         # with the cache: (file, row positions) of each split
         self._train_rows: tuple[CachedFile, np.ndarray] | None = None
         self._val_rows: tuple[CachedFile, np.ndarray] | None = None
+        self._train_sampler: LengthGroupedSampler | None = None
+        self._resume_position: dict[str, int] | None = None  # set when a checkpoint is restored
         self.tokenizer = None
         self.encoder: PairEncoder | None = None
         self.train_records: list[PairRecord] | None = None
@@ -437,7 +440,40 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler = LengthGroupedSampler([len(p) for p in dataset.pairs], batch_size, shuffle=shuffle,
                                        mega_batch_mult=self.mega_batch_mult, seed=self.split_seed,
                                        num_replicas=replicas, rank=rank)
-        return DataLoader(dataset, batch_sampler=sampler, **common)
+        if not shuffle:
+            return DataLoader(dataset, batch_sampler=sampler, **common)
+        self._train_sampler = sampler
+        if self._resume_position is not None:
+            self._apply_resume_position()
+        return ResumableLoader(dataset, batch_sampler=sampler, position=self.train_position,
+                               resume=self.load_train_position, **common)
+
+    # ---- exact mid-epoch resume ---------------------------------------------------------------
+    def train_position(self) -> dict[str, int]:
+        """(epoch, training batches of it already stepped on), from the trainer's loop progress: the
+        loader's own iterator runs ahead by its prefetched batches."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {"epoch": 0, "batches": 0}
+        return {"epoch": int(trainer.current_epoch),
+                "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+
+    def load_train_position(self, position: dict[str, int]) -> None:
+        self._resume_position = dict(position)
+        if self._train_sampler is not None:
+            self._apply_resume_position()
+
+    def _apply_resume_position(self) -> None:
+        position, self._resume_position = self._resume_position, None
+        self._train_sampler.resume_at(int(position["epoch"]), int(position["batches"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        # saved in every checkpoint; Lightning restores it before building the training loader
+        return {"train_position": self.train_position()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_position" in state_dict:
+            self.load_train_position(state_dict["train_position"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
@@ -66,6 +67,7 @@ class PreferenceModule(L.LightningModule):
         freeze_embeddings: bool = False,
         layout: str = "siamese",
         compile: bool = False,
+        augment_seed: int = 0,
         compile_backend: str = "inductor",
         backbone_config: Mapping[str, Any] | None = None,
     ) -> None:
@@ -186,7 +188,7 @@ class PreferenceModule(L.LightningModule):
         mode = self.hparams.swap_augment
         if mode == "random":
             # each pair is seen as (A, B) or (B, A) with labels exchanged; the backbone pass is shared
-            flip = torch.rand(len(labels), device=labels.device) < 0.5
+            flip = (torch.rand(len(labels), generator=self._augment_generator(batch_idx)) < 0.5).to(labels.device)
             col = flip.unsqueeze(1)
             a, b = torch.where(col, b, a), torch.where(col, a, b)
             if stats_a is not None:
@@ -197,6 +199,13 @@ class PreferenceModule(L.LightningModule):
         if mode == "full":  # both orders in the same step
             loss = 0.5 * (loss + F.cross_entropy(self.head(b, a, stats_b, stats_a), swap[labels]))
         return self._log_train(logits, labels, loss)
+
+    def _augment_generator(self, batch_idx: int) -> torch.Generator:
+        """Swap coins drawn from (seed, epoch, batch, rank), not from the global RNG: a run resumed
+        mid-epoch flips exactly the coins the uninterrupted run would have flipped."""
+        state = np.random.SeedSequence([self.hparams.augment_seed, self.current_epoch, batch_idx,
+                                        self.global_rank]).generate_state(2, dtype=np.uint64)
+        return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
     def _log_train(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor:
         if loss is None:

@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from pref_lightning.atomic import atomic_path, atomic_write_text
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
 from pref_lightning.calibration import collect_logits, fit_temperature
+from pref_lightning.callbacks import SigtermCheckpoint
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
@@ -68,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                     if k not in ("tokenizer", "tokenizer_vocab_size", "cache_dir")}
     model: PreferenceModule = instantiate(model_kwargs, vocab_size=len(tokenizer), layout=datamodule.layout,
-                                          _convert_="all")
+                                          augment_seed=int(cfg.seed), _convert_="all")
     # the tokenizer travels inside every checkpoint; rank 0 also leaves a copy in the run folder
     model.tokenizer_files = tokenizer_files(tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
     datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (kept for prediction)
@@ -76,7 +78,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model.reference = datamodule.validation_reference()
     model.train_prior = datamodule.train_prior.tolist()
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
+    except SIGTERMException:
+        # Lightning's exception exits with status 0; a scheduler must see that the job did not finish
+        saved = next((c.saved_path for c in trainer.callbacks if isinstance(c, SigtermCheckpoint)), None)
+        if trainer.is_global_zero:
+            print(f"[pref-lightning] SIGTERM: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}"
+                  + (f"; resume with: python train.py ckpt_path=last hydra.run.dir={run_dir}" if saved else ""))
+        raise SystemExit(143) from None
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
@@ -105,6 +115,47 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                       "oracle_log_loss", "val_accuracy") if k in metrics}
         print(f"[pref-lightning] {summary}")
     return metrics
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint file `ckpt_path` names: a file, a run folder (its `checkpoints/last.ckpt`), or `last`.
+
+    `last` is this run folder's `checkpoints/last.ckpt` (rerun with `hydra.run.dir=RUN`, or rerun the
+    same multirun with `hydra.sweep.dir=SWEEP`); outside a multirun, when this folder has none, the
+    newest `last.ckpt` among the sibling run folders. Nothing found: a fresh start, said so.
+    """
+    value = cfg.get("ckpt_path")
+    if not value:
+        return None
+    run_dir = output_dir(cfg)
+    if str(value) == "last":
+        own = run_dir / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            return str(own)
+        if not is_multirun():
+            siblings = [p for p in run_dir.parent.glob("*/checkpoints/last.ckpt") if p.is_file()]
+            if siblings:
+                newest = max(siblings, key=lambda p: p.stat().st_mtime)
+                print(f"[pref-lightning] ckpt_path=last: resuming {newest} (newest run with a last.ckpt)")
+                return str(newest)
+        print(f"[pref-lightning] ckpt_path=last: no last.ckpt in {run_dir / 'checkpoints'}; starting fresh")
+        return None
+    path = Path(str(value))
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return str(candidate)
+        raise FileNotFoundError(f"ckpt_path={value}: no checkpoints/last.ckpt in that run folder")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file")
+    return str(path)
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def calibrate(model: PreferenceModule, datamodule: PreferenceDataModule, checkpoint: str | None,

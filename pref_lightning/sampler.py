@@ -8,10 +8,11 @@ Under DDP every rank takes its own share of the batches, with the same count per
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class LengthGroupedSampler(Sampler[list[int]]):
@@ -35,6 +36,11 @@ class LengthGroupedSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Continue epoch `epoch` after its first `batches` batches (a run resumed mid-epoch)."""
+        self.epoch = epoch
+        self.start_batch = batches if 0 < batches < len(self) else 0
 
     def rank_batches(self) -> list[np.ndarray]:
         """This rank's batches of this epoch."""
@@ -65,13 +71,35 @@ class LengthGroupedSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.rank_batches()[self.start_batch:]:
+        # the skip applies to one pass only (Lightning may stop iterating before the generator ends)
+        start, self.start_batch = self.start_batch, 0
+        for batch in self.rank_batches()[start:]:
             yield batch.tolist()
-        self.start_batch = 0
 
     def __len__(self) -> int:
         # forming the batches is a few milliseconds of numpy even for 100k rows
         return len(self.rank_batches())
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that tells Lightning it is resumable (`state_dict` / `load_state_dict`).
+
+    The position itself is kept by the datamodule (`PreferenceDataModule.state_dict`), because Lightning
+    restores a datamodule before it builds the training loader, while loader states are applied only
+    if the loader is built after the restore (`estimated_stepping_batches` builds it earlier).
+    """
+
+    def __init__(self, *args: Any, position: Callable[[], dict[str, int]],
+                 resume: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+        self.resume = resume
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume(state)
 
 
 def padding_efficiency(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
