@@ -155,6 +155,7 @@ class RowTable:
     prompt_keys: list[str]
     labels: np.ndarray  # int64, -1 where unknown
     oracle: np.ndarray | None  # float64 (n, 3) label probabilities, synthetic data only
+    ids: list[str] | None = None  # row ids (fold files and out-of-fold predictions name rows by id)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -165,13 +166,15 @@ class RowTable:
         oracle = None
         if records and all(r.oracle is not None for r in records):
             oracle = np.array([r.oracle for r in records], dtype=np.float64).reshape(len(records), 3)
-        return cls([prompt_key(r) for r in records], labels, oracle)
+        return cls([prompt_key(r) for r in records], labels, oracle, [r.id for r in records])
 
     def arrays(self) -> dict[str, np.ndarray]:
         blob, offsets = _pack_strings(self.prompt_keys)
         out = {"prompt_key_bytes": blob, "prompt_key_offsets": offsets, "labels": self.labels}
         if self.oracle is not None:
             out["oracle"] = self.oracle
+        if self.ids is not None:
+            out["id_bytes"], out["id_offsets"] = _pack_strings(self.ids)
         return out
 
     @classmethod
@@ -184,7 +187,13 @@ class RowTable:
         oracle = arrays["oracle"] if "oracle" in arrays else None
         if oracle is not None and oracle.shape != (len(labels), 3):
             raise ValueError(f"oracle has shape {oracle.shape}")
-        return cls(_unpack_strings(blob, offsets), labels, oracle)
+        ids = None
+        if "id_bytes" in arrays:
+            id_offsets = arrays["id_offsets"]
+            if len(id_offsets) != len(labels) + 1 or id_offsets[-1] != len(arrays["id_bytes"]):
+                raise ValueError("inconsistent id offsets")
+            ids = _unpack_strings(arrays["id_bytes"], id_offsets)
+        return cls(_unpack_strings(blob, offsets), labels, oracle, ids)
 
 
 @dataclass

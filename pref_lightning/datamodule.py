@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pref_lightning.cache import (
@@ -28,6 +29,7 @@ from pref_lightning.cache import (
     rows_key_fields,
 )
 from pref_lightning.collate import PairCollator
+from pref_lightning.folds import assign_folds, fold_split
 from pref_lightning.pairs import EncodedPair, PairEncoder
 from pref_lightning.records import PairRecord, class_prior, label_array, prior_log_loss, read_records
 from pref_lightning.sampler import LengthGroupedSampler, ResumableLoader
@@ -208,6 +210,8 @@ class PreferenceDataModule(L.LightningDataModule):
         layout: str = "siamese",
         naive_truncation: bool = False,
         cache_dir: str | None = None,
+        n_folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         self.train_path = train_path
@@ -232,6 +236,13 @@ class PreferenceDataModule(L.LightningDataModule):
         self.naive_truncation = naive_truncation
         self.cache_dir = cache_dir  # tokenized pairs of each data file are cached here (None: no cache)
         self._cache = PairCache(cache_dir) if cache_dir else None
+        # k-fold cross-validation: validation is fold `fold` of `n_folds` (None: a val_fraction split)
+        self.n_folds = int(n_folds) if n_folds else None
+        self.fold = int(fold)
+        if self.n_folds and val_path:
+            raise ValueError("data.n_folds and data.val_path exclude each other: folds are cut from train_path")
+        self.folds: np.ndarray | None = None  # fold of every row of the training file
+        self._row_ids: list[str] | None = None  # ids of the training file's rows (fold files)
         self._files: dict[tuple[str, bool], CachedFile] = {}
         # with the cache: (file, row positions) of each split
         self._train_rows: tuple[CachedFile, np.ndarray] | None = None
@@ -269,7 +280,9 @@ class PreferenceDataModule(L.LightningDataModule):
             self._train_rows = (train, np.arange(n_rows, dtype=np.int64))
             self._val_rows = (val, np.arange(len(val.rows()), dtype=np.int64))
         else:
-            train_idx, val_idx = grouped_split_keys(train.rows().prompt_keys, self.val_fraction, self.split_seed)
+            rows = train.rows()
+            self._row_ids = rows.ids
+            train_idx, val_idx = self._split(rows.prompt_keys, rows.labels)
             self._train_rows = (train, np.asarray(train_idx, dtype=np.int64))
             self._val_rows = (train, np.asarray(val_idx, dtype=np.int64))
         self.train_records = LazyRecords(self._train_rows[0].records, self._train_rows[1])
@@ -296,11 +309,37 @@ class PreferenceDataModule(L.LightningDataModule):
             self.train_records = records
             self.val_records = read_records(Path(self.val_path), require_labels=True)
         else:
-            train_idx, val_idx = grouped_split(records, self.val_fraction, self.split_seed)
+            self._row_ids = [r.id for r in records]
+            train_idx, val_idx = self._split([prompt_key(r) for r in records], label_array(records))
             self.train_records = [records[i] for i in train_idx]
             self.val_records = [records[i] for i in val_idx]
         log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
                  len(self.val_records))
+
+    def _split(self, keys: Sequence[str], labels: np.ndarray) -> tuple[list[int], list[int]]:
+        """(train, validation) row indices of the training file: fold `fold`, or a val_fraction split."""
+        if not self.n_folds:
+            return grouped_split_keys(keys, self.val_fraction, self.split_seed)
+        self.folds = assign_folds(keys, labels, self.n_folds, self.split_seed)
+        return fold_split(self.folds, self.fold)
+
+    def fold_table(self) -> pd.DataFrame | None:
+        """id and fold of every row of the training file (k-fold runs only; written as RUN/folds.csv)."""
+        self.load_records()
+        if self.folds is None:
+            return None
+        return pd.DataFrame({"id": self._row_ids, "fold": self.folds})
+
+    @property
+    def val_ids(self) -> list[str]:
+        """Row ids of the validation split, in validation order."""
+        self.load_records()
+        if self._val_rows is not None:
+            source, rows = self._val_rows
+            ids = source.rows().ids
+            if ids is not None:
+                return [ids[i] for i in rows]
+        return [r.id for r in self.val_records]
 
     def tokenizer_texts(self, max_rows: int = 20_000) -> list[str]:
         """Training texts to fit an offline tokenizer on (validation rows excluded)."""

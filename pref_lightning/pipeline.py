@@ -22,6 +22,7 @@ from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokeniz
 from pref_lightning.calibration import collect_logits, fit_temperature
 from pref_lightning.callbacks import SigtermCheckpoint
 from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.distributed import hydra_job_processes
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
 from pref_lightning.records import CLASS_NAMES, label_array
@@ -55,6 +56,11 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, validate the best checkpoint, write `metrics.json`; return the metrics."""
+    with hydra_job_processes():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     set_runtime_defaults()
     L.seed_everything(cfg.seed, workers=True)
@@ -90,7 +96,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
-    calibration = calibrate(model, datamodule, best if trainer.is_global_zero else None,
+    val_logits, val_labels = validation_logits(model, datamodule)
+    calibration = calibrate(model, val_logits, val_labels, best if trainer.is_global_zero else None,
                             enabled=bool(cfg.get("calibrate", True)))
     metrics = {
         "val_log_loss": float(results["val/log_loss"]),
@@ -106,7 +113,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     metrics["gain_over_prior"] = metrics["prior_log_loss"] - metrics["val_log_loss"]
+    if datamodule.n_folds:
+        metrics.update(n_folds=datamodule.n_folds, fold=datamodule.fold)
     if trainer.is_global_zero:
+        if datamodule.n_folds:
+            write_fold_files(run_dir, datamodule, softmax((val_logits / model.temperature).numpy()), val_labels.numpy())
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         print(f"[pref-lightning] run folder: {run_dir}")
         print(f"[pref-lightning] best checkpoint: {metrics['best_checkpoint']}")
@@ -121,8 +132,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint file `ckpt_path` names: a file, a run folder (its `checkpoints/last.ckpt`), or `last`.
 
     `last` is this run folder's `checkpoints/last.ckpt` (rerun with `hydra.run.dir=RUN`, or rerun the
-    same multirun with `hydra.sweep.dir=SWEEP`); outside a multirun, when this folder has none, the
-    newest `last.ckpt` among the sibling run folders. Nothing found: a fresh start, said so.
+    same multirun with `hydra.sweep.dir=SWEEP`: finished jobs' folders have one, unstarted ones start
+    fresh). Nothing found: a fresh start, said so, naming the newest sibling run that has one.
     """
     value = cfg.get("ckpt_path")
     if not value:
@@ -132,13 +143,10 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         own = run_dir / "checkpoints" / "last.ckpt"
         if own.is_file():
             return str(own)
-        if not is_multirun():
-            siblings = [p for p in run_dir.parent.glob("*/checkpoints/last.ckpt") if p.is_file()]
-            if siblings:
-                newest = max(siblings, key=lambda p: p.stat().st_mtime)
-                print(f"[pref-lightning] ckpt_path=last: resuming {newest} (newest run with a last.ckpt)")
-                return str(newest)
-        print(f"[pref-lightning] ckpt_path=last: no last.ckpt in {run_dir / 'checkpoints'}; starting fresh")
+        # never guess another folder: DDP ranks and multirun jobs must all resolve the same file
+        others = sorted(run_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        hint = f"; the newest run with one is {others[-1].parent.parent} (pass it as ckpt_path)" if others else ""
+        print(f"[pref-lightning] ckpt_path=last: no last.ckpt in {run_dir / 'checkpoints'}, starting fresh{hint}")
         return None
     path = Path(str(value))
     if path.is_dir():
@@ -151,20 +159,22 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(path)
 
 
-def is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def validation_logits(model: PreferenceModule, datamodule: PreferenceDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uncalibrated logits and labels of every validation row (all DDP ranks), in validation order."""
+    logits, labels, index = all_ranks(*collect_logits(model, datamodule.val_dataloader(),
+                                                      tta_swap=model.hparams.tta_swap, return_index=True))
+    if sorted(index.tolist()) != list(range(len(datamodule.val_set))):
+        raise RuntimeError(f"validation covered {len(index)} rows unevenly ({len(datamodule.val_set)} expected)")
+    order = torch.argsort(index)
+    return logits[order], labels[order]
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
-
-def calibrate(model: PreferenceModule, datamodule: PreferenceDataModule, checkpoint: str | None,
+def calibrate(model: PreferenceModule, logits: torch.Tensor, labels: torch.Tensor, checkpoint: str | None,
               enabled: bool = True) -> dict[str, float]:
-    """Fit a temperature on the validation logits of `model` (the best weights) and store it in
+    """Fit a temperature on the validation `logits` of `model` (the best weights) and store it in
     `checkpoint` (rank 0 passes the path, other ranks None). Returns the log loss before and after."""
     if not enabled:
         return {}
-    logits, labels = all_ranks(*collect_logits(model, datamodule.val_dataloader(), tta_swap=model.hparams.tta_swap))
     temperature = fit_temperature(logits, labels)
     model.temperature = temperature
     before = float(competition_log_loss(logits.softmax(-1), labels))
@@ -174,6 +184,16 @@ def calibrate(model: PreferenceModule, datamodule: PreferenceDataModule, checkpo
         state[CHECKPOINT_KEY]["temperature"] = temperature
         atomic_torch_save(state, checkpoint)
     return {"temperature": temperature, "val_log_loss_uncalibrated": before, "val_log_loss_calibrated": after}
+
+
+def write_fold_files(run_dir: Path, datamodule: PreferenceDataModule, probs: np.ndarray, labels: np.ndarray) -> None:
+    """RUN/folds.csv (id, fold of every training row) and RUN/oof.csv (this fold's validation rows:
+    id, fold, the submission's probability columns, label); a multirun over all folds combines them."""
+    atomic_write_text(run_dir / "folds.csv", datamodule.fold_table().to_csv(index=False))
+    oof = submission_frame(datamodule.val_ids, probs)
+    oof.insert(1, "fold", datamodule.fold)
+    oof["label"] = labels
+    atomic_write_text(run_dir / "oof.csv", oof.to_csv(index=False))
 
 
 def all_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -221,6 +241,11 @@ def submission_frame(ids: list[str], probs: np.ndarray) -> pd.DataFrame:
 
 def predict(cfg: DictConfig) -> Path:
     """Write the Kaggle submission for `cfg.input_path` from `cfg.ckpt_path`, offline."""
+    with hydra_job_processes():
+        return _predict(cfg)
+
+
+def _predict(cfg: DictConfig) -> Path:
     set_runtime_defaults()
     model, tokenizer, settings = PreferenceModule.from_checkpoint(cfg.ckpt_path)
     if cfg.get("tta_swap") is not None:

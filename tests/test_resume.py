@@ -48,7 +48,7 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
 
 
-def test_ckpt_path_accepts_a_run_folder_and_rejects_missing_files(tmp_path):
+def test_ckpt_path_accepts_a_run_folder_and_rejects_missing_files(tmp_path, capsys):
     from omegaconf import OmegaConf
 
     from pref_lightning.pipeline import resume_checkpoint
@@ -63,8 +63,9 @@ def test_ckpt_path_accepts_a_run_folder_and_rejects_missing_files(tmp_path):
     assert resume_checkpoint(cfg(None)) is None
     assert resume_checkpoint(cfg(str(run_dir))) == str(run_dir / "checkpoints" / "last.ckpt")
     assert resume_checkpoint(cfg("last", run_dir)) == str(run_dir / "checkpoints" / "last.ckpt")
-    # `last` from a new sibling run folder (single run): the newest sibling that has one
-    assert resume_checkpoint(cfg("last", tmp_path / "fresh")) == str(run_dir / "checkpoints" / "last.ckpt")
+    # `last` from a new run folder: a fresh start (never another folder's checkpoint), naming the candidate
+    assert resume_checkpoint(cfg("last", tmp_path / "fresh")) is None
+    assert f"the newest run with one is {run_dir}" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         resume_checkpoint(cfg(str(tmp_path / "nope.ckpt")))
     with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):

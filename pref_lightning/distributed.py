@@ -1,0 +1,78 @@
+"""DDP inside Hydra multiruns: one process group per job, rank > 0 runs only its own job.
+
+Lightning starts ranks > 0 by re-running the script with the same command-line arguments plus
+`hydra.run.dir`. Under `-m` those arguments describe the whole sweep, so each extra rank would run
+the sweep again (its own Optuna study, its own summary, and its own timestamped sweep folder unless
+`hydra.sweep.dir` was given). Here ranks > 0 instead re-run just the job: its saved
+`.hydra/config.yaml` as the primary config, in the job's folder. After each job the process group is
+destroyed and the launcher's environment variables restored, so the next job launches fresh ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
+    """The command Lightning runs for rank `local_rank` of the current Hydra multirun job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
+
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    if not hydra_cfg.output_subdir or not (job_dir / hydra_cfg.output_subdir / "config.yaml").is_file():
+        raise RuntimeError("DDP in a Hydra multirun needs the job's saved config: keep hydra.output_subdir set")
+    if __main__.__spec__ is None:
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    command += ["-cp", str(job_dir / hydra_cfg.output_subdir), "-cn", "config.yaml", f'hydra.run.dir="{job_dir}"',
+                f"hydra.job.name={hydra_cfg.job.name}_ddp_process_{local_rank}", "hydra.output_subdir=null"]
+    return command, get_original_cwd()
+
+
+def _patch_lightning_launcher() -> None:
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    original = getattr(subprocess_script, "_pref_lightning_original", subprocess_script._hydra_subprocess_cmd)
+
+    def command(local_rank: int) -> tuple[Sequence[str], str]:
+        return job_subprocess_cmd(local_rank) if _in_multirun() else original(local_rank)
+
+    subprocess_script._pref_lightning_original = original
+    subprocess_script._hydra_subprocess_cmd = command
+
+
+@contextmanager
+def hydra_job_processes() -> Iterator[None]:
+    """Wrap one train / predict job: correct rank commands, and a clean slate for the next multirun job."""
+    _patch_lightning_launcher()
+    saved = {key: os.environ.get(key) for key in LAUNCHER_ENV}
+    try:
+        yield
+    finally:
+        if _in_multirun():
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
