@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pref_lightning.atomic import atomic_path, atomic_write_text
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
 from pref_lightning.calibration import collect_logits, fit_temperature
+from pref_lightning.callbacks import drop_progress_bars
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
@@ -63,7 +64,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg.model, datamodule)
     datamodule.attach_tokenizer(tokenizer)
 
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
+    callbacks = drop_progress_bars(instantiate_list(cfg.get("callbacks")), cfg.trainer.get("enable_progress_bar", True))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
                                      logger=instantiate_list(cfg.get("logger")) or False)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                     if k not in ("tokenizer", "tokenizer_vocab_size", "cache_dir")}
