@@ -24,6 +24,7 @@ from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
 from pref_lightning.records import CLASS_NAMES, label_array
+from pref_lightning.report import csv_metrics_path, write_report
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
-    calibration = calibrate(model, datamodule, best if trainer.is_global_zero else None,
+    val_logits, val_labels = validation_logits(model, datamodule)
+    calibration = calibrate(model, val_logits, val_labels, best if trainer.is_global_zero else None,
                             enabled=bool(cfg.get("calibrate", True)))
     metrics = {
         "val_log_loss": float(results["val/log_loss"]),
@@ -100,6 +102,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["gain_over_prior"] = metrics["prior_log_loss"] - metrics["val_log_loss"]
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        if cfg.get("report", True):
+            val_probs = (val_logits / model.temperature).softmax(-1).numpy()
+            report = write_report(run_dir, cfg, metrics, val_probs, val_labels.numpy(), csv_metrics_path(trainer))
+            print(f"[pref-lightning] report: {report}")
         print(f"[pref-lightning] run folder: {run_dir}")
         print(f"[pref-lightning] best checkpoint: {metrics['best_checkpoint']}")
         print(f"[pref-lightning] metrics: {run_dir / 'metrics.json'}")
@@ -109,13 +115,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def calibrate(model: PreferenceModule, datamodule: PreferenceDataModule, checkpoint: str | None,
+def validation_logits(model: PreferenceModule, datamodule: PreferenceDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uncalibrated validation logits and labels of `model` (the best weights); under DDP every rank
+    gets all rows (each rank scores its own share, then they are exchanged)."""
+    logits, labels = collect_logits(model, datamodule.val_dataloader(), tta_swap=model.hparams.tta_swap)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shares: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shares, (logits, labels))
+        logits, labels = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
+    return logits, labels
+
+
+def calibrate(model: PreferenceModule, logits: torch.Tensor, labels: torch.Tensor, checkpoint: str | None,
               enabled: bool = True) -> dict[str, float]:
-    """Fit a temperature on the validation logits of `model` (the best weights) and store it in
+    """Fit a temperature on the validation `logits` of `model` (the best weights) and store it in
     `checkpoint` (rank 0 passes the path, other ranks None). Returns the log loss before and after."""
     if not enabled:
         return {}
-    logits, labels = collect_logits(model, datamodule.val_dataloader(), tta_swap=model.hparams.tta_swap)
     temperature = fit_temperature(logits, labels)
     model.temperature = temperature
     before = float(competition_log_loss(logits.softmax(-1), labels))
