@@ -20,8 +20,8 @@ FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false
         "data.batch_size=16", *TEST_TINY_OVERRIDES]
 
 
-def run(script, *overrides, timeout=600):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run(script, *overrides, timeout=600, env=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     result = subprocess.run([sys.executable, script, *overrides], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
