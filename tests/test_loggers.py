@@ -46,19 +46,23 @@ def test_wandb_config_is_offline_and_optional(tmp_path):
     if importlib.util.find_spec("wandb") is None:
         pytest.skip("wandb is not installed (optional extra)")
     logger = instantiate(cfg.logger.wandb)
-    assert logger.save_dir == str(tmp_path)
+    logger.log_metrics({"val/log_loss": 1.0}, step=0)
+    logger.finalize("success")
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
-def test_mlflow_config_is_a_local_file_store_and_optional(tmp_path):
+def test_mlflow_config_is_a_local_store_and_optional(tmp_path):
     cfg = compose_train(["logger=mlflow", f"paths.output_dir={tmp_path}"])
     assert list(cfg.logger) == ["mlflow"]
-    assert cfg.logger.mlflow.tracking_uri == f"file:{tmp_path}/mlruns"
+    assert cfg.logger.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert cfg.logger.mlflow.artifact_location == f"{tmp_path}/mlartifacts"
     assert cfg.logger.mlflow._target_ == "lightning.pytorch.loggers.MLFlowLogger"
-    if importlib.util.find_spec("mlflow") is None:
+    if importlib.util.find_spec("mlflow") is None or importlib.util.find_spec("sqlalchemy") is None:
         pytest.skip("mlflow is not installed (optional extra)")
     logger = instantiate(cfg.logger.mlflow)
     logger.log_metrics({"val/log_loss": 1.0}, step=0)
-    assert (tmp_path / "mlruns").is_dir()
+    logger.finalize("success")
+    assert (tmp_path / "mlflow.db").is_file()
 
 
 def test_rich_progress_bar_is_a_default_callback():
