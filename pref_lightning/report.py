@@ -19,8 +19,8 @@ from pref_lightning.atomic import atomic_path, atomic_write_text
 CLASS_LABELS = ("A", "B", "tie")
 PLOTS = ("curves", "reliability", "confusion", "probabilities")
 # CSVLogger columns drawn on the curves plot, with their legend names
-CURVES = {"train/loss": "train loss (per logged step)", "train/log_loss": "train log loss (epoch)",
-          "val/log_loss": "val log loss", "val/prior_log_loss": "val: class prior"}
+CURVES = {"train/loss": "train loss (per logged step)", "train/log_loss": "train log loss (per epoch)",
+          "val/log_loss": "val log loss (per validation)"}
 
 
 # ---- numbers --------------------------------------------------------------------------------------
@@ -87,12 +87,13 @@ def _save(fig, path: Path) -> None:
 def plot_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], metrics: Mapping[str, Any]) -> None:
     fig, ax = _figure()
     for name, (steps, values) in curves.items():
-        style = "--" if name == "val/prior_log_loss" else ("-o" if name.startswith("val/") else "-")
-        ax.plot(steps, values, style, label=CURVES[name], markersize=4)
+        # markers on the sparse series (one point per epoch / validation would otherwise be invisible)
+        style = "-" if name == "train/loss" and len(steps) > 20 else ("-s" if name == "train/log_loss" else "-o")
+        ax.plot(steps, values, style, label=CURVES[name], markersize=5 if style != "-" else None)
+    if "prior_log_loss" in metrics:
+        ax.axhline(metrics["prior_log_loss"], color="black", linestyle="--", label="val: class prior")
     if "oracle_log_loss" in metrics:
         ax.axhline(metrics["oracle_log_loss"], color="grey", linestyle=":", label="val: oracle")
-    if "val/prior_log_loss" not in curves and "prior_log_loss" in metrics:
-        ax.axhline(metrics["prior_log_loss"], color="black", linestyle="--", label="val: class prior")
     if not curves:
         ax.text(0.5, 0.5, "no CSV metrics (the csv logger was off)", ha="center", va="center",
                 transform=ax.transAxes)

@@ -32,8 +32,8 @@ def fake_predictions(n=100, seed=0):
 
 
 def write_metrics_csv(path):
-    path.write_text("epoch,step,train/loss,val/log_loss,val/prior_log_loss,lr-AdamW/head\n"
-                    "0,1,1.10,,,0.001\n0,3,1.00,,,\n0,4,,0.98,1.09,\n1,7,0.90,,,\n1,9,,0.95,1.09,\n")
+    path.write_text("epoch,step,train/loss,train/log_loss,val/log_loss,val/prior_log_loss,lr-AdamW/head\n"
+                    "0,1,1.10,,,,0.001\n0,3,1.00,,,,\n0,4,,1.02,0.98,1.09,\n1,7,0.90,,,,\n1,9,,,0.95,1.09,\n")
     return path
 
 
@@ -77,7 +77,8 @@ def test_read_curves_skips_empty_cells(tmp_path):
     curves = read_curves(write_metrics_csv(tmp_path / "m.csv"))
     steps, values = curves["train/loss"]
     assert steps.tolist() == [1, 3, 7] and values.tolist() == [1.10, 1.00, 0.90]
-    assert curves["val/log_loss"][0].tolist() == [4, 9]
+    assert curves["val/log_loss"][0].tolist() == [4, 9] and curves["train/log_loss"][1].tolist() == [1.02]
+    assert set(curves) == {"train/loss", "train/log_loss", "val/log_loss"}  # learning rates etc. ignored
     assert read_curves(tmp_path / "missing.csv") == {} and read_curves(None) == {}
 
 
