@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -28,6 +29,12 @@ EPS = 1e-15  # the competition clips probabilities to [eps, 1 - eps]
 N_CLASSES = len(CLASS_LABELS)
 # layout of the per-validation accumulator (one float64 vector, summed across ranks in one call)
 _N, _NLL, _ENTROPY = 0, 1, 2
+
+
+def drop_progress_bars(callbacks: Sequence[Any], enabled: bool) -> list[Any]:
+    """The callbacks without progress bars when `trainer.enable_progress_bar` is false: Lightning raises
+    a MisconfigurationException for a progress-bar callback (the default Rich bar) with the bar disabled."""
+    return list(callbacks) if enabled else [c for c in callbacks if not isinstance(c, ProgressBar)]
 _PROBS = slice(3, 3 + N_CLASSES)
 _HIST = slice(3 + N_CLASSES, 3 + 2 * N_CLASSES)
 _LABELS = slice(3 + 2 * N_CLASSES, 3 + 3 * N_CLASSES)

@@ -20,12 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 from pref_lightning.atomic import atomic_path, atomic_write_text
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
 from pref_lightning.calibration import collect_logits, fit_temperature
-from pref_lightning.callbacks import SigtermCheckpoint
+from pref_lightning.callbacks import SigtermCheckpoint, drop_progress_bars
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.distributed import hydra_job_processes
+from pref_lightning.ensemble import (
+    check_mode,
+    checkpoint_paths,
+    combine,
+    ensemble_weights,
+)
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
 from pref_lightning.records import CLASS_NAMES, label_array
+from pref_lightning.report import csv_metrics_path, write_report
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg.model, datamodule)
     datamodule.attach_tokenizer(tokenizer)
 
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")),
+    callbacks = drop_progress_bars(instantiate_list(cfg.get("callbacks")), cfg.trainer.get("enable_progress_bar", True))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
                                      logger=instantiate_list(cfg.get("logger")) or False)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                     if k not in ("tokenizer", "tokenizer_vocab_size", "cache_dir")}
@@ -116,9 +124,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if datamodule.n_folds:
         metrics.update(n_folds=datamodule.n_folds, fold=datamodule.fold)
     if trainer.is_global_zero:
+        val_probs = (val_logits / model.temperature).softmax(-1).numpy()  # what predict.py would output
         if datamodule.n_folds:
-            write_fold_files(run_dir, datamodule, softmax((val_logits / model.temperature).numpy()), val_labels.numpy())
+            write_fold_files(run_dir, datamodule, val_probs, val_labels.numpy())
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        if cfg.get("report", True):
+            report = write_report(run_dir, cfg, metrics, val_probs, val_labels.numpy(), csv_metrics_path(trainer))
+            print(f"[pref-lightning] report: {report}")
         print(f"[pref-lightning] run folder: {run_dir}")
         print(f"[pref-lightning] best checkpoint: {metrics['best_checkpoint']}")
         print(f"[pref-lightning] metrics: {run_dir / 'metrics.json'}")
@@ -226,12 +238,6 @@ def gather_predictions(outputs: Iterable[dict[str, torch.Tensor]], n_rows: int) 
     return ordered
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def submission_frame(ids: list[str], probs: np.ndarray) -> pd.DataFrame:
     frame = pd.DataFrame({"id": ids})
     for j, name in enumerate(CLASS_NAMES):
@@ -240,14 +246,47 @@ def submission_frame(ids: list[str], probs: np.ndarray) -> pd.DataFrame:
 
 
 def predict(cfg: DictConfig) -> Path:
-    """Write the Kaggle submission for `cfg.input_path` from `cfg.ckpt_path`, offline."""
+    """Write the Kaggle submission for `cfg.input_path` from `cfg.ckpt_path`, offline: one checkpoint, or
+    a list of checkpoints / run folders averaged with `ckpt_weights` in `ensemble_mode` (see ensemble.py)."""
     with hydra_job_processes():
         return _predict(cfg)
 
 
 def _predict(cfg: DictConfig) -> Path:
     set_runtime_defaults()
-    model, tokenizer, settings = PreferenceModule.from_checkpoint(cfg.ckpt_path)
+    paths = checkpoint_paths(cfg.ckpt_path)
+    weights = ensemble_weights(cfg.get("ckpt_weights"), len(paths))
+    mode = check_mode(cfg.get("ensemble_mode") or "probs")
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    members = [checkpoint_logits(cfg, path, trainer) for path in paths]
+    if not trainer.is_global_zero:
+        return Path(cfg.output_path)
+    records = members[0][0]
+    if any([r.id for r in other] != [r.id for r in records] for other, _ in members[1:]):
+        raise RuntimeError("ensemble members predicted different rows")  # one input file: never expected
+    probs = combine([logits for _, logits in members], weights, mode)
+    output_path = Path(cfg.output_path)
+    atomic_write_text(output_path, submission_frame([r.id for r in records], probs).to_csv(index=False))
+    if len(paths) > 1:
+        print(f"[pref-lightning] ensemble of {len(paths)} checkpoints, {mode} averaged, weights "
+              f"{[round(float(w), 4) for w in weights]}")
+    print(f"[pref-lightning] wrote {len(records)} predictions to {output_path.resolve()}")
+    labelled = [i for i, r in enumerate(records) if r.label is not None]
+    if len(labelled) == len(records):
+        labels = torch.from_numpy(label_array(records))
+        if len(paths) > 1:
+            for path, (_, logits) in zip(paths, members):
+                loss = competition_log_loss(torch.from_numpy(combine([logits], [1.0])), labels)
+                print(f"[pref-lightning] member {path}: log loss {float(loss):.4f}")
+        loss = competition_log_loss(torch.from_numpy(probs), labels)
+        print(f"[pref-lightning] input has labels: log loss {float(loss):.4f}")
+    return output_path
+
+
+def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer) -> tuple[list, np.ndarray] | None:
+    """(records, logits in input order) of one checkpoint on `cfg.input_path`, with that model's own
+    tokenizer, data settings and swap TTA (or `cfg.tta_swap`); None on DDP ranks other than 0."""
+    model, tokenizer, settings = PreferenceModule.from_checkpoint(str(ckpt_path))
     if cfg.get("tta_swap") is not None:
         model.hparams.tta_swap = bool(cfg.tta_swap)
     model.apply_temperature = bool(cfg.get("calibrate", True))
@@ -260,7 +299,6 @@ def _predict(cfg: DictConfig) -> Path:
                                       cache_dir=cfg.get("cache_dir"))
     datamodule.attach_tokenizer(tokenizer)
     datamodule.setup("predict")
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     outputs = trainer.predict(model, datamodule=datamodule)
     records = datamodule.predict_records
     if trainer.world_size > 1:
@@ -271,13 +309,5 @@ def _predict(cfg: DictConfig) -> Path:
         dist.all_gather_object(shares, [{k: v.cpu() for k, v in o.items()} for o in outputs])
         outputs = [o for share in shares for o in share]
         if not trainer.is_global_zero:
-            return Path(cfg.output_path)
-    probs = softmax(gather_predictions(outputs, len(records)))
-    output_path = Path(cfg.output_path)
-    atomic_write_text(output_path, submission_frame([r.id for r in records], probs).to_csv(index=False))
-    print(f"[pref-lightning] wrote {len(records)} predictions to {output_path.resolve()}")
-    labelled = [i for i, r in enumerate(records) if r.label is not None]
-    if len(labelled) == len(records):
-        loss = competition_log_loss(torch.from_numpy(probs), torch.from_numpy(label_array(records)))
-        print(f"[pref-lightning] input has labels: log loss {float(loss):.4f}")
-    return output_path
+            return None
+    return records, gather_predictions(outputs, len(records))

@@ -20,8 +20,8 @@ FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false
         "data.batch_size=16", *TEST_TINY_OVERRIDES]
 
 
-def run(script, *overrides, timeout=600):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run(script, *overrides, timeout=600, env=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     result = subprocess.run([sys.executable, script, *overrides], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -63,6 +63,21 @@ def test_train_writes_checkpoint_and_metrics(trained_run):
     assert len(payload["data_settings"]["stats_norm"]["mean"]) == 13
     assert str(run_dir / "checkpoints" / "best.ckpt") in out and "metrics.json" in out
     assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # default loggers: csv + tensorboard
+
+
+def test_train_writes_report(trained_run):
+    run_dir, out = trained_run
+    report = (run_dir / "report.md").read_text()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert f"report: {run_dir / 'report.md'}" in out
+    for name in ("curves", "reliability", "confusion", "probabilities"):
+        png = run_dir / "plots" / f"{name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"](plots/{name}.png)" in report
+    assert f"| train | {metrics['train_rows']} |" in report and f"| validation | {metrics['val_rows']} |" in report
+    assert f"| {metrics['val_log_loss']:.4f} |" in report and f"| {metrics['prior_log_loss']:.4f} |" in report
+    assert f"{metrics['wall_seconds']:.1f} s" in report
+    assert "synthetic_rows: 600" in report  # the resolved config
 
 
 def test_predict_in_input_order_without_labels(trained_run, tmp_path, synthetic_frame):
@@ -135,7 +150,10 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert metrics["train_rows"] + metrics["val_rows"] == 300 and np.isfinite(metrics["val_log_loss"])
     # one run folder: the second rank adds only its log file, no stray folders
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == [
-        "checkpoints", "csv", "metrics.json", "tokenizer", "train.log", "train_ddp_process_1.log"]
+        "checkpoints", "csv", "metrics.json", "plots", "report.md", "tensorboard", "tokenizer", "train.log",
+        "train_ddp_process_1.log"]
+    # the report covers every validation row, not only rank 0's share
+    assert f"({metrics['val_rows']} rows scored)" in (run_dir / "report.md").read_text()
 
 
 def test_cross_layout_trains_and_predicts(tmp_path, synthetic_frame):

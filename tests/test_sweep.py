@@ -86,7 +86,8 @@ def test_ddp_multirun_keeps_one_folder_per_run(tmp_path):
         "0", "1", "multirun.yaml", "summary.csv"]
     for job in ("0", "1"):
         assert sorted(p.name for p in (sweep / job).iterdir() if not p.name.startswith(".")) == [
-            "checkpoints", "csv", "metrics.json", "tokenizer", "train.log", "train_ddp_process_1.log"]
+            "checkpoints", "csv", "metrics.json", "plots", "report.md", "tensorboard", "tokenizer", "train.log",
+            "train_ddp_process_1.log"]
     assert not (tmp_path / "logs").exists()  # no stray run folder from a rank's own Hydra run
     summary = pd.read_csv(sweep / "summary.csv")
     assert (summary["status"] == "finished").all() and sorted(summary["model.head_lr"]) == [0.001, 0.002]
