@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 
@@ -43,6 +44,9 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     # the same batches, coins and optimizer state: equal up to float noise (observed: bit-identical)
     for key in ("val_log_loss", "val_accuracy", "val_log_loss_calibrated", "temperature"):
         assert resumed[key] == pytest.approx(straight[key], abs=1e-6), key
+    # the resumed run's curve still starts at step 0 (the CSV logger appended instead of starting over)
+    curve = pd.read_csv(killed / "csv" / "metrics.csv").dropna(subset=["train/loss"])
+    assert curve["step"].min() == 0 and curve["step"].is_unique and curve["step"].max() > 10
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
