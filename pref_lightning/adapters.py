@@ -109,14 +109,6 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def _looks_like_turn_lists(values: Sequence[object]) -> bool:
-    sample = [v for v in values[:50] if isinstance(v, (list, tuple, np.ndarray)) or str(v).strip()]
-    if not sample:
-        return True
-    lists = sum(isinstance(v, (list, tuple, np.ndarray)) or str(v).lstrip().startswith("[") for v in sample)
-    return lists * 2 > len(sample)
-
-
 def detect_format(frame: pd.DataFrame, path: str | Path = "") -> str:
     """The adapter for a table, from its columns (and, for unlabelled prompt/response files, its cells)."""
     cols = set(frame.columns)
@@ -127,10 +119,9 @@ def detect_format(frame: pd.DataFrame, path: str | Path = "") -> str:
     if cols & set(LABEL_COLUMNS):
         return "kaggle"
     if {"prompt", "response_a", "response_b"} <= cols:
-        if "winner" in cols or "scored" in cols:
-            return "wsdm"
-        # an unlabelled file: Kaggle test cells are JSON lists of turns, WSDM cells plain text
-        return "kaggle" if _looks_like_turn_lists(frame["prompt"].tolist()) else "wsdm"
+        # WSDM files have `winner` (train) or `scored` (test); anything else is read as Kaggle (whose reader
+        # also takes plain text cells): set format: wsdm to keep JSON-looking WSDM text literal
+        return "wsdm" if "winner" in cols or "scored" in cols else "kaggle"
     raise DataError(f"{path}: cannot tell the data format from the columns {', '.join(map(str, frame.columns))}; "
                     f"set format: to one of {', '.join(FORMATS)}")
 

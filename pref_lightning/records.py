@@ -132,7 +132,10 @@ def _looks_numeric(text: str) -> bool:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or parquet file with every cell kept as text (ids stay exactly as written)."""
+    """Read a CSV or parquet file with every cell kept as text (ids stay exactly as written).
+
+    Bytes that are not UTF-8 (say, an encoded lone surrogate) become U+FFFD rather than failing the file.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -143,7 +146,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding_errors="replace")
     except pd.errors.EmptyDataError as err:
         raise DataError(f"{path}: file is empty") from err
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:

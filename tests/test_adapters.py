@@ -156,7 +156,8 @@ def test_kaggle_adapter_matches_read_records(synthetic_csv):
 def test_detect_format_unlabelled(tmp_path):
     kaggle_test = pd.DataFrame({"id": ["1"], "prompt": ['["q"]'], "response_a": ['["a"]'], "response_b": ['["b"]']})
     assert detect_format(kaggle_test) == "kaggle"
-    assert detect_format(kaggle_test.assign(prompt=["plain question"])) == "wsdm"
+    assert detect_format(kaggle_test.assign(prompt=["plain question"])) == "kaggle"
+    assert detect_format(kaggle_test.assign(scored=[True])) == "wsdm"
     with pytest.raises(DataError, match="cannot tell the data format"):
         detect_format(pd.DataFrame({"x": [1]}), "f.csv")
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\nnot json\n')
