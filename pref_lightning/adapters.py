@@ -126,6 +126,25 @@ def detect_format(frame: pd.DataFrame, path: str | Path = "") -> str:
                     f"set format: to one of {', '.join(FORMATS)}")
 
 
+def sniff_format(path: str | Path) -> str:
+    """The detected format from the file's header alone (JSON files: never Kaggle); "kaggle" when the
+    header cannot be read, so that the reader itself reports what is wrong."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    try:
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(path).names
+        else:
+            columns = pd.read_csv(path, nrows=0, encoding_errors="replace").columns
+        return detect_format(pd.DataFrame(columns=[str(c).strip() for c in columns]), path)
+    except Exception:  # noqa: BLE001 (any unreadable header: let the full reader raise its DataError)
+        return "kaggle"
+
+
 def _missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 

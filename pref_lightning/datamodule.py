@@ -335,8 +335,13 @@ class PreferenceDataModule(L.LightningDataModule):
     def _uses_adapters(self) -> bool:
         """Anything beyond one Kaggle-format file read strictly: read through `pref_lightning.adapters`
         (the on-disk cache serves only the plain case)."""
-        return bool(self.sources) or self.on_bad_rows != "raise" or self.n_classes != 3 or \
-            self.train_format not in (None, "kaggle")
+        if self.sources or self.on_bad_rows != "raise" or self.n_classes != 3:
+            return True
+        if self.train_format is None:
+            from pref_lightning.adapters import sniff_format
+
+            return any(sniff_format(p) != "kaggle" for p in (self.train_path, self.val_path) if p)
+        return self.train_format != "kaggle"
 
     def _load_records_adapted(self) -> None:
         """Train file through its adapter, split, then the extra sources added to the training split only."""

@@ -154,3 +154,23 @@ def test_shared_real_files_mix_counts():
     val_prompts = {prompt_key(r) for r in dm.val_records}
     assert not any(prompt_key(r) in val_prompts for r in dm.train_records)
     assert np.isclose(dm.train_prior.sum(), 1.0)
+
+
+def test_non_kaggle_training_file_with_the_cache_configured(tmp_path):
+    """The cache serves Kaggle files only; other formats are detected from the header and read by adapters."""
+    from .test_adapters import ARENA, arena_row, write_jsonl
+
+    rows = ARENA + [arena_row(f"x{i}", "model_b", user=(f"question {i}",)) for i in range(20)]
+    write_jsonl(tmp_path / "arena.jsonl", rows)
+    dm = PreferenceDataModule(train_path=str(tmp_path / "arena.jsonl"), cache_dir=str(tmp_path / "cache"),
+                              val_fraction=0.2)
+    dm.load_records()
+    assert dm.data_counts["train_file"]["format"] == "arena_conversations"
+    assert len(dm.train_records) + len(dm.val_records) == 24
+    from .test_adapters import wsdm_frame
+
+    wsdm_frame().to_parquet(tmp_path / "w.parquet")
+    dm = PreferenceDataModule(train_path=str(tmp_path / "w.parquet"), cache_dir=str(tmp_path / "cache"),
+                              val_fraction=0.4)
+    dm.load_records()
+    assert dm.data_counts["train_file"]["format"] == "wsdm"
