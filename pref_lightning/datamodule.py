@@ -302,9 +302,9 @@ class PreferenceDataModule(L.LightningDataModule):
             return
         if self.train_path and self._cache is not None and not self._uses_adapters:
             self._load_records_cached()
-            self.data_counts = {"train_file": {"path": str(self.train_path), "rows_read": len(self._train_rows[0].rows()),
-                                               "skipped_bad_rows": 0, "train_rows": len(self.train_records),
-                                               "val_rows": len(self.val_records)}}
+            self.data_counts = {"train_file": {
+                "path": str(self.train_path), "rows_read": len(self._train_rows[0].rows()), "skipped_bad_rows": 0,
+                "train_rows": len(self.train_records), "val_rows": len(self.val_records)}}
             log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
                      len(self.val_records))
             return
@@ -326,8 +326,9 @@ class PreferenceDataModule(L.LightningDataModule):
             train_idx, val_idx = grouped_split(records, self.val_fraction, self.split_seed)
             self.train_records = [records[i] for i in train_idx]
             self.val_records = [records[i] for i in val_idx]
-        self.data_counts = {"train_file": {"path": self.source_name, "rows_read": len(records), "skipped_bad_rows": 0,
-                                           "train_rows": len(self.train_records), "val_rows": len(self.val_records)}}
+        self.data_counts = {"train_file": {
+            "path": self.source_name, "rows_read": len(records), "skipped_bad_rows": 0,
+            "train_rows": len(self.train_records), "val_rows": len(self.val_records)}}
         log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
                  len(self.val_records))
 

@@ -47,7 +47,9 @@ CONSTANT_CELLS = ["", " ", "[]", "[null]", "null", "[null, null]", "[unclosed", 
                   json.dumps(["\ud83d\ude00 split \ud83d"]), "[" * 5000]
 
 text = st.lists(st.one_of(st.text(max_size=12), st.sampled_from(HOSTILE)), max_size=8).map("".join)
-turn = st.one_of(st.none(), st.integers(-10**30, 10**30), st.floats(), st.booleans(), text,
+# subnormal floats are left out: the training code flushes denormals process-wide (torch.set_flush_denormal),
+# after which hypothesis cannot generate them; they say nothing about text parsing anyway
+turn = st.one_of(st.none(), st.integers(-10**30, 10**30), st.floats(allow_subnormal=False), st.booleans(), text,
                  st.lists(st.one_of(st.none(), text), max_size=3))
 
 

@@ -174,3 +174,21 @@ def test_non_kaggle_training_file_with_the_cache_configured(tmp_path):
                               val_fraction=0.4)
     dm.load_records()
     assert dm.data_counts["train_file"]["format"] == "wsdm"
+
+
+def test_mix_and_wsdm_configs_compose():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        mix = compose(config_name="train", overrides=["data=mix", "data.sources.0.weight=0.25"])
+        wsdm = compose(config_name="train", overrides=["data=wsdm", "data.train_path=t.parquet"])
+        kaggle = compose(config_name="train", overrides=["data=kaggle", "data.train_path=t.csv"])
+    dm = instantiate(mix.data)
+    assert dm.train_path.endswith("lmsys_arena_sample.csv") and len(dm.sources) == 4
+    assert dm.sources[0].weight == 0.25 and dm.sources[0].path.endswith("hh_rlhf_test.csv")
+    assert (wsdm.data.n_classes, wsdm.data.train_format, wsdm.data.on_bad_rows) == (2, "wsdm", "raise")
+    assert (kaggle.data.n_classes, list(kaggle.data.sources), kaggle.data.on_bad_rows) == (3, [], "raise")
