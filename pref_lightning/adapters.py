@@ -110,7 +110,7 @@ def read_frame(path: str | Path) -> pd.DataFrame:
 
 
 def detect_format(frame: pd.DataFrame, path: str | Path = "") -> str:
-    """The adapter for a table, from its columns (and, for unlabelled prompt/response files, its cells)."""
+    """The adapter for a table, from its columns (Kaggle when nothing else matches)."""
     cols = set(frame.columns)
     if {"conversation_a", "conversation_b"} <= cols:
         return "arena_conversations"
@@ -122,8 +122,8 @@ def detect_format(frame: pd.DataFrame, path: str | Path = "") -> str:
         # WSDM files have `winner` (train) or `scored` (test); anything else is read as Kaggle (whose reader
         # also takes plain text cells): set format: wsdm to keep JSON-looking WSDM text literal
         return "wsdm" if "winner" in cols or "scored" in cols else "kaggle"
-    raise DataError(f"{path}: cannot tell the data format from the columns {', '.join(map(str, frame.columns))}; "
-                    f"set format: to one of {', '.join(FORMATS)}")
+    # nothing matches: the Kaggle reader names the missing columns (the competition format is the default)
+    return "kaggle"
 
 
 def sniff_format(path: str | Path) -> str:

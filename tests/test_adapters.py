@@ -158,8 +158,10 @@ def test_detect_format_unlabelled(tmp_path):
     assert detect_format(kaggle_test) == "kaggle"
     assert detect_format(kaggle_test.assign(prompt=["plain question"])) == "kaggle"
     assert detect_format(kaggle_test.assign(scored=[True])) == "wsdm"
-    with pytest.raises(DataError, match="cannot tell the data format"):
-        detect_format(pd.DataFrame({"x": [1]}), "f.csv")
+    assert detect_format(pd.DataFrame({"x": [1]}), "f.csv") == "kaggle"
+    pd.DataFrame({"id": ["1"], "prompt": ["q"], "response_a": ["a"]}).to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(DataError, match=r"f.csv: missing column\(s\) response_b"):
+        read_source(tmp_path / "f.csv", require_labels=False)
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\nnot json\n')
     with pytest.raises(DataError, match="line 2 is not JSON"):
         read_frame(tmp_path / "bad.jsonl")
