@@ -37,6 +37,9 @@ TINY_DEFAULTS: dict[str, Any] = {
     "hidden_act": "gelu",
 }
 TOKENIZER_FORMAT = "unigram-metaspace-v1"  # part of the cache key: bump when training changes
+# Never run code shipped with a model or tokenizer folder (`auto_map` modules): every transformers loader
+# below gets this explicitly, and no config key changes it.
+TRUST_REMOTE_CODE = False
 
 
 MINILM = "minilm"  # the pretrained all-MiniLM-L6-v2 from the optional `minilm` extra (offline)
@@ -94,7 +97,7 @@ def cached_trained_tokenizer(texts: list[str], vocab_size: int, cache_dir: str |
             os.replace(staging, folder)
         except OSError:  # another process won the race; its folder is equivalent
             shutil.rmtree(staging, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=TRUST_REMOTE_CODE)
 
 
 def load_tokenizer(name_or_path: str):
@@ -105,7 +108,7 @@ def load_tokenizer(name_or_path: str):
         raise FileNotFoundError(
             f"{path}: no tokenizer_config.json; save the tokenizer there with tokenizer.save_pretrained()"
         )
-    return AutoTokenizer.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=TRUST_REMOTE_CODE)
 
 
 def tiny_config(vocab_size: int, overrides: Mapping[str, Any] | None = None) -> DebertaV2Config:
@@ -129,17 +132,17 @@ def build_backbone(
     dropout_kwargs = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     if config_dict is not None:
         config = AutoConfig.for_model(**dict(config_dict))
-        return AutoModel.from_config(config)
+        return AutoModel.from_config(config, trust_remote_code=TRUST_REMOTE_CODE)
     if backbone == TINY:
         if vocab_size is None:
             raise ValueError("model.backbone=tiny needs the tokenizer's vocab_size")
         config = tiny_config(vocab_size, tiny_overrides)
         for key, value in dropout_kwargs.items():
             setattr(config, key, value)
-        return AutoModel.from_config(config)
+        return AutoModel.from_config(config, trust_remote_code=TRUST_REMOTE_CODE)
     backbone = resolve_backbone(backbone)
-    config = AutoConfig.from_pretrained(backbone, **dropout_kwargs)
-    return AutoModel.from_pretrained(backbone, config=config)
+    config = AutoConfig.from_pretrained(backbone, trust_remote_code=TRUST_REMOTE_CODE, **dropout_kwargs)
+    return AutoModel.from_pretrained(backbone, config=config, trust_remote_code=TRUST_REMOTE_CODE)
 
 
 def tokenizer_files(tokenizer, folder: str | Path | None = None) -> dict[str, bytes]:
@@ -161,4 +164,4 @@ def tokenizer_from_files(files: Mapping[str, bytes], folder: str | Path | None =
     target.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (target / Path(name).name).write_bytes(data)
-    return AutoTokenizer.from_pretrained(target)
+    return AutoTokenizer.from_pretrained(target, trust_remote_code=TRUST_REMOTE_CODE)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 CLASS_LABELS = ("A", "B", "tie")
 ACTIONS = ("warn", "stop")
 EPS = 1e-15  # the competition clips probabilities to [eps, 1 - eps]
-N_CLASSES = len(CLASS_LABELS)
+N_CLASSES = len(CLASS_LABELS)  # binary tasks (module hparam n_classes=2) use the first two
 # layout of the per-validation accumulator (one float64 vector, summed across ranks in one call)
 _N, _NLL, _ENTROPY = 0, 1, 2
 
@@ -35,10 +35,16 @@ def drop_progress_bars(callbacks: Sequence[Any], enabled: bool) -> list[Any]:
     """The callbacks without progress bars when `trainer.enable_progress_bar` is false: Lightning raises
     a MisconfigurationException for a progress-bar callback (the default Rich bar) with the bar disabled."""
     return list(callbacks) if enabled else [c for c in callbacks if not isinstance(c, ProgressBar)]
-_PROBS = slice(3, 3 + N_CLASSES)
-_HIST = slice(3 + N_CLASSES, 3 + 2 * N_CLASSES)
-_LABELS = slice(3 + 2 * N_CLASSES, 3 + 3 * N_CLASSES)
-_SIZE = 3 + 3 * N_CLASSES
+
+
+def _layout(k: int) -> tuple[slice, slice, slice, int]:
+    """Slices of the mean probabilities, the argmax histogram and the label histogram; the size."""
+    return slice(3, 3 + k), slice(3 + k, 3 + 2 * k), slice(3 + 2 * k, 3 + 3 * k), 3 + 3 * k
+
+
+def n_classes_of(pl_module: L.LightningModule) -> int:
+    hparams = getattr(pl_module, "hparams", None) or {}
+    return int(hparams.get("n_classes", N_CLASSES))
 
 
 class PriorCollapseWarning(UserWarning):
@@ -97,7 +103,7 @@ class PriorGuard(L.Callback):
     def train_prior(pl_module: L.LightningModule) -> list[float] | None:
         """Training class frequencies from the module, normalised; None when the module has none."""
         prior = [float(p) for p in (getattr(pl_module, "train_prior", None) or [])]
-        if len(prior) != N_CLASSES or sum(prior) <= 0:
+        if len(prior) != n_classes_of(pl_module) or sum(prior) <= 0:
             return None
         total = sum(prior)
         return [p / total for p in prior]
@@ -115,26 +121,29 @@ class PriorGuard(L.Callback):
             return
         logits = outputs.get("logits") if isinstance(outputs, Mapping) else outputs
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
-        if not isinstance(logits, torch.Tensor) or labels is None or logits.ndim != 2 or logits.shape[1] != N_CLASSES:
+        k = n_classes_of(pl_module)
+        if not isinstance(logits, torch.Tensor) or labels is None or logits.ndim != 2 or logits.shape[1] != k:
             return
+        probs_at, hist_at, labels_at, size = _layout(k)
         with torch.no_grad():
             logits = logits.detach().double()
             labels = labels.detach().long().to(logits.device)
             probs = logits.softmax(-1)
             clipped = probs.clamp(EPS, 1 - EPS)
             clipped = clipped / clipped.sum(-1, keepdim=True)
-            row = torch.zeros(_SIZE, dtype=torch.float64, device=logits.device)
+            row = torch.zeros(size, dtype=torch.float64, device=logits.device)
             row[_N] = len(labels)
             row[_NLL] = -clipped.gather(1, labels.view(-1, 1)).log().sum()
             row[_ENTROPY] = -(probs * logits.log_softmax(-1)).sum()
-            row[_PROBS] = probs.sum(0)
-            row[_HIST] = torch.bincount(probs.argmax(-1), minlength=N_CLASSES).double()
-            row[_LABELS] = torch.bincount(labels, minlength=N_CLASSES).double()
+            row[probs_at] = probs.sum(0)
+            row[hist_at] = torch.bincount(probs.argmax(-1), minlength=k).double()
+            row[labels_at] = torch.bincount(labels, minlength=k).double()
         self._acc = row if self._acc is None else self._acc + row.to(self._acc.device)
 
     def _reduced(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
         # every rank takes part in the reduction, also a rank that saw no batch
-        acc = self._acc if self._acc is not None else torch.zeros(_SIZE, dtype=torch.float64)
+        size = _layout(n_classes_of(pl_module))[3]
+        acc = self._acc if self._acc is not None else torch.zeros(size, dtype=torch.float64)
         acc = acc.to(pl_module.device).clone()
         return trainer.strategy.reduce(acc, reduce_op="sum").detach().cpu()
 
@@ -143,7 +152,9 @@ class PriorGuard(L.Callback):
         n = float(acc[_N])
         if n <= 0:
             return None
-        label_counts = acc[_LABELS].tolist()
+        k = n_classes_of(pl_module)
+        probs_at, hist_at, labels_at, _ = _layout(k)
+        label_counts = acc[labels_at].tolist()
         prior = self.train_prior(pl_module)
         reference = getattr(pl_module, "reference", None) or {}
         if prior is not None:
@@ -152,11 +163,11 @@ class PriorGuard(L.Callback):
             prior_source = "train split"
             prior_log_loss = -sum(c * math.log(max(p, EPS)) for c, p in zip(label_counts, prior)) / n
         else:
-            prior, prior_source = [1.0 / N_CLASSES] * N_CLASSES, "uniform (module has no train_prior)"
+            prior, prior_source = [1.0 / k] * k, "uniform (module has no train_prior)"
             if "prior_log_loss" in reference:
                 prior_log_loss = float(reference["prior_log_loss"])
             else:
-                prior_log_loss = math.log(N_CLASSES)
+                prior_log_loss = math.log(k)
         val_log_loss = float(acc[_NLL]) / n
         pred_entropy = float(acc[_ENTROPY]) / n
         prior_entropy = entropy(prior)
@@ -168,8 +179,8 @@ class PriorGuard(L.Callback):
             "pred_entropy": pred_entropy,
             "prior_entropy": prior_entropy,
             "collapsed": abs(pred_entropy - prior_entropy) <= self.entropy_tolerance,
-            "pred_histogram": [int(round(c)) for c in acc[_HIST].tolist()],
-            "mean_probs": [p / n for p in acc[_PROBS].tolist()],
+            "pred_histogram": [int(round(c)) for c in acc[hist_at].tolist()],
+            "mean_probs": [p / n for p in acc[probs_at].tolist()],
             "label_histogram": [int(round(c)) for c in label_counts],
             "prior": prior,
             "prior_source": prior_source,

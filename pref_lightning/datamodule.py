@@ -31,7 +31,14 @@ from pref_lightning.cache import (
 from pref_lightning.collate import PairCollator
 from pref_lightning.folds import assign_folds, fold_split
 from pref_lightning.pairs import EncodedPair, PairEncoder
-from pref_lightning.records import PairRecord, class_prior, label_array, prior_log_loss, read_records
+from pref_lightning.records import (
+    PairRecord,
+    check_on_bad_rows,
+    class_prior,
+    label_array,
+    prior_log_loss,
+    read_records,
+)
 from pref_lightning.sampler import LengthGroupedSampler, ResumableLoader
 
 log = logging.getLogger(__name__)
@@ -212,6 +219,11 @@ class PreferenceDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         n_folds: int | None = None,
         fold: int = 0,
+        sources: Sequence[object] | None = None,
+        on_bad_rows: str = "raise",
+        n_classes: int = 3,
+        train_format: str | None = None,
+        predict_format: str | None = None,
     ) -> None:
         super().__init__()
         self.train_path = train_path
@@ -243,6 +255,18 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError("data.n_folds and data.val_path exclude each other: folds are cut from train_path")
         self.folds: np.ndarray | None = None  # fold of every row of the training file
         self._row_ids: list[str] | None = None  # ids of the training file's rows (fold files)
+        # extra training files (pref_lightning.sources), the bad-row policy of training files, the task's
+        # classes (2: A/B only, ties are bad rows) and the adapters of the train / predict files (None: detect)
+        from pref_lightning.sources import parse_sources
+
+        self.sources = parse_sources(sources)
+        self.on_bad_rows = check_on_bad_rows(on_bad_rows)
+        if n_classes not in (2, 3):
+            raise ValueError(f"data.n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
+        self.n_classes = n_classes
+        self.train_format = train_format
+        self.predict_format = predict_format
+        self.data_counts: dict = {}  # rows read / skipped / deduplicated per file (into metrics.json)
         self._files: dict[tuple[str, bool], CachedFile] = {}
         # with the cache: (file, row positions) of each split
         self._train_rows: tuple[CachedFile, np.ndarray] | None = None
@@ -292,10 +316,16 @@ class PreferenceDataModule(L.LightningDataModule):
         """Read and split the training data once (cheap to call again)."""
         if self.train_records is not None:
             return
-        if self.train_path and self._cache is not None:
+        if self.train_path and self._cache is not None and not self._uses_adapters:
             self._load_records_cached()
+            self.data_counts = {"train_file": {
+                "path": str(self.train_path), "rows_read": len(self._train_rows[0].rows()), "skipped_bad_rows": 0,
+                "train_rows": len(self.train_records), "val_rows": len(self.val_records)}}
             log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
                      len(self.val_records))
+            return
+        if self.train_path and self._uses_adapters:
+            self._load_records_adapted()
             return
         if self.train_path:
             records = read_records(Path(self.train_path), require_labels=True)
@@ -313,6 +343,9 @@ class PreferenceDataModule(L.LightningDataModule):
             train_idx, val_idx = self._split([prompt_key(r) for r in records], label_array(records))
             self.train_records = [records[i] for i in train_idx]
             self.val_records = [records[i] for i in val_idx]
+        self.data_counts = {"train_file": {
+            "path": self.source_name, "rows_read": len(records), "skipped_bad_rows": 0,
+            "train_rows": len(self.train_records), "val_rows": len(self.val_records)}}
         log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
                  len(self.val_records))
 
@@ -341,6 +374,58 @@ class PreferenceDataModule(L.LightningDataModule):
                 return [ids[i] for i in rows]
         return [r.id for r in self.val_records]
 
+    @property
+    def _uses_adapters(self) -> bool:
+        """Anything beyond one Kaggle-format file read strictly: read through `pref_lightning.adapters`
+        (the on-disk cache serves only the plain case)."""
+        if self.sources or self.on_bad_rows != "raise" or self.n_classes != 3:
+            return True
+        if self.train_format is None:
+            from pref_lightning.adapters import sniff_format
+
+            return any(sniff_format(p) != "kaggle" for p in (self.train_path, self.val_path) if p)
+        return self.train_format != "kaggle"
+
+    def _load_records_adapted(self) -> None:
+        """Train file through its adapter, split, then the extra sources added to the training split only."""
+        from pref_lightning.adapters import read_source
+        from pref_lightning.sources import mix_sources
+
+        def read(path: str):
+            return read_source(path, self.train_format, require_labels=True, on_bad_rows=self.on_bad_rows,
+                               n_classes=self.n_classes, seed=self.split_seed)
+
+        data = read(self.train_path)
+        records = data.records
+        file_counts = {"path": str(self.train_path), "format": data.format, "rows_read": data.rows_read,
+                       "skipped_bad_rows": len(data.skipped)}
+        if self.val_path:
+            val_data = read(self.val_path)
+            self.train_records, self.val_records = list(records), val_data.records
+            file_counts["val_file"] = {"path": str(self.val_path), "rows_read": val_data.rows_read,
+                                       "skipped_bad_rows": len(val_data.skipped)}
+            known = records + val_data.records
+        else:
+            self._row_ids = [r.id for r in records]
+            train_idx, val_idx = self._split([prompt_key(r) for r in records], label_array(records))
+            self.train_records = [records[i] for i in train_idx]
+            self.val_records = [records[i] for i in val_idx]
+            known = records
+        file_counts.update(train_rows=len(self.train_records), val_rows=len(self.val_records))
+        extra, source_counts = mix_sources(known, self.sources, prompt_key=prompt_key, seed=self.split_seed,
+                                           on_bad_rows=self.on_bad_rows, n_classes=self.n_classes)
+        self.train_records = self.train_records + extra
+        self.data_counts = {"train_file": file_counts, "sources": source_counts,
+                            "train_rows": len(self.train_records), "val_rows": len(self.val_records)}
+        if self.sources:
+            self.data_counts["totals"] = {
+                key: sum(c[key] for c in source_counts)
+                for key in ("rows_read", "skipped_bad_rows", "removed_prompt_in_train_file",
+                            "removed_exact_duplicates", "kept", "added_to_train")
+            }
+        log.info("%s: %d train rows (%d from extra sources), %d validation rows", self.source_name,
+                 len(self.train_records), len(extra), len(self.val_records))
+
     def tokenizer_texts(self, max_rows: int = 20_000) -> list[str]:
         """Training texts to fit an offline tokenizer on (validation rows excluded)."""
         self.load_records()
@@ -361,7 +446,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     @property
     def train_prior(self) -> np.ndarray:
-        return class_prior(self.train_labels)
+        return class_prior(self.train_labels, self.n_classes)
 
     def validation_reference(self) -> dict[str, float]:
         """Log losses to judge the model by on the validation split: the train prior and the oracle."""
@@ -376,7 +461,7 @@ class PreferenceDataModule(L.LightningDataModule):
             probs = None
             if all(r.oracle is not None for r in self.val_records):
                 probs = np.array([r.oracle for r in self.val_records], dtype=np.float64)
-        out = {"prior_log_loss": prior_log_loss(self.train_labels, val_labels)}
+        out = {"prior_log_loss": prior_log_loss(self.train_labels, val_labels, self.n_classes)}
         if probs is not None:
             out["oracle_log_loss"] = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-15, 1)).mean())
         return out
@@ -450,7 +535,10 @@ class PreferenceDataModule(L.LightningDataModule):
                 rows = np.arange(len(self.predict_records), dtype=np.int64)
                 self.predict_set = PairDataset(source.pairs(encoder).select(rows, self.stats_norm))
             else:
-                self.predict_records = read_records(self.predict_path, require_labels=False)
+                from pref_lightning.adapters import read_any
+
+                # any supported format (detected unless predict_format is set); every row, in file order
+                self.predict_records = read_any(self.predict_path, self.predict_format)
                 self.predict_set = PairDataset(normalise_stats(encoder.encode(self.predict_records), self.stats_norm))
 
     def settings(self) -> dict:

@@ -1,4 +1,4 @@
-"""Pooled side vectors -> 3 logits (A wins, B wins, tie)."""
+"""Pooled side vectors -> 3 logits (A wins, B wins, tie), or 2 (A wins, B wins) in binary tasks."""
 
 from __future__ import annotations
 
@@ -90,11 +90,12 @@ class CrossHead(nn.Module):
     """Cross-encoder layout: one pooled vector per row (prompt, A and B read together) -> 3 logits,
     with the two sides' text statistics (and their difference) beside it when enabled."""
 
-    def __init__(self, in_size: int, hidden: int = 256, dropout: float = 0.0, stats_size: int = 0) -> None:
+    def __init__(self, in_size: int, hidden: int = 256, dropout: float = 0.0, stats_size: int = 0,
+                 n_classes: int = 3) -> None:
         super().__init__()
         self.stats_size = stats_size
         self.norm = nn.LayerNorm(in_size)
-        self.mlp = mlp(in_size + 3 * stats_size, hidden, 3, dropout)
+        self.mlp = mlp(in_size + 3 * stats_size, hidden, n_classes, dropout)
 
     def forward(self, pooled: torch.Tensor, stats_a: torch.Tensor | None = None,
                 stats_b: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "pref_lightning"
 CHECKPOINT_FORMAT = 1
 SWAP = (1, 0, 2)  # class order after exchanging A and B
+N_CLASSES = (2, 3)  # binary (A wins, B wins: WSDM Cup) or the competition's A / B / tie
 SWAP_MODES = ("none", "random", "full")
 
 
@@ -70,11 +71,15 @@ class PreferenceModule(L.LightningModule):
         augment_seed: int = 0,
         compile_backend: str = "inductor",
         backbone_config: Mapping[str, Any] | None = None,
+        n_classes: int = 3,
     ) -> None:
         super().__init__()
         if swap_augment not in SWAP_MODES:
             raise ValueError(f"model.swap_augment={swap_augment!r}; choose from {', '.join(SWAP_MODES)}")
-        self.save_hyperparameters(ignore=["backbone_config"])
+        if n_classes not in N_CLASSES:
+            raise ValueError(f"n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
+        self.save_hyperparameters(ignore=["backbone_config"])  # n_classes travels in every checkpoint
+        self.swap_index = SWAP[:n_classes]
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
                                        config_dict=backbone_config, dropout=backbone_dropout)
         if gradient_checkpointing:
@@ -94,14 +99,15 @@ class PreferenceModule(L.LightningModule):
             if swap_augment != "none" or tta_swap:
                 # a swapped cross-encoder row is a different token sequence: it needs its own pass
                 log.warning("layout=cross: swap augmentation and swap TTA are not applied")
-            self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size)
+            self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size,
+                                  n_classes=n_classes)
         elif layout == "siamese":
             self.head = PairHead(pooled_size(hidden, pooling), combine, head_hidden, head_dropout,
-                                 stats_size=stats_size, symmetric=symmetric_head)
+                                 n_classes=n_classes, stats_size=stats_size, symmetric=symmetric_head)
         else:
             raise ValueError(f"layout={layout!r}; choose siamese or cross")
         self.val_log_loss = LogLoss()
-        self.val_accuracy = MulticlassAccuracy(num_classes=3, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes=n_classes, average="micro")
         self.train_log_loss = LogLoss()
         # set by the pipeline; travel inside every checkpoint so prediction needs nothing else
         self.tokenizer_files: dict[str, bytes] = {}
@@ -172,7 +178,7 @@ class PreferenceModule(L.LightningModule):
         a, b, stats_a, stats_b = self.side_vectors(batch)
         logits = self.head(a, b, stats_a, stats_b)
         if tta_swap:
-            logits = 0.5 * (logits + self.head(b, a, stats_b, stats_a)[:, SWAP])
+            logits = 0.5 * (logits + self.head(b, a, stats_b, stats_a)[:, self.swap_index])
         return logits
 
     # ---- steps --------------------------------------------------------------------------------
@@ -184,7 +190,7 @@ class PreferenceModule(L.LightningModule):
         if self.is_cross:
             return self._log_train(self.cross_logits(batch), labels)
         a, b, stats_a, stats_b = self.side_vectors(batch)
-        swap = torch.tensor(SWAP, device=labels.device)
+        swap = torch.tensor(self.swap_index, device=labels.device)
         mode = self.hparams.swap_augment
         if mode == "random":
             # each pair is seen as (A, B) or (B, A) with labels exchanged; the backbone pass is shared

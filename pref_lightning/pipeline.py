@@ -84,7 +84,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                     if k not in ("tokenizer", "tokenizer_vocab_size", "cache_dir")}
     model: PreferenceModule = instantiate(model_kwargs, vocab_size=len(tokenizer), layout=datamodule.layout,
-                                          augment_seed=int(cfg.seed), _convert_="all")
+                                          augment_seed=int(cfg.seed), n_classes=datamodule.n_classes,
+                                          _convert_="all")
     # the tokenizer travels inside every checkpoint; rank 0 also leaves a copy in the run folder
     model.tokenizer_files = tokenizer_files(tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
     datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (kept for prediction)
@@ -115,6 +116,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "train_rows": len(datamodule.train_records),
         "val_rows": len(datamodule.val_records),
         "data": datamodule.source_name,
+        "n_classes": datamodule.n_classes,
+        "data_counts": datamodule.data_counts,  # rows read / skipped / deduplicated per file
         "backbone": cfg.model.backbone,
         "epochs": trainer.current_epoch,
         "best_checkpoint": str(Path(best).resolve()) if best else None,
@@ -239,10 +242,30 @@ def gather_predictions(outputs: Iterable[dict[str, torch.Tensor]], n_rows: int) 
 
 
 def submission_frame(ids: list[str], probs: np.ndarray) -> pd.DataFrame:
+    """Kaggle columns: id and one probability per class (a binary model has no winner_tie column)."""
     frame = pd.DataFrame({"id": ids})
-    for j, name in enumerate(CLASS_NAMES):
+    for j, name in enumerate(CLASS_NAMES[: probs.shape[1]]):
         frame[name] = probs[:, j]
     return frame
+
+
+def winner_frame(ids: list[str], probs: np.ndarray) -> pd.DataFrame:
+    """WSDM Cup columns: id, winner in {model_a, model_b} (the likelier of the two; ties are not an answer)."""
+    return pd.DataFrame({"id": ids, "winner": np.where(probs[:, 0] >= probs[:, 1], "model_a", "model_b")})
+
+
+SUBMISSION_FORMATS = ("kaggle", "wsdm")
+
+
+def submission_format(cfg: DictConfig, records) -> str:
+    """`submission_format` as configured, else `wsdm` for WSDM input, else `kaggle`."""
+    chosen = cfg.get("submission_format")
+    if chosen is None:
+        formats = {r.extra.get("format") for r in records[:1]}
+        chosen = "wsdm" if formats == {"wsdm"} else "kaggle"
+    if chosen not in SUBMISSION_FORMATS:
+        raise ValueError(f"submission_format={chosen!r}; choose from {', '.join(SUBMISSION_FORMATS)}")
+    return chosen
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -266,12 +289,14 @@ def _predict(cfg: DictConfig) -> Path:
         raise RuntimeError("ensemble members predicted different rows")  # one input file: never expected
     probs = combine([logits for _, logits in members], weights, mode)
     output_path = Path(cfg.output_path)
-    atomic_write_text(output_path, submission_frame([r.id for r in records], probs).to_csv(index=False))
+    ids = [r.id for r in records]
+    frame = winner_frame(ids, probs) if submission_format(cfg, records) == "wsdm" else submission_frame(ids, probs)
+    atomic_write_text(output_path, frame.to_csv(index=False))
     if len(paths) > 1:
         print(f"[pref-lightning] ensemble of {len(paths)} checkpoints, {mode} averaged, weights "
               f"{[round(float(w), 4) for w in weights]}")
     print(f"[pref-lightning] wrote {len(records)} predictions to {output_path.resolve()}")
-    labelled = [i for i, r in enumerate(records) if r.label is not None]
+    labelled = [i for i, r in enumerate(records) if r.label is not None and r.label < probs.shape[1]]
     if len(labelled) == len(records):
         labels = torch.from_numpy(label_array(records))
         if len(paths) > 1:
@@ -279,7 +304,8 @@ def _predict(cfg: DictConfig) -> Path:
                 loss = competition_log_loss(torch.from_numpy(combine([logits], [1.0])), labels)
                 print(f"[pref-lightning] member {path}: log loss {float(loss):.4f}")
         loss = competition_log_loss(torch.from_numpy(probs), labels)
-        print(f"[pref-lightning] input has labels: log loss {float(loss):.4f}")
+        accuracy = float((probs.argmax(1) == labels.numpy()).mean())
+        print(f"[pref-lightning] input has labels: log loss {float(loss):.4f}, accuracy {accuracy:.4f}")
     return output_path
 
 
@@ -296,7 +322,7 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
                                       stats_norm=settings["stats_norm"],
                                       layout=settings.get("layout", "siamese"),
                                       naive_truncation=bool(settings.get("naive_truncation", False)),
-                                      cache_dir=cfg.get("cache_dir"))
+                                      cache_dir=cfg.get("cache_dir"), predict_format=cfg.get("input_format"))
     datamodule.attach_tokenizer(tokenizer)
     datamodule.setup("predict")
     outputs = trainer.predict(model, datamodule=datamodule)

@@ -30,6 +30,26 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the row id and the column."""
 
 
+class BadRowError(DataError):
+    """One bad row (a cell that cannot be read): `data.on_bad_rows=skip` may drop it instead of failing."""
+
+    def __init__(self, path: str | Path, row_id: str, column: str, reason: str) -> None:
+        super().__init__(f"{path}: row id={row_id}: column {column} {reason}")
+        self.path, self.row_id, self.column, self.reason = str(path), row_id, column, reason
+
+    def as_dict(self) -> dict[str, str]:
+        return {"file": self.path, "id": self.row_id, "column": self.column, "reason": self.reason}
+
+
+ON_BAD_ROWS = ("raise", "skip")
+
+
+def check_on_bad_rows(value: str) -> str:
+    if value not in ON_BAD_ROWS:
+        raise ValueError(f"data.on_bad_rows={value!r}; choose from {', '.join(ON_BAD_ROWS)}")
+    return value
+
+
 @dataclass
 class PairRecord:
     """One comparison: a conversation prompt and two candidate answers, each a list of turns."""
@@ -112,7 +132,10 @@ def _looks_numeric(text: str) -> bool:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or parquet file with every cell kept as text (ids stay exactly as written)."""
+    """Read a CSV or parquet file with every cell kept as text (ids stay exactly as written).
+
+    Bytes that are not UTF-8 (say, an encoded lone surrogate) become U+FFFD rather than failing the file.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -123,7 +146,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding_errors="replace")
     except pd.errors.EmptyDataError as err:
         raise DataError(f"{path}: file is empty") from err
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
@@ -141,21 +164,25 @@ def _parse_label(path: Path, row_id: str, row: dict) -> int:
         try:
             value = float(raw)
         except (TypeError, ValueError):
-            raise DataError(f"{path}: row id={row_id}: column {column} has {raw!r}, expected 0 or 1") from None
+            raise BadRowError(path, row_id, column, f"has {raw!r}, expected 0 or 1") from None
         if value not in (0.0, 1.0):
-            raise DataError(f"{path}: row id={row_id}: column {column} has {raw!r}, expected 0 or 1")
+            raise BadRowError(path, row_id, column, f"has {raw!r}, expected 0 or 1")
         values.append(int(value))
     if sum(values) != 1:
         shown = ", ".join(f"{c}={v}" for c, v in zip(LABEL_COLUMNS, values))
-        raise DataError(
-            f"{path}: row id={row_id}: exactly one of columns {', '.join(LABEL_COLUMNS)} must be 1, got {shown}"
-        )
+        raise BadRowError(path, row_id, ", ".join(LABEL_COLUMNS), f"must have exactly one 1, got {shown}")
     return values.index(1)
 
 
-def records_from_frame(frame: pd.DataFrame, path: str | Path, require_labels: bool) -> list[PairRecord]:
-    """Validate a raw table and convert it to records, in file order (no row is ever dropped)."""
+def records_from_frame(frame: pd.DataFrame, path: str | Path, require_labels: bool, on_bad_rows: str = "raise",
+                       skipped: list[dict[str, str]] | None = None) -> list[PairRecord]:
+    """Validate a raw table and convert it to records, in file order.
+
+    No row is ever dropped unless `on_bad_rows="skip"` (training only): then a row whose label or
+    oracle cells cannot be read is left out and described in `skipped` (file, id, column, reason).
+    """
     path = Path(path)
+    check_on_bad_rows(on_bad_rows)
     needed = ["id", *TEXT_COLUMNS] + (list(LABEL_COLUMNS) if require_labels else [])
     missing = [c for c in needed if c not in frame.columns]
     if missing:
@@ -176,7 +203,14 @@ def records_from_frame(frame: pd.DataFrame, path: str | Path, require_labels: bo
         row = {c: values[i] for c, values in columns.items()}
         label = None
         if require_labels:
-            label = _parse_label(path, row_id, row)
+            try:
+                label = _parse_label(path, row_id, row)
+            except BadRowError as err:
+                if on_bad_rows == "raise":
+                    raise
+                if skipped is not None:
+                    skipped.append(err.as_dict())
+                continue
         elif has_labels:  # prediction input: labels are optional extras, never a reason to fail
             try:
                 label = _parse_label(path, row_id, row)
@@ -187,7 +221,15 @@ def records_from_frame(frame: pd.DataFrame, path: str | Path, require_labels: bo
             try:
                 oracle = tuple(float(row[c]) for c in ORACLE_COLUMNS)
             except (TypeError, ValueError):
-                raise DataError(f"{path}: row id={row_id}: columns {', '.join(ORACLE_COLUMNS)} must be numbers") from None
+                err = BadRowError(path, row_id, ", ".join(ORACLE_COLUMNS), "must be numbers")
+                if not require_labels:  # prediction: the oracle is an optional extra, never a reason to fail
+                    oracle = None
+                elif on_bad_rows == "raise":
+                    raise err from None
+                else:
+                    if skipped is not None:
+                        skipped.append(err.as_dict())
+                    continue
         extra = {c: str(row[c]) for c in ("model_a", "model_b") if c in row}
         turns = [parse_turns(row[c]) for c in TEXT_COLUMNS]
         records.append(PairRecord(row_id, *turns, label=label, oracle=oracle, extra=extra))

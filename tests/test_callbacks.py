@@ -332,3 +332,16 @@ def test_ddp_reduces_across_ranks_and_only_rank_zero_warns(tmp_path):
     assert [out["warned"] for out in ranks] == [1, 0]
     # the logging copy of the diagnosis (no handler configured: stderr) comes from rank zero alone
     assert (result.stdout + result.stderr).count("PriorGuard: the model is stuck") == 1
+
+
+def test_binary_module_is_judged_over_two_classes(caplog):
+    guard = PriorGuard(patience=1, min_gain=0.01, action="warn")
+    trainer, module = fake_trainer(), FakeModule((0.6, 0.4))
+    module.hparams = {"n_classes": 2}  # what PreferenceModule(n_classes=2) saves
+    labels = torch.tensor([0] * 60 + [1] * 40)
+    with pytest.warns(PriorCollapseWarning, match="stuck at the class prior"):
+        run_validation(guard, trainer, module, torch.tensor([0.6, 0.4]).log().expand(100, 2).clone(), labels)
+    stats = guard.last_stats
+    assert stats["label_histogram"] == [60, 40] and stats["pred_histogram"] == [100, 0]
+    assert stats["prior_log_loss"] == pytest.approx(-(0.6 * math.log(0.6) + 0.4 * math.log(0.4)))
+    assert "A 100 / B 0" in guard.last_diagnosis and "tie" not in guard.last_diagnosis.split("\n")[3]

@@ -1,0 +1,122 @@
+"""Extra training data mixed into the training split (`data.sources`).
+
+`data.sources` is a list of files, each a path or `{path, format (optional), weight (optional), name
+(optional)}`. The main `data.train_path` is still the only file split for validation; extra rows go
+into the training split only, after removing
+
+- rows whose normalised prompt (`datamodule.prompt_key`) occurs anywhere in the training file (its train
+  *and* validation part: an extra copy of a validation prompt would leak it into training), and
+- exact duplicate rows (same prompt, answers and label, or the same pair with A and B exchanged) of a
+  training-file row or of an extra row already kept.
+
+`weight` then resamples the kept rows, seeded: 0.5 keeps a random half, 2 repeats every row twice,
+1.5 keeps every row once plus a random half again. Every count is logged and returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pref_lightning.adapters import read_source
+from pref_lightning.records import PairRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceSpec:
+    path: str
+    format: str | None = None
+    weight: float = 1.0
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+def parse_sources(raw: Iterable[object] | None) -> list[SourceSpec]:
+    """`data.sources` entries (plain paths or mappings) -> specs, checked."""
+    specs = []
+    for i, item in enumerate(raw or []):
+        if isinstance(item, (str, Path)):
+            spec = SourceSpec(str(item))
+        elif isinstance(item, Mapping):
+            unknown = set(item) - {"path", "format", "weight", "name"}
+            if unknown or "path" not in item:
+                raise ValueError(f"data.sources[{i}]={dict(item)}: needs path; may have format, weight, name")
+            spec = SourceSpec(str(item["path"]), item.get("format"),
+                              float(1.0 if item.get("weight") is None else item["weight"]), item.get("name"))
+        else:
+            raise ValueError(f"data.sources[{i}]={item!r}: give a path or {{path, format, weight}}")
+        if not spec.weight >= 0:
+            raise ValueError(f"data.sources[{i}].weight={spec.weight} must be >= 0")
+        specs.append(spec)
+    return specs
+
+
+def _row_key(record: PairRecord) -> tuple:
+    return (tuple(record.prompt), tuple(record.response_a), tuple(record.response_b), record.label)
+
+
+def _swapped_key(record: PairRecord) -> tuple:
+    label = None if record.label is None else (1, 0, 2)[record.label]
+    return (tuple(record.prompt), tuple(record.response_b), tuple(record.response_a), label)
+
+
+def resample(records: Sequence[PairRecord], weight: float, seed: int) -> list[PairRecord]:
+    """Each row `int(weight)` times, plus a seeded random `weight % 1` share of the rows once more."""
+    whole, part = int(weight), weight - int(weight)
+    out = [r for _ in range(whole) for r in records]
+    if part > 0:
+        rng = random.Random(seed)
+        extra = sorted(rng.sample(range(len(records)), round(part * len(records))))
+        out.extend(records[i] for i in extra)
+    return out
+
+
+def mix_sources(training_file: Sequence[PairRecord], specs: Sequence[SourceSpec], *, prompt_key, seed: int = 0,
+                on_bad_rows: str = "raise", n_classes: int = 3) -> tuple[list[PairRecord], list[dict]]:
+    """Read, deduplicate and weight the extra sources against the whole training file.
+
+    Returns the extra training rows and one count dictionary per source.
+    """
+    train_prompts = {prompt_key(r) for r in training_file}
+    seen_rows = {_row_key(r) for r in training_file}
+    taken_ids = {r.id for r in training_file}
+    extra: list[PairRecord] = []
+    counts = []
+    for index, spec in enumerate(specs):
+        data = read_source(spec.path, spec.format, require_labels=True, on_bad_rows=on_bad_rows,
+                           n_classes=n_classes, seed=seed, name=spec.label)
+        kept: list[PairRecord] = []
+        prompt_dups = exact_dups = renamed = 0
+        for record in data.records:
+            if prompt_key(record) in train_prompts:
+                prompt_dups += 1
+                continue
+            if _row_key(record) in seen_rows or _swapped_key(record) in seen_rows:
+                exact_dups += 1
+                continue
+            seen_rows.add(_row_key(record))
+            if record.id in taken_ids:  # ids only need to be unique for bookkeeping: suffix, never drop
+                record.id = f"{record.id}@{spec.label}"
+                renamed += 1
+            taken_ids.add(record.id)
+            kept.append(record)
+        weighted = resample(kept, spec.weight, seed=seed * 1_000_003 + index)
+        count = {"source": spec.label, "path": str(spec.path), "format": data.format, "weight": spec.weight,
+                 "rows_read": data.rows_read, "skipped_bad_rows": len(data.skipped),
+                 "removed_prompt_in_train_file": prompt_dups, "removed_exact_duplicates": exact_dups,
+                 "kept": len(kept), "ids_suffixed": renamed, "added_to_train": len(weighted)}
+        log.info("extra source %s (%s): read %d rows, skipped %d bad, removed %d whose prompt is in the training "
+                 "file and %d exact duplicates, kept %d, weight %g -> %d training rows", spec.label, data.format,
+                 data.rows_read, len(data.skipped), prompt_dups, exact_dups, len(kept), spec.weight,
+                 len(weighted))
+        counts.append(count)
+        extra.extend(weighted)
+    return extra, counts
