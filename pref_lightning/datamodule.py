@@ -386,6 +386,15 @@ class PreferenceDataModule(L.LightningDataModule):
             return any(sniff_format(p) != "kaggle" for p in (self.train_path, self.val_path) if p)
         return self.train_format != "kaggle"
 
+    @property
+    def _predict_is_kaggle(self) -> bool:
+        """The prediction file is Kaggle format (the only format the on-disk cache reads)."""
+        if self.predict_format is not None:
+            return self.predict_format == "kaggle"
+        from pref_lightning.adapters import sniff_format
+
+        return Path(self.predict_path).is_file() and sniff_format(self.predict_path) == "kaggle"
+
     def _load_records_adapted(self) -> None:
         """Train file through its adapter, split, then the extra sources added to the training split only."""
         from pref_lightning.adapters import read_source
@@ -483,7 +492,7 @@ class PreferenceDataModule(L.LightningDataModule):
             files.append(self._cached_file(self.train_path, True))
             if self.val_path:
                 files.append(self._cached_file(self.val_path, True))
-        if self.predict_path:
+        if self.predict_path and self._predict_is_kaggle:
             files.append(self._cached_file(self.predict_path, False))
         return files
 
@@ -527,7 +536,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if stage in (None, "predict") and self.predict_path and self.predict_set is None:
             if self.stats_norm is None:
                 raise RuntimeError("prediction needs stats_norm (it travels in the checkpoint)")
-            if self._cache is not None:
+            if self._cache is not None and self._predict_is_kaggle:
                 source = self._cached_file(self.predict_path, False)
                 self.predict_records = source.records()  # ids are needed for the submission anyway
                 if not source.has_pairs(encoder):

@@ -50,8 +50,9 @@ def reliability_curve(p: np.ndarray, hit: np.ndarray, bins: int = 10) -> tuple[n
 
 
 def confusion_counts(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """3x3 counts: rows the true class, columns the predicted (argmax) class."""
-    matrix = np.zeros((3, 3), dtype=np.int64)
+    """k x k counts (k classes: 3, or 2 in binary mode): rows the true class, columns the predicted (argmax)."""
+    k = probs.shape[1]
+    matrix = np.zeros((k, k), dtype=np.int64)
     np.add.at(matrix, (labels, probs.argmax(axis=1)), 1)
     return matrix
 
@@ -108,7 +109,7 @@ def plot_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
 def plot_reliability(path: Path, probs: np.ndarray, labels: np.ndarray, ece: float) -> None:
     fig, ax = _figure()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
-    for j, name in enumerate(CLASS_LABELS):
+    for j, name in enumerate(CLASS_LABELS[: probs.shape[1]]):
         mean_p, freq, _ = reliability_curve(probs[:, j], labels == j)
         ax.plot(mean_p, freq, "-o", markersize=4, label=f"P({name})")
     mean_p, freq, _ = reliability_curve(probs.max(axis=1), probs.argmax(axis=1) == labels)
@@ -128,12 +129,13 @@ def plot_confusion(path: Path, matrix: np.ndarray) -> None:
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax)
     high = matrix.max() / 2 if matrix.size else 0
-    for i in range(3):
-        for j in range(3):
+    k = len(matrix)
+    for i in range(k):
+        for j in range(k):
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
                     color="white" if matrix[i, j] > high else "black")
-    ax.set_xticks(range(3), CLASS_LABELS)
-    ax.set_yticks(range(3), CLASS_LABELS)
+    ax.set_xticks(range(k), CLASS_LABELS[:k])
+    ax.set_yticks(range(k), CLASS_LABELS[:k])
     ax.set_xlabel("predicted (argmax)")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (validation)")
@@ -141,7 +143,7 @@ def plot_confusion(path: Path, matrix: np.ndarray) -> None:
 
 
 def plot_probabilities(path: Path, probs: np.ndarray, labels: np.ndarray) -> None:
-    fig, axes = _figure(ncols=3, width=4.0, height=3.5)
+    fig, axes = _figure(ncols=probs.shape[1], width=4.0, height=3.5)
     bins = np.linspace(0, 1, 21)
     for j, (ax, name) in enumerate(zip(axes, CLASS_LABELS)):
         ax.hist(probs[:, j], bins=bins, alpha=0.6, label="all rows")
@@ -191,7 +193,7 @@ def write_report(run_dir: str | Path, cfg: DictConfig | Mapping[str, Any], metri
                  val_probs: np.ndarray, val_labels: np.ndarray, metrics_csv_path: str | Path | None = None) -> Path:
     """Write `run_dir/report.md` and `run_dir/plots/*.png`; return the report's path.
 
-    `val_probs` (n, 3) are the validation probabilities the run ends with (calibrated when calibration is
+    `val_probs` (n, k; k = 3, or 2 in binary mode) are the validation probabilities the run ends with (calibrated when calibration is
     on), `val_labels` (n,) their classes; `metrics_csv_path` the CSVLogger's metrics.csv (None: no curves)."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
@@ -205,7 +207,7 @@ def write_report(run_dir: str | Path, cfg: DictConfig | Mapping[str, Any], metri
     plot_confusion(plots / "confusion.png", matrix)
     plot_probabilities(plots / "probabilities.png", probs, labels)
 
-    counts = np.bincount(labels, minlength=3)
+    counts = np.bincount(labels, minlength=probs.shape[1])
     class_share = ", ".join(f"{name} {c / max(1, len(labels)):.1%}" for name, c in zip(CLASS_LABELS, counts))
     mean_pred = ", ".join(f"{name} {p:.1%}" for name, p in zip(CLASS_LABELS, probs.mean(axis=0)))
     wall = metrics.get("wall_seconds")

@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 
 from pref_lightning.adapters import read_any, read_source
 from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.ensemble import softmax
 from pref_lightning.module import PreferenceModule
 from pref_lightning.pairs import STATS_FEATURES, PairEncoder
-from pref_lightning.pipeline import gather_predictions, softmax, submission_frame, winner_frame
+from pref_lightning.pipeline import gather_predictions, submission_frame, winner_frame
 from pref_lightning.records import LABEL_COLUMNS, DataError, parse_turns, read_records
 
 from .conftest import REPO, TEST_TINY

@@ -9,9 +9,10 @@ import lightning as L
 import pytest
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from pref_lightning.callbacks import drop_progress_bars
+from pref_lightning.loggers import ResumableCSVLogger as CSVLogger
 from pref_lightning.pipeline import instantiate_list
 
 from .test_config import compose_train
