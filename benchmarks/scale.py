@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"rows": args.rows, "seed": args.seed, "mib": round(csv.stat().st_size / 2**20, 1),
                  "answer_chars_median": summary.get("answer_chars", {}).get("median")},
         "settings": {"max_length": args.max_length, "layout": args.layout, "val_fraction": 0.05,
-                     "tokenizer": f"tiny unigram, vocab {args.vocab_size}, trained on {args.tokenizer_rows} rows"},
+                     "tokenizer": f"tiny BPE, vocab {args.vocab_size}, trained on {args.tokenizer_rows} rows"},
         "targets": TARGETS,
         "runs": runs,
         "checks": {k: {"value": v, "target": t, "met": v <= t} for k, (v, t) in checks.items()},

@@ -2,7 +2,7 @@
 
 Prints a markdown table and writes benchmarks/results/throughput.json. Three setups, all in one run on
 the same machine, with the same synthetic rows (`pref_lightning.synthetic.generate(rows, seed)`, real-like
-long-tailed lengths), the same Unigram tokenizer (trained once on the rows' texts, vocabulary 8,000),
+long-tailed lengths), the same tiny tokenizer (trained once on the rows' texts, vocabulary 8,000),
 the same tiny DeBERTa-v3 (`build_backbone("tiny")`: hidden 128, 2 layers, 4 heads, intermediate 512,
 max_position_embeddings >= max length, dropout off), the same max length (1,024), batch size and
 precision (bf16 autocast on CPU), no DataLoader workers and no padding to a multiple:

@@ -1,7 +1,7 @@
 """Backbones and tokenizers: a hub name, a local folder, or a tiny DeBERTa trained offline.
 
 Real users pass `microsoft/deberta-v3-small` (or a local copy of it). Tests and the embedded default
-use `tiny`: a DeBERTa-v3-shaped model built from a config (random init) with a Unigram tokenizer
+use `tiny`: a DeBERTa-v3-shaped model built from a config (random init) with a BPE tokenizer
 trained on the training texts and cached on disk, since no model hub is reachable there.
 """
 
@@ -36,7 +36,7 @@ TINY_DEFAULTS: dict[str, Any] = {
     "type_vocab_size": 0,
     "hidden_act": "gelu",
 }
-TOKENIZER_FORMAT = "unigram-metaspace-v1"  # part of the cache key: bump when training changes
+TOKENIZER_FORMAT = "bpe-metaspace-v1"  # part of the cache key: bump when training changes
 # Never run code shipped with a model or tokenizer folder (`auto_map` modules): every transformers loader
 # below gets this explicitly, and no config key changes it.
 TRUST_REMOTE_CODE = False
@@ -61,18 +61,22 @@ def default_cache_dir() -> Path:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """Train a sentencepiece-style Unigram tokenizer (as DeBERTa-v3 uses) on `texts`."""
+    """Train a sentencepiece-style (Metaspace) BPE tokenizer on `texts`.
+
+    BPE rather than the Unigram model DeBERTa-v3 uses: the `tokenizers` Unigram trainer gives a
+    different vocabulary in every process (its Rust hash maps are randomly seeded), so the same data
+    and seed would not give the same run; the BPE trainer breaks ties deterministically.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.Unigram())
+    core = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     core.normalizer = normalizers.NFKC()
     core.pre_tokenizer = pre_tokenizers.Metaspace()
     core.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
+    trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[SPECIAL_TOKENS[k] for k in ("pad_token", "cls_token", "sep_token", "unk_token", "mask_token")],
-        unk_token=SPECIAL_TOKENS["unk_token"],
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer)

@@ -75,3 +75,16 @@ def test_tiny_backbone_from_config_is_deberta_v3_shaped():
 def test_tiny_needs_vocab_size():
     with pytest.raises(ValueError, match="vocab_size"):
         build_backbone("tiny")
+
+
+def test_tokenizer_training_is_the_same_in_every_process():
+    """Same texts -> the same vocabulary in a fresh process (runs with the same seed must match)."""
+    import subprocess
+    import sys
+
+    code = ("from pref_lightning.backbone import train_tokenizer;"
+            "t = train_tokenizer(['the cat sat on the mat', 'a dog ran far away'] * 20 + ['zebra quilt'], 60);"
+            "print(t.backend_tokenizer.to_str())")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+               for _ in range(3)}
+    assert len(outputs) == 1
