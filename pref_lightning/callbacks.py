@@ -339,6 +339,12 @@ class SigtermCheckpoint(L.Callback):
         checkpoint = trainer.checkpoint_callback
         folder = getattr(checkpoint, "dirpath", None) or f"{trainer.default_root_dir}/checkpoints"
         self.saved_path = f"{folder}/{self.filename}"
-        trainer.save_checkpoint(self.saved_path)
+        if not trainer.is_global_zero:
+            return
+        # rank 0 alone, without `trainer.save_checkpoint`'s barrier: under DDP the ranks reach this point
+        # out of step (Lightning forwards the signal and broadcasts it inside its handler), and a
+        # collective here would hang. The DDP replicas are identical, so rank 0's state is the state.
+        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        trainer.strategy.checkpoint_io.save_checkpoint(state, self.saved_path)
         log.warning("SIGTERM at epoch %d, step %d: saved %s to resume from", trainer.current_epoch,
                     trainer.global_step, self.saved_path)

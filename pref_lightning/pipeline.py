@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,6 +102,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             print(f"[pref-lightning] SIGTERM: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}"
                   + (f"; resume with: python train.py ckpt_path=last hydra.run.dir={run_dir}" if saved else ""))
+        # ranks this process launched may be blocked in a collective with it: end them, as Lightning does
+        # on Ctrl+C (the checkpoint is saved; their replicas hold nothing more)
+        launcher = trainer.strategy.launcher
+        if launcher is not None and hasattr(launcher, "procs"):
+            launcher.kill(signal.SIGKILL)
         raise SystemExit(143) from None
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -18,16 +18,22 @@ pytestmark = pytest.mark.slow
 COMMON = ["data.synthetic_rows=600", "trainer.max_epochs=2", "trainer.log_every_n_steps=1", *FAST]
 
 
+def train_killed_at(step, run_dir, *overrides):
+    """train.py that receives a real SIGTERM after optimizer step `step`; returns its output."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}",
+                             "+callbacks.kill._target_=tests.signals.SigtermAtStep", f"+callbacks.kill.step={step}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 143, out[-3000:]
+    return out
+
+
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     run("train.py", *COMMON, f"hydra.run.dir={tmp_path}/straight")
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "train.py", *COMMON, f"hydra.run.dir={killed}",
-                             "+callbacks.kill._target_=tests.signals.SigtermAtStep", "+callbacks.kill.step=10"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    out = result.stdout + result.stderr
-    assert result.returncode == 143, out[-3000:]
+    out = train_killed_at(10, killed, *COMMON)
     assert "resume with: python train.py ckpt_path=last" in out
     assert not (killed / "metrics.json").exists()
     state = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
@@ -74,3 +80,20 @@ def test_ckpt_path_accepts_a_run_folder_and_rejects_missing_files(tmp_path, caps
         resume_checkpoint(cfg(str(tmp_path / "nope.ckpt")))
     with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
         resume_checkpoint(cfg(str(tmp_path / "fresh")) if (tmp_path / "fresh").mkdir() is None else None)
+
+
+def test_sigterm_under_ddp_saves_once_ends_every_rank_and_resumes(tmp_path):
+    ddp = [*COMMON, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1"]
+    run("train.py", *ddp, f"hydra.run.dir={tmp_path}/straight")
+    killed = tmp_path / "killed"
+    out = train_killed_at(5, killed, *ddp)
+    assert "resume with" in out
+    # rank 0 saved alone (a barrier here used to hang the ranks) and ended the rank it launched
+    leftovers = subprocess.run(["pgrep", "-f", f"hydra.run.dir={killed}"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    run("train.py", *ddp, f"hydra.run.dir={killed}", "ckpt_path=last")
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    resumed = json.loads((killed / "metrics.json").read_text())
+    for key in ("val_log_loss", "val_accuracy", "temperature"):
+        assert resumed[key] == pytest.approx(straight[key], abs=1e-6), key
