@@ -50,6 +50,7 @@ from pref_lightning.records import (
     read_table,
     records_from_frame,
     repair_text,
+    require_columns,
 )
 from pref_lightning.text_stats import NULL_TURN
 
@@ -196,12 +197,12 @@ def _rows(frame: pd.DataFrame) -> list[dict]:
     return [{c: values[i] for c, values in columns.items()} for i in range(len(frame))]
 
 
-def _labelled(path: Path, row_id: str, row: dict, require_labels: bool, parse) -> int | None:
-    """The row's label; in prediction a missing or unreadable label is None, never an error."""
+def _winner_label(path: Path, row_id: str, row: dict, require_labels: bool) -> int | None:
+    """The class of the row's `winner` cell; in prediction a missing or unreadable one is None, never an error."""
     if require_labels:
-        return parse()
+        return _winner(path, row_id, row["winner"], WINNERS)
     try:
-        return parse()
+        return _winner(path, row_id, row["winner"], WINNERS)
     except (BadRowError, KeyError):
         return None
 
@@ -227,13 +228,12 @@ def _role_turns(messages: list[dict], roles: tuple[str, ...]) -> list[str]:
 def arena_conversations(frame: pd.DataFrame, path: Path, require_labels: bool, on_bad_rows: str,
                         skipped: list[dict], source: str) -> list[PairRecord]:
     needed = ["question_id", "conversation_a", "conversation_b"] + (["winner"] if require_labels else [])
-    _require_columns(frame, needed, path)
+    require_columns(frame, needed, path)
     ids = _ids(frame, "question_id", path, str)
     records = []
     for row_id, row in zip(ids, _rows(frame)):
         try:
-            label = _labelled(path, row_id, row, require_labels,
-                              lambda row=row, row_id=row_id: _winner(path, row_id, row["winner"], WINNERS))
+            label = _winner_label(path, row_id, row, require_labels)
             try:
                 conv_a = _conversation(path, row_id, row["conversation_a"], "conversation_a")
                 conv_b = _conversation(path, row_id, row["conversation_b"], "conversation_b")
@@ -257,13 +257,12 @@ def arena_conversations(frame: pd.DataFrame, path: Path, require_labels: bool, o
 def wsdm(frame: pd.DataFrame, path: Path, require_labels: bool, on_bad_rows: str, skipped: list[dict],
          source: str) -> list[PairRecord]:
     needed = ["id", "prompt", "response_a", "response_b"] + (["winner"] if require_labels else [])
-    _require_columns(frame, needed, path)
+    require_columns(frame, needed, path)
     ids = _ids(frame, "id", path, str)
     records = []
     for row_id, row in zip(ids, _rows(frame)):
         try:
-            label = _labelled(path, row_id, row, require_labels,
-                              lambda row=row, row_id=row_id: _winner(path, row_id, row["winner"], WINNERS))
+            label = _winner_label(path, row_id, row, require_labels)
         except BadRowError as err:
             _skip_or_raise(err, on_bad_rows, skipped)
             continue
@@ -285,7 +284,7 @@ def _content_id(row: dict) -> str:
 
 def chosen_rejected(frame: pd.DataFrame, path: Path, require_labels: bool, on_bad_rows: str,
                     skipped: list[dict], source: str, seed: int = 0) -> list[PairRecord]:
-    _require_columns(frame, ["prompt", "chosen", "rejected"], path)
+    require_columns(frame, ["prompt", "chosen", "rejected"], path)
     rows = _rows(frame)
     ids = _ids(frame, "id" if "id" in frame.columns else None, path, lambda i: _content_id(rows[i]))
     records = []
@@ -309,12 +308,6 @@ def kaggle(frame: pd.DataFrame, path: Path, require_labels: bool, on_bad_rows: s
         if language is not None and not _missing(language[positions[record.id]]):
             record.extra["language"] = str(language[positions[record.id]])
     return records
-
-
-def _require_columns(frame: pd.DataFrame, needed: Sequence[str], path: Path) -> None:
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}")
 
 
 def _skip_or_raise(err: BadRowError, on_bad_rows: str, skipped: list[dict]) -> None:

@@ -21,9 +21,10 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
+from pref_lightning.records import CLASS_LABELS
+
 log = logging.getLogger(__name__)
 
-CLASS_LABELS = ("A", "B", "tie")
 ACTIONS = ("warn", "stop")
 EPS = 1e-15  # the competition clips probabilities to [eps, 1 - eps]
 N_CLASSES = len(CLASS_LABELS)  # binary tasks (module hparam n_classes=2) use the first two

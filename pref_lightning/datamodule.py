@@ -318,9 +318,7 @@ class PreferenceDataModule(L.LightningDataModule):
             return
         if self.train_path and self._cache is not None and not self._uses_adapters:
             self._load_records_cached()
-            self.data_counts = {"train_file": {
-                "path": str(self.train_path), "rows_read": len(self._train_rows[0].rows()), "skipped_bad_rows": 0,
-                "train_rows": len(self.train_records), "val_rows": len(self.val_records)}}
+            self._count_plain_file(len(self._train_rows[0].rows()))
             log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
                      len(self.val_records))
             return
@@ -343,11 +341,14 @@ class PreferenceDataModule(L.LightningDataModule):
             train_idx, val_idx = self._split([prompt_key(r) for r in records], label_array(records))
             self.train_records = [records[i] for i in train_idx]
             self.val_records = [records[i] for i in val_idx]
-        self.data_counts = {"train_file": {
-            "path": self.source_name, "rows_read": len(records), "skipped_bad_rows": 0,
-            "train_rows": len(self.train_records), "val_rows": len(self.val_records)}}
+        self._count_plain_file(len(records))
         log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
                  len(self.val_records))
+
+    def _count_plain_file(self, rows_read: int) -> None:
+        """`data_counts` of a run on one strictly read file (nothing skipped, no extra sources)."""
+        self.data_counts = {"train_file": {"path": self.source_name, "rows_read": rows_read, "skipped_bad_rows": 0,
+                                           "train_rows": len(self.train_records), "val_rows": len(self.val_records)}}
 
     def _split(self, keys: Sequence[str], labels: np.ndarray) -> tuple[list[int], list[int]]:
         """(train, validation) row indices of the training file: fold `fold`, or a val_fraction split."""

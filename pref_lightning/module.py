@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "pref_lightning"
 CHECKPOINT_FORMAT = 1
 SWAP = (1, 0, 2)  # class order after exchanging A and B
-N_CLASSES = (2, 3)  # binary (A wins, B wins: WSDM Cup) or the competition's A / B / tie
+CLASS_COUNTS = (2, 3)  # binary (A wins, B wins: WSDM Cup) or the competition's A / B / tie
 SWAP_MODES = ("none", "random", "full")
 
 
@@ -76,7 +76,7 @@ class PreferenceModule(L.LightningModule):
         super().__init__()
         if swap_augment not in SWAP_MODES:
             raise ValueError(f"model.swap_augment={swap_augment!r}; choose from {', '.join(SWAP_MODES)}")
-        if n_classes not in N_CLASSES:
+        if n_classes not in CLASS_COUNTS:
             raise ValueError(f"n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
         self.save_hyperparameters(ignore=["backbone_config"])  # n_classes travels in every checkpoint
         self.swap_index = SWAP[:n_classes]
@@ -210,8 +210,8 @@ class PreferenceModule(L.LightningModule):
         """Swap coins drawn from (seed, epoch, batch, rank), not from the global RNG: a run resumed
         mid-epoch flips exactly the coins the uninterrupted run would have flipped."""
         state = np.random.SeedSequence([self.hparams.augment_seed, self.current_epoch, batch_idx,
-                                        self.global_rank]).generate_state(2, dtype=np.uint64)
-        return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+                                        self.global_rank]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
     def _log_train(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor:
         if loss is None:

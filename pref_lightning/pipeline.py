@@ -333,13 +333,10 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
     datamodule.setup("predict")
     outputs = trainer.predict(model, datamodule=datamodule)
     records = datamodule.predict_records
-    if trainer.world_size > 1:
-        # each rank predicted its own share of the (unpadded) batches: collect them all on rank 0
-        import torch.distributed as dist
-
-        shares: list[Any] = [None] * trainer.world_size
-        dist.all_gather_object(shares, [{k: v.cpu() for k, v in o.items()} for o in outputs])
-        outputs = [o for share in shares for o in share]
-        if not trainer.is_global_zero:
-            return None
-    return records, gather_predictions(outputs, len(records))
+    # each rank predicted its own share of the (unpadded) rows: collect them all (a rank may have none)
+    index = torch.cat([o["index"] for o in outputs]) if outputs else torch.zeros(0, dtype=torch.long)
+    logits = torch.cat([o["logits"] for o in outputs]) if outputs else torch.zeros(0, model.hparams.n_classes)
+    index, logits = all_ranks(index, logits)
+    if not trainer.is_global_zero:
+        return None
+    return records, gather_predictions([{"index": index, "logits": logits}], len(records))

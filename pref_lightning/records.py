@@ -23,6 +23,7 @@ TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 ORACLE_COLUMNS = ("p_model_a", "p_model_b", "p_tie")  # written by the synthetic generator only
 CLASS_NAMES = ("winner_model_a", "winner_model_b", "winner_tie")
+CLASS_LABELS = ("A", "B", "tie")  # the same classes, short (logs, reports, plots)
 EMPTY_TURN = ""
 
 
@@ -174,6 +175,13 @@ def _parse_label(path: Path, row_id: str, row: dict) -> int:
     return values.index(1)
 
 
+def require_columns(frame: pd.DataFrame, needed: Sequence[str], path: str | Path) -> None:
+    """Raise a DataError naming the file, the missing columns and the columns it has."""
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}")
+
+
 def records_from_frame(frame: pd.DataFrame, path: str | Path, require_labels: bool, on_bad_rows: str = "raise",
                        skipped: list[dict[str, str]] | None = None) -> list[PairRecord]:
     """Validate a raw table and convert it to records, in file order.
@@ -183,10 +191,7 @@ def records_from_frame(frame: pd.DataFrame, path: str | Path, require_labels: bo
     """
     path = Path(path)
     check_on_bad_rows(on_bad_rows)
-    needed = ["id", *TEXT_COLUMNS] + (list(LABEL_COLUMNS) if require_labels else [])
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}")
+    require_columns(frame, ["id", *TEXT_COLUMNS] + (list(LABEL_COLUMNS) if require_labels else []), path)
     ids = frame["id"].map(lambda v: str(v).strip())
     blank = ids[ids == ""]
     if len(blank):

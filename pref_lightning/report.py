@@ -15,8 +15,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pref_lightning.atomic import atomic_path, atomic_write_text
+from pref_lightning.records import CLASS_LABELS
 
-CLASS_LABELS = ("A", "B", "tie")
 PLOTS = ("curves", "reliability", "confusion", "probabilities")
 # CSVLogger columns drawn on the curves plot, with their legend names
 CURVES = {"train/loss": "train loss (per logged step)", "train/log_loss": "train log loss (per epoch)",
@@ -26,16 +26,8 @@ CURVES = {"train/loss": "train loss (per logged step)", "train/log_loss": "train
 # ---- numbers --------------------------------------------------------------------------------------
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
     """Top-label ECE: rows binned by their highest probability; |confidence - accuracy| weighted by bin size."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(confidence[mask].mean() - correct[mask].mean())
-    return float(ece)
+    mean_p, freq, counts = reliability_curve(probs.max(axis=1), probs.argmax(axis=1) == labels, bins)
+    return float((counts * np.abs(mean_p - freq)).sum() / max(1, counts.sum()))
 
 
 def reliability_curve(p: np.ndarray, hit: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -63,11 +63,6 @@ def _row_key(record: PairRecord) -> tuple:
     return (tuple(record.prompt), tuple(record.response_a), tuple(record.response_b), record.label)
 
 
-def _swapped_key(record: PairRecord) -> tuple:
-    label = None if record.label is None else (1, 0, 2)[record.label]
-    return (tuple(record.prompt), tuple(record.response_b), tuple(record.response_a), label)
-
-
 def resample(records: Sequence[PairRecord], weight: float, seed: int) -> list[PairRecord]:
     """Each row `int(weight)` times, plus a seeded random `weight % 1` share of the rows once more."""
     whole, part = int(weight), weight - int(weight)
@@ -99,7 +94,7 @@ def mix_sources(training_file: Sequence[PairRecord], specs: Sequence[SourceSpec]
             if prompt_key(record) in train_prompts:
                 prompt_dups += 1
                 continue
-            if _row_key(record) in seen_rows or _swapped_key(record) in seen_rows:
+            if _row_key(record) in seen_rows or _row_key(record.swapped()) in seen_rows:
                 exact_dups += 1
                 continue
             seen_rows.add(_row_key(record))
