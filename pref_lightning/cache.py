@@ -38,6 +38,7 @@ import numpy as np
 from pref_lightning.atomic import atomic_path
 from pref_lightning.pairs import CHARS_PER_TOKEN_CAP, STATS_FEATURES, EncodedPair, PairEncoder
 from pref_lightning.records import PairRecord
+from pref_lightning.stats_norm import apply_stats_norm
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +287,7 @@ class EncodedTable:
         rows = np.asarray(rows, dtype=np.int64)
         stats_a, stats_b = self.stats_a[rows], self.stats_b[rows]
         if stats_norm is not None:
-            mean = np.asarray(stats_norm["mean"], dtype=np.float32)
-            std = np.asarray(stats_norm["std"], dtype=np.float32)
-            stats_a, stats_b = (stats_a - mean) / std, (stats_b - mean) / std
+            stats_a, stats_b = apply_stats_norm(stats_a, stats_norm), apply_stats_norm(stats_b, stats_norm)
         ids_a, starts_a = self.ids_a, self.offsets_a.tolist()
         ids_b, starts_b = self.ids_b, (None if self.offsets_b is None else self.offsets_b.tolist())
         labels = self.labels[rows].tolist()

@@ -129,13 +129,15 @@ class PriorGuard(L.Callback):
         with torch.no_grad():
             logits = logits.detach().double()
             labels = labels.detach().long().to(logits.device)
-            probs = logits.softmax(-1)
+            # the probabilities validation reports (with the module's probability floor, if it has one)
+            probs = pl_module.probabilities(logits).double() if hasattr(pl_module, "probabilities") \
+                else logits.softmax(-1)
             clipped = probs.clamp(EPS, 1 - EPS)
             clipped = clipped / clipped.sum(-1, keepdim=True)
             row = torch.zeros(size, dtype=torch.float64, device=logits.device)
             row[_N] = len(labels)
             row[_NLL] = -clipped.gather(1, labels.view(-1, 1)).log().sum()
-            row[_ENTROPY] = -(probs * logits.log_softmax(-1)).sum()
+            row[_ENTROPY] = -(probs * clipped.log()).sum()
             row[probs_at] = probs.sum(0)
             row[hist_at] = torch.bincount(probs.argmax(-1), minlength=k).double()
             row[labels_at] = torch.bincount(labels, minlength=k).double()

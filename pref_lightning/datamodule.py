@@ -40,6 +40,7 @@ from pref_lightning.records import (
     read_records,
 )
 from pref_lightning.sampler import LengthGroupedSampler, ResumableLoader
+from pref_lightning.stats_norm import apply_stats_norm, fit_stats_norm_array
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +81,20 @@ def grouped_split_keys(keys: Sequence[str], val_fraction: float, seed: int) -> t
     return [i for i in range(len(keys)) if i not in val_set], sorted(val)
 
 
-def fit_stats_norm(pairs: Sequence[EncodedPair]) -> dict[str, list[float]]:
-    """Mean and std of the per-side statistics over both sides of the training pairs."""
-    return stats_norm_from(np.stack([p.stats_a for p in pairs] + [p.stats_b for p in pairs]))
+def fit_stats_norm(pairs: Sequence[EncodedPair]) -> dict[str, Any]:
+    """The bounded normalisation (see `stats_norm.py`) of both sides of the training pairs."""
+    return fit_stats_norm_array(np.stack([p.stats_a for p in pairs] + [p.stats_b for p in pairs]))
 
 
-def fit_stats_norm_table(table: EncodedTable, rows: np.ndarray) -> dict[str, list[float]]:
+def fit_stats_norm_table(table: EncodedTable, rows: np.ndarray) -> dict[str, Any]:
     """`fit_stats_norm` of the pairs at `rows` of an encoded table (same numbers, no per-pair objects)."""
-    return stats_norm_from(np.concatenate([table.stats_a[rows], table.stats_b[rows]]))
+    return fit_stats_norm_array(np.concatenate([table.stats_a[rows], table.stats_b[rows]]))
 
 
-def stats_norm_from(stats: np.ndarray) -> dict[str, list[float]]:
-    """Per-feature mean and std (constant features keep std 1)."""
-    stats = stats.astype(np.float64)
-    std = stats.std(0)
-    return {"mean": stats.mean(0).tolist(), "std": np.where(std > 1e-6, std, 1.0).tolist()}
-
-
-def normalise_stats(pairs: list[EncodedPair], norm: dict[str, list[float]]) -> list[EncodedPair]:
-    mean = np.asarray(norm["mean"], dtype=np.float32)
-    std = np.asarray(norm["std"], dtype=np.float32)
+def normalise_stats(pairs: list[EncodedPair], norm: dict[str, Any]) -> list[EncodedPair]:
     for pair in pairs:
-        pair.stats_a = (pair.stats_a - mean) / std
-        pair.stats_b = (pair.stats_b - mean) / std
+        pair.stats_a = apply_stats_norm(pair.stats_a, norm)
+        pair.stats_b = apply_stats_norm(pair.stats_b, norm)
     return pairs
 
 
@@ -471,7 +463,11 @@ class PreferenceDataModule(L.LightningDataModule):
             probs = None
             if all(r.oracle is not None for r in self.val_records):
                 probs = np.array([r.oracle for r in self.val_records], dtype=np.float64)
-        out = {"prior_log_loss": prior_log_loss(self.train_labels, val_labels, self.n_classes)}
+        # references, all scored on the validation rows: the train split's class prior, uniform, and the
+        # validation rows' own class frequencies (the best constant prediction; an optimistic reference)
+        out = {"prior_log_loss": prior_log_loss(self.train_labels, val_labels, self.n_classes),
+               "uniform_log_loss": float(np.log(self.n_classes)),
+               "val_prior_log_loss": prior_log_loss(val_labels, val_labels, self.n_classes)}
         if probs is not None:
             out["oracle_log_loss"] = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-15, 1)).mean())
         return out

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pref_lightning.backbone import build_backbone, tokenizer_from_files
 from pref_lightning.head import CrossHead, PairHead, pool, pooled_size
-from pref_lightning.metrics import LogLoss
+from pref_lightning.metrics import PROB_FLOOR, LogLoss, check_floor, class_probabilities
 from pref_lightning.pairs import STATS_FEATURES
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,14 @@ class PreferenceModule(L.LightningModule):
         compile_backend: str = "inductor",
         backbone_config: Mapping[str, Any] | None = None,
         n_classes: int = 3,
+        prob_floor: float = PROB_FLOOR,
     ) -> None:
         super().__init__()
         if swap_augment not in SWAP_MODES:
             raise ValueError(f"model.swap_augment={swap_augment!r}; choose from {', '.join(SWAP_MODES)}")
         if n_classes not in CLASS_COUNTS:
             raise ValueError(f"n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
+        check_floor(prob_floor, n_classes)
         self.save_hyperparameters(ignore=["backbone_config"])  # n_classes travels in every checkpoint
         self.swap_index = SWAP[:n_classes]
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
@@ -181,6 +183,12 @@ class PreferenceModule(L.LightningModule):
             logits = 0.5 * (logits + self.head(b, a, stats_b, stats_a)[:, self.swap_index])
         return logits
 
+    def probabilities(self, logits: torch.Tensor, calibrated: bool = False) -> torch.Tensor:
+        """(n, K) class probabilities of (n, K) logits as validation, calibration and prediction report them:
+        softmax (of logits / temperature when `calibrated`), floored at `prob_floor` (metrics.mix_floor)."""
+        temperature = self.temperature if calibrated else 1.0
+        return class_probabilities(logits, temperature, self.hparams.get("prob_floor", 0.0))
+
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         labels = batch["labels"]
@@ -223,7 +231,7 @@ class PreferenceModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch, tta_swap=self.hparams.tta_swap)
-        probs = logits.softmax(-1)
+        probs = self.probabilities(logits)
         self.val_log_loss(probs, batch["labels"])
         self.val_accuracy(probs, batch["labels"])
         size = len(batch["labels"])

@@ -128,7 +128,9 @@ class PairEncoder:
         out: list[list[int]] = []
         for start in range(0, len(texts), self.batch_size):
             chunk = [self._clip_chars(t) for t in texts[start:start + self.batch_size]]
-            out.extend(self.tokenizer(chunk, add_special_tokens=False)["input_ids"])
+            # verbose=False: turns are tokenized whole and truncated here, so "sequence length is longer
+            # than the specified maximum" would be a false alarm
+            out.extend(self.tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])
         return out
 
     def build_side(self, prompt: Sequence[Sequence[int]], response: Sequence[Sequence[int]]) -> np.ndarray:

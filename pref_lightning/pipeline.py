@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pref_lightning.atomic import atomic_path, atomic_write_text
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
-from pref_lightning.calibration import collect_logits, fit_temperature
+from pref_lightning.calibration import TEMPERATURE_RANGE, collect_logits, fit_temperature
 from pref_lightning.callbacks import SigtermCheckpoint, drop_progress_bars
+from pref_lightning.compat import backbone_config, check_max_length, check_vocabulary
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.distributed import hydra_job_processes
 from pref_lightning.ensemble import (
@@ -30,7 +31,7 @@ from pref_lightning.ensemble import (
     combine,
     ensemble_weights,
 )
-from pref_lightning.metrics import competition_log_loss
+from pref_lightning.metrics import competition_log_loss, mix_floor
 from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
 from pref_lightning.records import CLASS_NAMES, label_array
 from pref_lightning.report import csv_metrics_path, write_report
@@ -49,6 +50,19 @@ def build_tokenizer(model_cfg: DictConfig, datamodule: PreferenceDataModule):
         return cached_trained_tokenizer(datamodule.tokenizer_texts(), int(model_cfg.tokenizer_vocab_size),
                                         model_cfg.get("cache_dir"))
     return load_tokenizer(model_cfg.get("tokenizer") or model_cfg.backbone)
+
+
+def check_backbone_settings(cfg: DictConfig):
+    """Refuse settings the backbone cannot serve (compat.py), reading no data. Returns the backbone's own
+    tokenizer when it needs no training texts (else None: the tiny tokenizer is trained on the data)."""
+    config = backbone_config(cfg.model.backbone, cfg.model.get("tiny_config"))
+    check_max_length(config, int(cfg.data.max_length), backbone=cfg.model.backbone)
+    if cfg.model.backbone == TINY and not cfg.model.get("tokenizer"):
+        return None
+    tokenizer = load_tokenizer(cfg.model.get("tokenizer") or cfg.model.backbone)
+    if cfg.model.backbone != TINY:
+        check_vocabulary(config, tokenizer, backbone=cfg.model.backbone)
+    return tokenizer
 
 
 def instantiate_list(group: DictConfig | None) -> list[Any]:
@@ -74,9 +88,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = output_dir(cfg)
 
+    # settings that contradict the backbone are refused before any data is read
+    tokenizer = check_backbone_settings(cfg)
     datamodule: PreferenceDataModule = instantiate(cfg.data)
     datamodule.load_records()
-    tokenizer = build_tokenizer(cfg.model, datamodule)
+    tokenizer = tokenizer or build_tokenizer(cfg.model, datamodule)
     datamodule.attach_tokenizer(tokenizer)
 
     callbacks = drop_progress_bars(instantiate_list(cfg.get("callbacks")), cfg.trainer.get("enable_progress_bar", True))
@@ -129,11 +145,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": str(Path(best).resolve()) if best else None,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    metrics["gain_over_prior"] = metrics["prior_log_loss"] - metrics["val_log_loss"]
+    for reference in ("prior", "uniform", "val_prior"):  # gains over the train prior, uniform, val rows' prior
+        metrics[f"gain_over_{reference}"] = metrics[f"{reference}_log_loss"] - metrics["val_log_loss"]
+    metrics["warnings"] = health_warnings(metrics)
     if datamodule.n_folds:
         metrics.update(n_folds=datamodule.n_folds, fold=datamodule.fold)
     if trainer.is_global_zero:
-        val_probs = (val_logits / model.temperature).softmax(-1).numpy()  # what predict.py would output
+        val_probs = model.probabilities(val_logits, calibrated=True).numpy()  # what predict.py would output
         if datamodule.n_folds:
             write_fold_files(run_dir, datamodule, val_probs, val_labels.numpy())
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -146,6 +164,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         summary = {k: round(metrics[k], 4) for k in ("val_log_loss", "val_log_loss_calibrated", "prior_log_loss",
                                                       "oracle_log_loss", "val_accuracy") if k in metrics}
         print(f"[pref-lightning] {summary}")
+        for warning in metrics["warnings"]:
+            log.warning(warning)
+            print(f"[pref-lightning] WARNING: {warning}")
     return metrics
 
 
@@ -191,20 +212,40 @@ def validation_logits(model: PreferenceModule, datamodule: PreferenceDataModule)
 
 
 def calibrate(model: PreferenceModule, logits: torch.Tensor, labels: torch.Tensor, checkpoint: str | None,
-              enabled: bool = True) -> dict[str, float]:
-    """Fit a temperature on the validation `logits` of `model` (the best weights) and store it in
-    `checkpoint` (rank 0 passes the path, other ranks None). Returns the log loss before and after."""
+              enabled: bool = True) -> dict[str, Any]:
+    """Fit a temperature (within `TEMPERATURE_RANGE`) on the validation `logits` of `model` (the best
+    weights) and store it in `checkpoint` (rank 0 passes the path, other ranks None). Returns the log loss
+    before and after, both with the model's probability floor, as validation and prediction compute them."""
+    before = float(competition_log_loss(model.probabilities(logits), labels))
     if not enabled:
-        return {}
-    temperature = fit_temperature(logits, labels)
+        return {"val_log_loss_uncalibrated": before}
+    temperature = fit_temperature(logits, labels, floor=model.hparams.prob_floor)
     model.temperature = temperature
-    before = float(competition_log_loss(logits.softmax(-1), labels))
-    after = float(competition_log_loss((logits / temperature).softmax(-1), labels))
+    after = float(competition_log_loss(model.probabilities(logits, calibrated=True), labels))
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state[CHECKPOINT_KEY]["temperature"] = temperature
         atomic_torch_save(state, checkpoint)
-    return {"temperature": temperature, "val_log_loss_uncalibrated": before, "val_log_loss_calibrated": after}
+    return {"temperature": temperature, "val_log_loss_uncalibrated": before, "val_log_loss_calibrated": after,
+            "temperature_at_bound": temperature in TEMPERATURE_RANGE}
+
+
+def health_warnings(metrics: dict[str, Any]) -> list[str]:
+    """What validation says is wrong with the model, in words: worse than uniform or than the validation
+    rows' own class prior (then calibration flattens it towards uniform), or a temperature at its bound."""
+    warnings = []
+    loss, uniform, val_prior = metrics["val_log_loss"], metrics["uniform_log_loss"], metrics["val_prior_log_loss"]
+    if loss > uniform:
+        warnings.append(f"the model is worse than uniform on validation: log loss {loss:.4f} > ln {metrics['n_classes']}"
+                        f" = {uniform:.4f}; its predictions are harmful, not merely uninformative")
+    elif loss > val_prior:
+        warnings.append(f"the model is worse than the validation rows' own class prior: log loss {loss:.4f} > "
+                        f"{val_prior:.4f}")
+    if metrics.get("temperature_at_bound"):
+        warnings.append(f"the calibration temperature hit its bound ({metrics['temperature']:g}, range "
+                        f"{TEMPERATURE_RANGE}): calibration cannot repair this model"
+                        + ("; it is flattened towards uniform" if metrics["temperature"] > 1 else ""))
+    return warnings
 
 
 def write_fold_files(run_dir: Path, datamodule: PreferenceDataModule, probs: np.ndarray, labels: np.ndarray) -> None:
@@ -291,9 +332,11 @@ def _predict(cfg: DictConfig) -> Path:
     if not trainer.is_global_zero:
         return Path(cfg.output_path)
     records = members[0][0]
-    if any([r.id for r in other] != [r.id for r in records] for other, _ in members[1:]):
+    if any([r.id for r in other] != [r.id for r in records] for other, _, _ in members[1:]):
         raise RuntimeError("ensemble members predicted different rows")  # one input file: never expected
-    probs = combine([logits for _, logits in members], weights, mode)
+    # the output guard: the largest of the members' probability floors, applied once after averaging
+    floor = max(member_floor for _, _, member_floor in members)
+    probs = mix_floor(combine([logits for _, logits, _ in members], weights, mode), floor)
     output_path = Path(cfg.output_path)
     ids = [r.id for r in records]
     frame = winner_frame(ids, probs) if submission_format(cfg, records) == "wsdm" else submission_frame(ids, probs)
@@ -306,8 +349,8 @@ def _predict(cfg: DictConfig) -> Path:
     if len(labelled) == len(records):
         labels = torch.from_numpy(label_array(records))
         if len(paths) > 1:
-            for path, (_, logits) in zip(paths, members):
-                loss = competition_log_loss(torch.from_numpy(combine([logits], [1.0])), labels)
+            for path, (_, logits, member_floor) in zip(paths, members):
+                loss = competition_log_loss(torch.from_numpy(mix_floor(combine([logits], [1.0]), member_floor)), labels)
                 print(f"[pref-lightning] member {path}: log loss {float(loss):.4f}")
         loss = competition_log_loss(torch.from_numpy(probs), labels)
         accuracy = float((probs.argmax(1) == labels.numpy()).mean())
@@ -315,15 +358,18 @@ def _predict(cfg: DictConfig) -> Path:
     return output_path
 
 
-def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer) -> tuple[list, np.ndarray] | None:
-    """(records, logits in input order) of one checkpoint on `cfg.input_path`, with that model's own
-    tokenizer, data settings and swap TTA (or `cfg.tta_swap`); None on DDP ranks other than 0."""
+def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer) -> tuple[list, np.ndarray, float] | None:
+    """(records, logits in input order, the model's probability floor) of one checkpoint on
+    `cfg.input_path`, with that model's own tokenizer, data settings and swap TTA (or `cfg.tta_swap`);
+    None on DDP ranks other than 0."""
     model, tokenizer, settings = PreferenceModule.from_checkpoint(str(ckpt_path))
     if cfg.get("tta_swap") is not None:
         model.hparams.tta_swap = bool(cfg.tta_swap)
     model.apply_temperature = bool(cfg.get("calibrate", True))
+    max_length = int(cfg.get("max_length") or settings["max_length"])
+    check_max_length(model.backbone.config, max_length, key="max_length", backbone=str(ckpt_path))
     datamodule = PreferenceDataModule(predict_path=cfg.input_path, eval_batch_size=cfg.batch_size,
-                                      max_length=int(cfg.get("max_length") or settings["max_length"]),
+                                      max_length=max_length,
                                       prompt_fraction=float(settings["prompt_fraction"]),
                                       stats_norm=settings["stats_norm"],
                                       layout=settings.get("layout", "siamese"),
@@ -339,4 +385,5 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
     index, logits = all_ranks(index, logits)
     if not trainer.is_global_zero:
         return None
-    return records, gather_predictions([{"index": index, "logits": logits}], len(records))
+    return (records, gather_predictions([{"index": index, "logits": logits}], len(records)),
+            float(model.hparams.prob_floor))

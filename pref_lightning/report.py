@@ -165,20 +165,32 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> list[str]:
-    prior = metrics.get("prior_log_loss")
+    """Validation log loss of the model and of its references, each with its gain over the train prior,
+    over uniform and over the validation rows' own class prior."""
+    refs = [metrics.get(k) for k in ("prior_log_loss", "uniform_log_loss", "val_prior_log_loss")]
     rows = [("model (best checkpoint)", metrics.get("val_log_loss", metrics.get("val_log_loss_uncalibrated")),
              metrics.get("val_accuracy"))]
     if "val_log_loss_calibrated" in metrics:
         rows.append((f"model, temperature-calibrated (T = {_fmt(metrics.get('temperature'), 3)})",
                      metrics["val_log_loss_calibrated"], metrics.get("val_accuracy")))
-    rows.append(("class prior of the train split", prior, None))
+    rows += [("class prior of the train split", refs[0], None), ("uniform", refs[1], None),
+             ("class prior of the validation rows (best constant)", refs[2], None)]
     if "oracle_log_loss" in metrics:
         rows.append(("oracle (the synthetic generator's probabilities)", metrics["oracle_log_loss"], None))
-    lines = ["| predictor | val log loss | gain over prior (nats) | val accuracy |", "|---|---:|---:|---:|"]
+    lines = ["| predictor | val log loss | gain over train prior | gain over uniform | gain over val prior "
+             "| val accuracy |", "|---|---:|---:|---:|---:|---:|"]
     for name, loss, accuracy in rows:
-        gain = prior - loss if prior is not None and loss is not None else None
-        lines.append(f"| {name} | {_fmt(loss)} | {_fmt(gain)} | {_fmt(accuracy)} |")
+        gains = [_fmt(ref - loss if ref is not None and loss is not None else None) for ref in refs]
+        lines.append(f"| {name} | {_fmt(loss)} | {' | '.join(gains)} | {_fmt(accuracy)} |")
     return lines
+
+
+def warnings_section(metrics: Mapping[str, Any]) -> list[str]:
+    """A loud section at the top of the report when validation says the model is broken."""
+    warnings = metrics.get("warnings") or []
+    if not warnings:
+        return []
+    return ["## WARNING", "", *[f"- **{w}**" for w in warnings], ""]
 
 
 def write_report(run_dir: str | Path, cfg: DictConfig | Mapping[str, Any], metrics: Mapping[str, Any],
@@ -206,6 +218,7 @@ def write_report(run_dir: str | Path, cfg: DictConfig | Mapping[str, Any], metri
     lines = [
         "# Training report", "",
         f"Run folder `{run_dir.resolve()}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
+        *warnings_section(metrics),
         "## Data", "",
         "| split | rows |", "|---|---:|",
         f"| train | {metrics.get('train_rows', '-')} |",

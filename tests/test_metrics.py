@@ -26,3 +26,21 @@ def test_metric_accumulates_over_batches_as_weighted_mean():
     metric.update(torch.full((3, 3), 1 / 3), torch.tensor([0, 1, 2]))
     expected = (math.log(2) + 3 * math.log(3)) / 4
     assert math.isclose(float(metric.compute()), expected, rel_tol=1e-6)
+
+
+def test_probability_floor_bounds_every_class_and_keeps_rows_normalised():
+    import numpy as np
+    import pytest
+
+    from pref_lightning.metrics import check_floor, class_probabilities, mix_floor
+
+    logits = torch.tensor([[60.0, -60.0, 0.0], [0.0, 0.0, 0.0]])
+    probs = class_probabilities(logits, floor=0.002)
+    assert probs.min() >= 0.002 - 1e-9 and torch.allclose(probs.sum(-1), torch.ones(2))
+    assert torch.allclose(probs[1], torch.full((3,), 1 / 3))  # uniform stays uniform
+    # a row labelled with a class the model ruled out costs at most -ln(floor)
+    assert float(competition_log_loss(probs[:1], torch.tensor([1]))) <= -math.log(0.002) + 1e-6
+    assert np.allclose(mix_floor(np.array([[1.0, 0.0]]), 0.1), [[0.9, 0.1]])  # numpy too
+    assert mix_floor(probs, 0.0) is probs
+    with pytest.raises(ValueError, match="prob_floor"):
+        check_floor(0.34, 3)
