@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pref_lightning.anchor import fit_anchor
 from pref_lightning.cache import (
     EncodedTable,
     LazyRecords,
@@ -546,6 +547,16 @@ class PreferenceDataModule(L.LightningDataModule):
                 # any supported format (detected unless predict_format is set); every row, in file order
                 self.predict_records = read_any(self.predict_path, self.predict_format)
                 self.predict_set = PairDataset(normalise_stats(encoder.encode(self.predict_records), self.stats_norm))
+
+    def split_statistics(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Normalised statistics of sides A and B (n, n_stats) and labels (n,) of the `train` or `val` split."""
+        pairs = (self.train_set if split == "train" else self.val_set).pairs
+        return (np.stack([p.stats_a for p in pairs]), np.stack([p.stats_b for p in pairs]),
+                np.array([p.label for p in pairs], dtype=np.int64))
+
+    def fit_anchor(self) -> dict[str, Any]:
+        """The anchored head's offset (`anchor.fit_anchor`), fitted on the training split after `setup`."""
+        return fit_anchor(*self.split_statistics("train"), n_classes=self.n_classes)
 
     def settings(self) -> dict:
         """What prediction needs to encode rows exactly as training did (stored in checkpoints)."""

@@ -37,6 +37,11 @@ def mlp(in_size: int, hidden: int, out_size: int, dropout: float) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
+def output_layers(head: nn.Module) -> list[nn.Linear]:
+    """The last Linear of each of the head's MLPs (what the anchored head starts at zero)."""
+    return [m[-1] for m in head.modules() if isinstance(m, nn.Sequential) and isinstance(m[-1], nn.Linear)]
+
+
 class PairHead(nn.Module):
     """Two side vectors (pooled encoder output, optionally with per-side text statistics) -> 3 logits.
 

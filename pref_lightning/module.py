@@ -11,10 +11,12 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from pref_lightning.anchor import AnchorOffset
 from pref_lightning.backbone import build_backbone, tokenizer_from_files
-from pref_lightning.head import CrossHead, PairHead, pool, pooled_size
+from pref_lightning.head import CrossHead, PairHead, output_layers, pool, pooled_size
 from pref_lightning.metrics import PROB_FLOOR, LogLoss, check_floor, class_probabilities
 from pref_lightning.pairs import STATS_FEATURES
 
@@ -73,6 +75,9 @@ class PreferenceModule(L.LightningModule):
         backbone_config: Mapping[str, Any] | None = None,
         n_classes: int = 3,
         prob_floor: float = PROB_FLOOR,
+        anchor_head: bool = False,
+        anchor_trainable: bool = False,
+        anchor: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if swap_augment not in SWAP_MODES:
@@ -108,6 +113,17 @@ class PreferenceModule(L.LightningModule):
                                  n_classes=n_classes, stats_size=stats_size, symmetric=symmetric_head)
         else:
             raise ValueError(f"layout={layout!r}; choose siamese or cross")
+        # anchored head: the statistics' logistic regression as an offset, the head's last layer at zero
+        self.anchor = None
+        if anchor_head:
+            if not use_text_stats:
+                raise ValueError("model.anchor_head=true needs model.use_text_stats=true (it regresses on them)")
+            if anchor is None:
+                raise ValueError("model.anchor_head=true needs the fitted anchor (datamodule.fit_anchor())")
+            self.anchor = AnchorOffset(dict(anchor), trainable=anchor_trainable)
+            for layer in output_layers(self.head):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.val_log_loss = LogLoss()
         self.val_accuracy = MulticlassAccuracy(num_classes=n_classes, average="micro")
         self.train_log_loss = LogLoss()
@@ -163,7 +179,14 @@ class PreferenceModule(L.LightningModule):
         stats = batch.get("stats")
         n = pooled.shape[0]
         stats_a, stats_b = (None, None) if stats is None else (stats[:n].float(), stats[n:].float())
-        return self.head(pooled, stats_a, stats_b)
+        logits = self.head(pooled, stats_a, stats_b)
+        return logits if self.anchor is None else logits + self.anchor(stats_a, stats_b)
+
+    def pair_logits(self, a: torch.Tensor, b: torch.Tensor, stats_a: torch.Tensor | None,
+                    stats_b: torch.Tensor | None) -> torch.Tensor:
+        """(n, K) logits of side vectors (n, hidden) and statistics (n, n_stats): head, plus the anchor."""
+        logits = self.head(a, b, stats_a, stats_b)
+        return logits if self.anchor is None else logits + self.anchor(stats_a, stats_b)
 
     def side_vectors(self, batch: Mapping[str, torch.Tensor]):
         """Pooled vectors and statistics of sides A and B (the backbone runs once for both)."""
@@ -178,9 +201,9 @@ class PreferenceModule(L.LightningModule):
         if self.is_cross:
             return self.cross_logits(batch)
         a, b, stats_a, stats_b = self.side_vectors(batch)
-        logits = self.head(a, b, stats_a, stats_b)
+        logits = self.pair_logits(a, b, stats_a, stats_b)
         if tta_swap:
-            logits = 0.5 * (logits + self.head(b, a, stats_b, stats_a)[:, self.swap_index])
+            logits = 0.5 * (logits + self.pair_logits(b, a, stats_b, stats_a)[:, self.swap_index])
         return logits
 
     def probabilities(self, logits: torch.Tensor, calibrated: bool = False) -> torch.Tensor:
@@ -208,10 +231,10 @@ class PreferenceModule(L.LightningModule):
             if stats_a is not None:
                 stats_a, stats_b = torch.where(col, stats_b, stats_a), torch.where(col, stats_a, stats_b)
             labels = torch.where(flip, swap[labels], labels)
-        logits = self.head(a, b, stats_a, stats_b)
+        logits = self.pair_logits(a, b, stats_a, stats_b)
         loss = F.cross_entropy(logits, labels)
         if mode == "full":  # both orders in the same step
-            loss = 0.5 * (loss + F.cross_entropy(self.head(b, a, stats_b, stats_a), swap[labels]))
+            loss = 0.5 * (loss + F.cross_entropy(self.pair_logits(b, a, stats_b, stats_a), swap[labels]))
         return self._log_train(logits, labels, loss)
 
     def _augment_generator(self, batch_idx: int) -> torch.Generator:
@@ -282,7 +305,8 @@ class PreferenceModule(L.LightningModule):
              "name": f"backbone_d{depth}" + ("_no_decay" if no_decay else "")}
             for (depth, no_decay), params in sorted(buckets.items())
         ]
-        groups.append({"params": [p for p in self.head.parameters() if p.requires_grad], "lr": hp.head_lr,
+        head_params = [*self.head.parameters(), *(self.anchor.parameters() if self.anchor is not None else [])]
+        groups.append({"params": [p for p in head_params if p.requires_grad], "lr": hp.head_lr,
                        "weight_decay": 0.0, "name": "head"})
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from pref_lightning.anchor import anchor_logits
 from pref_lightning.atomic import atomic_path, atomic_write_text
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
 from pref_lightning.calibration import TEMPERATURE_RANGE, collect_logits, fit_temperature
@@ -30,6 +31,7 @@ from pref_lightning.ensemble import (
     checkpoint_paths,
     combine,
     ensemble_weights,
+    softmax,
 )
 from pref_lightning.metrics import competition_log_loss, mix_floor
 from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
@@ -98,16 +100,23 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = drop_progress_bars(instantiate_list(cfg.get("callbacks")), cfg.trainer.get("enable_progress_bar", True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
                                      logger=instantiate_list(cfg.get("logger")) or False)
+    datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (kept for prediction)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                     if k not in ("tokenizer", "tokenizer_vocab_size", "cache_dir")}
+    # the anchored head starts from the statistics' regression fitted on the training split
+    anchor = datamodule.fit_anchor() if model_kwargs.get("anchor_head") else None
     model: PreferenceModule = instantiate(model_kwargs, vocab_size=len(tokenizer), layout=datamodule.layout,
                                           augment_seed=int(cfg.seed), n_classes=datamodule.n_classes,
-                                          _convert_="all")
+                                          anchor=anchor, _convert_="all")
     # the tokenizer travels inside every checkpoint; rank 0 also leaves a copy in the run folder
     model.tokenizer_files = tokenizer_files(tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
-    datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (kept for prediction)
     model.data_settings = datamodule.settings()
     model.reference = datamodule.validation_reference()
+    if anchor is not None:  # the anchored model's step-0 validation loss: what training must beat
+        stats_a, stats_b, labels = datamodule.split_statistics("val")
+        probs = mix_floor(softmax(anchor_logits(anchor, stats_a, stats_b, model.hparams.tta_swap)),
+                          model.hparams.prob_floor)
+        model.reference["baseline_log_loss"] = float(competition_log_loss(torch.from_numpy(probs), torch.from_numpy(labels)))
     model.train_prior = datamodule.train_prior.tolist()
 
     try:
@@ -145,8 +154,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": str(Path(best).resolve()) if best else None,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    for reference in ("prior", "uniform", "val_prior"):  # gains over the train prior, uniform, val rows' prior
-        metrics[f"gain_over_{reference}"] = metrics[f"{reference}_log_loss"] - metrics["val_log_loss"]
+    for reference in ("prior", "uniform", "val_prior", "baseline"):  # gains over each reference present
+        if f"{reference}_log_loss" in metrics:
+            metrics[f"gain_over_{reference}"] = metrics[f"{reference}_log_loss"] - metrics["val_log_loss"]
     metrics["warnings"] = health_warnings(metrics)
     if datamodule.n_folds:
         metrics.update(n_folds=datamodule.n_folds, fold=datamodule.fold)
@@ -241,6 +251,9 @@ def health_warnings(metrics: dict[str, Any]) -> list[str]:
     elif loss > val_prior:
         warnings.append(f"the model is worse than the validation rows' own class prior: log loss {loss:.4f} > "
                         f"{val_prior:.4f}")
+    if "baseline_log_loss" in metrics and loss > metrics["baseline_log_loss"] + 1e-4:
+        warnings.append(f"the model ended behind the statistics baseline it started from: log loss {loss:.4f} > "
+                        f"{metrics['baseline_log_loss']:.4f}; its training added nothing the text gives")
     if metrics.get("temperature_at_bound"):
         warnings.append(f"the calibration temperature hit its bound ({metrics['temperature']:g}, range "
                         f"{TEMPERATURE_RANGE}): calibration cannot repair this model"

@@ -1,0 +1,76 @@
+"""The anchored head (issue 13): step 0 scores the statistics regression exactly; training adds to it."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from pref_lightning.anchor import anchor_logits, fit_anchor
+from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.ensemble import softmax
+from pref_lightning.metrics import competition_log_loss, mix_floor
+from pref_lightning.module import PreferenceModule
+
+from .conftest import TEST_TINY
+
+
+def test_fitted_offset_equals_the_regression_it_folds():
+    from pref_lightning.text_stats import fit_logistic_regression, predict_proba
+
+    rng = np.random.default_rng(0)
+    sa, sb = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+    labels = (sa[:, 0] < sb[:, 0]).astype(np.int64)
+    labels[::7] = 2
+    anchor = fit_anchor(sa, sb, labels)
+    X = np.concatenate([np.concatenate([sa, sb, sa - sb], 1), np.concatenate([sb, sa, sb - sa], 1)])
+    y = np.concatenate([labels, np.array([1, 0, 2])[labels]])
+    expected = predict_proba(fit_logistic_regression(X, y), X[:300])
+    assert np.allclose(softmax(anchor_logits(anchor, sa, sb, tta_swap=False)), expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_tokenizer, synthetic_csv):
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=16, eval_batch_size=64)
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")
+    anchor = dm.fit_anchor()
+    sa, sb, labels = dm.split_statistics("val")
+    probs = mix_floor(softmax(anchor_logits(anchor, sa, sb)), 0.002)
+    baseline = float(competition_log_loss(torch.from_numpy(probs), torch.from_numpy(labels)))
+    return dm, anchor, baseline
+
+
+def anchored(tokenizer, anchor, **kwargs):
+    return PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tokenizer), head_hidden=16,
+                            anchor_head=True, anchor=anchor, **kwargs)
+
+
+def test_step_zero_scores_the_baseline_and_the_checkpoint_reproduces_it(tiny_tokenizer, setup, tmp_path):
+    dm, anchor, baseline = setup
+    model = anchored(tiny_tokenizer, anchor)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                        enable_model_summary=False, max_steps=0)
+    trainer.fit(model, dm)  # no step: attaches the trainer so that a checkpoint can be written
+    step0 = trainer.validate(model, dm, verbose=False)[0]["val/log_loss"]
+    assert step0 == pytest.approx(baseline, abs=1e-4)
+    path = tmp_path / "anchored.ckpt"
+    trainer.save_checkpoint(path)
+    restored, _, _ = PreferenceModule.from_checkpoint(str(path))
+    again = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu", enable_model_summary=False)
+    assert again.validate(restored, dm, verbose=False)[0]["val/log_loss"] == pytest.approx(baseline, abs=1e-4)
+
+
+def test_training_moves_the_head_but_not_a_frozen_anchor(tiny_tokenizer, setup):
+    dm, anchor, _ = setup
+    model = anchored(tiny_tokenizer, anchor, lr=1e-3, head_lr=1e-3)
+    before = model.anchor.linear.weight.detach().clone()
+    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, accelerator="cpu", enable_model_summary=False)
+    trainer.fit(model, dm)
+    assert torch.equal(model.anchor.linear.weight, before)
+    assert any(layer.weight.abs().sum() > 0 for layer in model.head.modules() if isinstance(layer, torch.nn.Linear))
+
+
+def test_anchor_needs_statistics(tiny_tokenizer, setup):
+    with pytest.raises(ValueError, match="use_text_stats"):
+        anchored(tiny_tokenizer, setup[1], use_text_stats=False)
