@@ -34,3 +34,23 @@ class LogLoss(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count.clamp(min=1)).float()
+
+
+class PaddingEfficiency(Metric):
+    """Real tokens / processed tokens (attention-mask ones / its size) over batches and processes."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("real", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("processed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, attention_mask: torch.Tensor) -> None:
+        self.real += attention_mask.sum()
+        self.processed += attention_mask.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.real / self.processed.clamp(min=1)).float()

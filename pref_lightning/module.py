@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pref_lightning.backbone import build_backbone, tokenizer_from_files
 from pref_lightning.head import CrossHead, PairHead, pool, pooled_size
-from pref_lightning.metrics import LogLoss
+from pref_lightning.metrics import LogLoss, PaddingEfficiency
 from pref_lightning.pairs import STATS_FEATURES
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ class PreferenceModule(L.LightningModule):
         self.val_log_loss = LogLoss()
         self.val_accuracy = MulticlassAccuracy(num_classes=n_classes, average="micro")
         self.train_log_loss = LogLoss()
+        # real / processed tokens of the epoch: a summed metric that Lightning syncs with the others
+        self.train_padding = PaddingEfficiency()
         # set by the pipeline; travel inside every checkpoint so prediction needs nothing else
         self.tokenizer_files: dict[str, bytes] = {}
         self.data_settings: dict[str, Any] = {}
@@ -132,14 +134,12 @@ class PreferenceModule(L.LightningModule):
         batch_sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
         if hasattr(batch_sampler, "set_epoch"):
             batch_sampler.set_epoch(self.current_epoch)
-        self._real_tokens = torch.zeros((), device=self.device)
-        self._padded_tokens = torch.zeros((), device=self.device)
 
-    def on_train_epoch_end(self) -> None:
-        if getattr(self, "_padded_tokens", None) is not None and self._padded_tokens > 0:
-            real = self.trainer.strategy.reduce(self._real_tokens, reduce_op="sum")
-            padded = self.trainer.strategy.reduce(self._padded_tokens, reduce_op="sum")
-            self.log("train/padding_efficiency", real / padded, rank_zero_only=True)
+    # Under DDP no hook here issues a collective itself (no strategy.reduce / all_gather): the progress
+    # bar on rank 0 alone computes (syncs) logged metrics in on_train_epoch_end before the module's hook
+    # runs, so a collective in an epoch-end hook meets a different one on the other ranks and every
+    # rank waits forever. Cross-rank sums travel as logged torchmetrics states, synced by Lightning in
+    # the same order on every rank.
 
     def on_validation_epoch_start(self) -> None:
         self._flush_denormals()
@@ -184,9 +184,8 @@ class PreferenceModule(L.LightningModule):
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         labels = batch["labels"]
-        if getattr(self, "_padded_tokens", None) is not None:  # real / processed tokens, no host sync
-            self._real_tokens += batch["attention_mask"].sum()
-            self._padded_tokens += batch["attention_mask"].numel()
+        self.train_padding.update(batch["attention_mask"])  # tensor sums, no host sync
+        self.log("train/padding_efficiency", self.train_padding, on_step=False, on_epoch=True)
         if self.is_cross:
             return self._log_train(self.cross_logits(batch), labels)
         a, b, stats_a, stats_b = self.side_vectors(batch)
