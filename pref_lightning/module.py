@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from pref_lightning.backbone import build_backbone, tokenizer_from_files
+from pref_lightning.backbone import UNUSED_LAYERS, build_backbone, tokenizer_from_files
 from pref_lightning.head import CrossHead, PairHead, pool, pooled_size
 from pref_lightning.metrics import LogLoss, PaddingEfficiency
 from pref_lightning.pairs import STATS_FEATURES
@@ -38,6 +38,14 @@ def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, 
     if schedule == "linear":
         return min_ratio + (1 - min_ratio) * (1 - progress)
     raise ValueError(f"model.schedule={schedule!r}; choose cosine, linear or constant")
+
+
+def without_unused_weights(state_dict: Mapping[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights less those of backbone layers no longer built (the pooler of checkpoints
+    saved before backbones were built without it)."""
+    own = module.state_dict()
+    prefixes = tuple(f"backbone.{name}." for name in UNUSED_LAYERS)
+    return {k: v for k, v in state_dict.items() if k in own or not k.startswith(prefixes)}
 
 
 class PreferenceModule(L.LightningModule):
@@ -308,7 +316,7 @@ class PreferenceModule(L.LightningModule):
             raise ValueError(f"{path}: not a pref-lightning checkpoint (no '{CHECKPOINT_KEY}' entry)")
         hparams = {**checkpoint["hyper_parameters"], "compile": compile}
         module = cls(**hparams, backbone_config=payload["backbone_config"])
-        module.load_state_dict(checkpoint["state_dict"])
+        module.load_state_dict(without_unused_weights(checkpoint["state_dict"], module))
         module.tokenizer_files = dict(payload["tokenizer_files"])
         module.data_settings = dict(payload["data_settings"])
         module.reference = dict(payload["reference"])
