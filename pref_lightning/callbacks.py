@@ -126,6 +126,11 @@ class PriorGuard(L.Callback):
         k = n_classes_of(pl_module)
         if not isinstance(logits, torch.Tensor) or labels is None or logits.ndim != 2 or logits.shape[1] != k:
             return
+        valid = batch.get("valid")  # DDP padding rows: the module returns the real rows' logits only
+        if valid is not None and len(labels) != len(logits):
+            labels = labels[valid.to(labels.device)]
+        if len(labels) != len(logits):
+            return
         probs_at, hist_at, labels_at, size = _layout(k)
         with torch.no_grad():
             logits = logits.detach().double()

@@ -29,6 +29,8 @@ class LogLoss(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        if target.numel() == 0:  # a batch of padding rows only (a DDP rank with no rows of its own)
+            return
         self.total += competition_log_loss(probs, target, self.eps) * target.numel()
         self.count += target.numel()
 

@@ -48,6 +48,12 @@ def without_unused_weights(state_dict: Mapping[str, torch.Tensor], module: torch
     return {k: v for k, v in state_dict.items() if k in own or not k.startswith(prefixes)}
 
 
+def valid_rows(batch: Mapping[str, torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """`values` (one per row of `batch`) without the DDP padding rows (`batch["valid"]` False)."""
+    valid = batch.get("valid")
+    return values if valid is None else values[valid.to(values.device)]
+
+
 class PreferenceModule(L.LightningModule):
     """Siamese preference model; every constructor argument is a plain value saved in hparams."""
 
@@ -229,13 +235,16 @@ class PreferenceModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch, tta_swap=self.hparams.tta_swap)
-        probs = logits.softmax(-1)
-        self.val_log_loss(probs, batch["labels"])
-        self.val_accuracy(probs, batch["labels"])
-        size = len(batch["labels"])
-        self.log("val/log_loss", self.val_log_loss, prog_bar=True, batch_size=size)
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=size)
+        """Logits of the batch's real rows: DDP padding rows (`valid` False) are scored, then dropped."""
+        logits = valid_rows(batch, self(batch, tta_swap=self.hparams.tta_swap))
+        labels = valid_rows(batch, batch["labels"])
+        if len(labels):  # a rank with no rows of its own runs a batch of padding only
+            probs = logits.softmax(-1)
+            self.val_log_loss.update(probs, labels)
+            self.val_accuracy.update(probs, labels)
+        # logged on every rank at every step, so every rank syncs the same metrics at the epoch's end
+        self.log("val/log_loss", self.val_log_loss, prog_bar=True)
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True)
         return logits
 
     def on_validation_epoch_end(self) -> None:
@@ -246,7 +255,7 @@ class PreferenceModule(L.LightningModule):
         logits = self(batch, tta_swap=self.hparams.tta_swap).float()
         if self.apply_temperature:
             logits = logits / self.temperature
-        return {"index": batch["index"], "logits": logits}
+        return {"index": valid_rows(batch, batch["index"]), "logits": valid_rows(batch, logits)}
 
     # ---- optimisation -------------------------------------------------------------------------
     def backbone_depths(self) -> dict[str, int]:
