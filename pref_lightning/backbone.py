@@ -136,17 +136,65 @@ def build_backbone(
     dropout_kwargs = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     if config_dict is not None:
         config = AutoConfig.for_model(**dict(config_dict))
-        return AutoModel.from_config(config, trust_remote_code=TRUST_REMOTE_CODE)
+        return without_unused_layers(AutoModel.from_config(config, trust_remote_code=TRUST_REMOTE_CODE,
+                                                           **no_pooler_kwargs(config)))
     if backbone == TINY:
         if vocab_size is None:
             raise ValueError("model.backbone=tiny needs the tokenizer's vocab_size")
         config = tiny_config(vocab_size, tiny_overrides)
         for key, value in dropout_kwargs.items():
             setattr(config, key, value)
-        return AutoModel.from_config(config, trust_remote_code=TRUST_REMOTE_CODE)
+        return without_unused_layers(AutoModel.from_config(config, trust_remote_code=TRUST_REMOTE_CODE,
+                                                           **no_pooler_kwargs(config)))
     backbone = resolve_backbone(backbone)
     config = AutoConfig.from_pretrained(backbone, trust_remote_code=TRUST_REMOTE_CODE, **dropout_kwargs)
-    return AutoModel.from_pretrained(backbone, config=config, trust_remote_code=TRUST_REMOTE_CODE)
+    kwargs = no_pooler_kwargs(config)
+    if kwargs:
+        # the checkpoint's pooler weights are left out on purpose: say nothing about them
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModel.from_pretrained(backbone, config=config, trust_remote_code=TRUST_REMOTE_CODE, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    else:
+        model = AutoModel.from_pretrained(backbone, config=config, trust_remote_code=TRUST_REMOTE_CODE)
+    return without_unused_layers(model)
+
+
+# Layers the head never uses must not be built: DDP (find_unused_parameters=False, the fast default)
+# fails at the second step on parameters that got no gradient, and they would cost memory and
+# optimizer state. The head reads `last_hidden_state` only, so a [CLS] pooler (BERT, MiniLM, RoBERTa,
+# ELECTRA-style encoders) is dead weight; DeBERTa-v2/v3's AutoModel has none.
+UNUSED_LAYERS = ("pooler",)
+
+
+def no_pooler_kwargs(config) -> dict[str, Any]:
+    """`add_pooling_layer=False` for encoder classes that take it, else nothing."""
+    import inspect
+
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        model_class = MODEL_MAPPING[type(config)]
+    except KeyError:
+        return {}
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters \
+        else {}
+
+
+def without_unused_layers(model: PreTrainedModel) -> PreTrainedModel:
+    """Replace a pooler that is still there (a class without `add_pooling_layer`) by a parameter-free
+    identity, so that a forward that calls it unconditionally still runs."""
+    import torch
+
+    for name in UNUSED_LAYERS:
+        layer = getattr(model, name, None)
+        if isinstance(layer, torch.nn.Module) and any(True for _ in layer.parameters()):
+            setattr(model, name, torch.nn.Identity())
+    return model
 
 
 def tokenizer_files(tokenizer, folder: str | Path | None = None) -> dict[str, bytes]:

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
+from pref_lightning.distributed import settle_logged_metrics
 from pref_lightning.records import CLASS_LABELS
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,11 @@ class PriorGuard(L.Callback):
         k = n_classes_of(pl_module)
         if not isinstance(logits, torch.Tensor) or labels is None or logits.ndim != 2 or logits.shape[1] != k:
             return
+        valid = batch.get("valid")  # DDP padding rows: the module returns the real rows' logits only
+        if valid is not None and len(labels) != len(logits):
+            labels = labels[valid.to(labels.device)]
+        if len(labels) != len(logits):
+            return
         probs_at, hist_at, labels_at, size = _layout(k)
         with torch.no_grad():
             logits = logits.detach().double()
@@ -144,7 +150,9 @@ class PriorGuard(L.Callback):
         self._acc = row if self._acc is None else self._acc + row.to(self._acc.device)
 
     def _reduced(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
-        # every rank takes part in the reduction, also a rank that saw no batch
+        # every rank takes part in the reduction, also a rank that saw no batch; metric syncs still
+        # pending on this rank first (rank 0's progress bar may have done them already: see distributed.py)
+        settle_logged_metrics(trainer)
         size = _layout(n_classes_of(pl_module))[3]
         acc = self._acc if self._acc is not None else torch.zeros(size, dtype=torch.float64)
         acc = acc.to(pl_module.device).clone()

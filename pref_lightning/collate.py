@@ -15,7 +15,8 @@ class PairCollator:
 
     Rows 0..B-1 are the A sides, rows B..2B-1 the B sides (cross layout: B rows, one per pair);
     `stats` stays (2B, F) in both layouts. L is the longest sequence in the batch,
-    rounded up to `pad_to_multiple_of` (8 suits tensor cores on GPUs).
+    rounded up to `pad_to_multiple_of` (8 suits tensor cores on GPUs). A batch holding padding rows
+    (DDP evaluation, see `sampler.py`) also has `valid`: False for those rows; other batches have none.
     """
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
@@ -40,6 +41,8 @@ class PairCollator:
             "labels": torch.tensor([item.label for item in items], dtype=torch.long),
             "index": torch.tensor([item.index for item in items], dtype=torch.long),
         }
+        if any(item.padding for item in items):
+            batch["valid"] = torch.tensor([not item.padding for item in items], dtype=torch.bool)
         if items[0].stats_a is not None:
             stats = np.stack([item.stats_a for item in items] + [item.stats_b for item in items])
             batch["stats"] = torch.from_numpy(stats)

@@ -6,6 +6,7 @@ With `cache_dir` set, a data file's tokenized pairs (and what its split needs) a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -40,7 +41,7 @@ from pref_lightning.records import (
     prior_log_loss,
     read_records,
 )
-from pref_lightning.sampler import LengthGroupedSampler, ResumableLoader
+from pref_lightning.sampler import LengthGroupedSampler, ResumableLoader, padded_row
 from pref_lightning.stats_norm import apply_stats_norm, fit_stats_norm_array
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,10 @@ def normalise_stats(pairs: list[EncodedPair], norm: dict[str, Any]) -> list[Enco
 
 
 class PairDataset:
-    """A list of encoded pairs; a plain sequence is all a DataLoader needs."""
+    """A list of encoded pairs; a plain sequence is all a DataLoader needs.
+
+    A negative index is the sampler's padding copy of a row (`sampler.padding_index`), marked as such.
+    """
 
     def __init__(self, pairs: list[EncodedPair]) -> None:
         self.pairs = pairs
@@ -109,6 +113,8 @@ class PairDataset:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> EncodedPair:
+        if i < 0:
+            return dataclasses.replace(self.pairs[padded_row(i)], padding=True)
         return self.pairs[i]
 
 
@@ -531,6 +537,9 @@ class PreferenceDataModule(L.LightningDataModule):
                     self.stats_norm = fit_stats_norm(train_pairs)
                 self.train_set = PairDataset(normalise_stats(train_pairs, self.stats_norm))
                 self.val_set = PairDataset(normalise_stats(encoder.encode(self.val_records), self.stats_norm))
+            for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
+                if not len(dataset):
+                    raise ValueError(f"{self.source_name}: no {name} rows")
         if stage in (None, "predict") and self.predict_path and self.predict_set is None:
             if self.stats_norm is None:
                 raise RuntimeError("prediction needs stats_norm (it travels in the checkpoint)")
@@ -547,6 +556,8 @@ class PreferenceDataModule(L.LightningDataModule):
                 # any supported format (detected unless predict_format is set); every row, in file order
                 self.predict_records = read_any(self.predict_path, self.predict_format)
                 self.predict_set = PairDataset(normalise_stats(encoder.encode(self.predict_records), self.stats_norm))
+            if not len(self.predict_set):
+                raise ValueError(f"{self.predict_path}: no rows to predict")
 
     def split_statistics(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalised statistics of sides A and B (n, n_stats) and labels (n,) of the `train` or `val` split."""
@@ -575,13 +586,15 @@ class PreferenceDataModule(L.LightningDataModule):
         common = {"num_workers": self.num_workers, "collate_fn": collate,
                   "persistent_workers": self.num_workers > 0}
         replicas, rank = self._replicas()
-        if not self.length_grouped:
+        if not self.length_grouped and shuffle:
             # the trainer runs with use_distributed_sampler=false, so sharding is done here
             sampler = DistributedSampler(dataset, replicas, rank, shuffle=shuffle, seed=self.split_seed) \
                 if replicas > 1 else None
             return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                               sampler=sampler, **common)
-        sampler = LengthGroupedSampler([len(p) for p in dataset.pairs], batch_size, shuffle=shuffle,
+        # evaluation without length grouping: equal lengths keep the input order, rows dealt out as below
+        lengths = [len(p) for p in dataset.pairs] if self.length_grouped else [0] * len(dataset)
+        sampler = LengthGroupedSampler(lengths, batch_size, shuffle=shuffle,
                                        mega_batch_mult=self.mega_batch_mult, seed=self.split_seed,
                                        num_replicas=replicas, rank=rank)
         if not shuffle:

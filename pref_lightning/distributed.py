@@ -1,4 +1,14 @@
-"""DDP inside Hydra multiruns: one process group per job, rank > 0 runs only its own job.
+"""DDP: collectives issued in the same order on every rank, and DDP inside Hydra multiruns.
+
+Collective order. Lightning computes a logged metric (and syncs it across ranks) lazily, the first time
+anything reads the logged values after the epoch ends. The progress bar reads them on rank 0 alone, in
+its `on_train_epoch_end` / `on_validation_end`, before the other callbacks' and the module's hooks; a
+collective issued directly (`strategy.reduce`, `all_gather`) from an epoch-end hook would then meet a
+metric sync on the other ranks, and every rank waits forever. So: cross-rank sums travel as logged
+torchmetrics states (Lightning syncs them in the same order on every rank); a hook that must reduce
+something itself calls `settle_logged_metrics` first; code run by rank 0 alone never calls collectives.
+
+Multiruns: one process group per job, rank > 0 runs only its own job.
 
 Lightning starts ranks > 0 by re-running the script with the same command-line arguments plus
 `hydra.run.dir`. Under `-m` those arguments describe the whole sweep, so each extra rank would run
@@ -17,6 +27,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def settle_logged_metrics(trainer) -> None:
+    """Compute (and so sync) every value logged so far that is still pending, on this rank, now.
+
+    Call it on every rank before issuing a collective directly from an epoch-end hook: ranks where the
+    progress bar already computed the metrics skip those syncs, the others do them here, so every rank
+    reaches the direct collective with the same collectives behind it.
+    """
+    if getattr(trainer, "_results", None) is not None:
+        trainer.callback_metrics  # noqa: B018 - the property computes every pending logged value
 
 
 def _in_multirun() -> bool:

@@ -58,8 +58,30 @@ class LogLoss(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        if target.numel() == 0:  # a batch of padding rows only (a DDP rank with no rows of its own)
+            return
         self.total += competition_log_loss(probs, target, self.eps) * target.numel()
         self.count += target.numel()
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count.clamp(min=1)).float()
+
+
+class PaddingEfficiency(Metric):
+    """Real tokens / processed tokens (attention-mask ones / its size) over batches and processes."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("real", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("processed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, attention_mask: torch.Tensor) -> None:
+        self.real += attention_mask.sum()
+        self.processed += attention_mask.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.real / self.processed.clamp(min=1)).float()

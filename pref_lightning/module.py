@@ -15,9 +15,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pref_lightning.anchor import AnchorOffset
-from pref_lightning.backbone import build_backbone, tokenizer_from_files
+from pref_lightning.backbone import UNUSED_LAYERS, build_backbone, tokenizer_from_files
 from pref_lightning.head import CrossHead, PairHead, output_layers, pool, pooled_size
-from pref_lightning.metrics import PROB_FLOOR, LogLoss, check_floor, class_probabilities
+from pref_lightning.metrics import PROB_FLOOR, LogLoss, PaddingEfficiency, check_floor, class_probabilities
 from pref_lightning.pairs import STATS_FEATURES
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,20 @@ def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, 
     if schedule == "linear":
         return min_ratio + (1 - min_ratio) * (1 - progress)
     raise ValueError(f"model.schedule={schedule!r}; choose cosine, linear or constant")
+
+
+def without_unused_weights(state_dict: Mapping[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights less those of backbone layers no longer built (the pooler of checkpoints
+    saved before backbones were built without it)."""
+    own = module.state_dict()
+    prefixes = tuple(f"backbone.{name}." for name in UNUSED_LAYERS)
+    return {k: v for k, v in state_dict.items() if k in own or not k.startswith(prefixes)}
+
+
+def valid_rows(batch: Mapping[str, torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """`values` (one per row of `batch`) without the DDP padding rows (`batch["valid"]` False)."""
+    valid = batch.get("valid")
+    return values if valid is None else values[valid.to(values.device)]
 
 
 class PreferenceModule(L.LightningModule):
@@ -127,6 +141,8 @@ class PreferenceModule(L.LightningModule):
         self.val_log_loss = LogLoss()
         self.val_accuracy = MulticlassAccuracy(num_classes=n_classes, average="micro")
         self.train_log_loss = LogLoss()
+        # real / processed tokens of the epoch: a summed metric that Lightning syncs with the others
+        self.train_padding = PaddingEfficiency()
         # set by the pipeline; travel inside every checkpoint so prediction needs nothing else
         self.tokenizer_files: dict[str, bytes] = {}
         self.data_settings: dict[str, Any] = {}
@@ -150,14 +166,12 @@ class PreferenceModule(L.LightningModule):
         batch_sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
         if hasattr(batch_sampler, "set_epoch"):
             batch_sampler.set_epoch(self.current_epoch)
-        self._real_tokens = torch.zeros((), device=self.device)
-        self._padded_tokens = torch.zeros((), device=self.device)
 
-    def on_train_epoch_end(self) -> None:
-        if getattr(self, "_padded_tokens", None) is not None and self._padded_tokens > 0:
-            real = self.trainer.strategy.reduce(self._real_tokens, reduce_op="sum")
-            padded = self.trainer.strategy.reduce(self._padded_tokens, reduce_op="sum")
-            self.log("train/padding_efficiency", real / padded, rank_zero_only=True)
+    # Under DDP no hook here issues a collective itself (no strategy.reduce / all_gather): the progress
+    # bar on rank 0 alone computes (syncs) logged metrics in on_train_epoch_end before the module's hook
+    # runs, so a collective in an epoch-end hook meets a different one on the other ranks and every
+    # rank waits forever. Cross-rank sums travel as logged torchmetrics states, synced by Lightning in
+    # the same order on every rank.
 
     def on_validation_epoch_start(self) -> None:
         self._flush_denormals()
@@ -215,9 +229,8 @@ class PreferenceModule(L.LightningModule):
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         labels = batch["labels"]
-        if getattr(self, "_padded_tokens", None) is not None:  # real / processed tokens, no host sync
-            self._real_tokens += batch["attention_mask"].sum()
-            self._padded_tokens += batch["attention_mask"].numel()
+        self.train_padding.update(batch["attention_mask"])  # tensor sums, no host sync
+        self.log("train/padding_efficiency", self.train_padding, on_step=False, on_epoch=True)
         if self.is_cross:
             return self._log_train(self.cross_logits(batch), labels)
         a, b, stats_a, stats_b = self.side_vectors(batch)
@@ -253,13 +266,16 @@ class PreferenceModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch, tta_swap=self.hparams.tta_swap)
-        probs = self.probabilities(logits)
-        self.val_log_loss(probs, batch["labels"])
-        self.val_accuracy(probs, batch["labels"])
-        size = len(batch["labels"])
-        self.log("val/log_loss", self.val_log_loss, prog_bar=True, batch_size=size)
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=size)
+        """Logits of the batch's real rows: DDP padding rows (`valid` False) are scored, then dropped."""
+        logits = valid_rows(batch, self(batch, tta_swap=self.hparams.tta_swap))
+        labels = valid_rows(batch, batch["labels"])
+        if len(labels):  # a rank with no rows of its own runs a batch of padding only
+            probs = self.probabilities(logits)
+            self.val_log_loss.update(probs, labels)
+            self.val_accuracy.update(probs, labels)
+        # logged on every rank at every step, so every rank syncs the same metrics at the epoch's end
+        self.log("val/log_loss", self.val_log_loss, prog_bar=True)
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True)
         return logits
 
     def on_validation_epoch_end(self) -> None:
@@ -270,7 +286,7 @@ class PreferenceModule(L.LightningModule):
         logits = self(batch, tta_swap=self.hparams.tta_swap).float()
         if self.apply_temperature:
             logits = logits / self.temperature
-        return {"index": batch["index"], "logits": logits}
+        return {"index": valid_rows(batch, batch["index"]), "logits": valid_rows(batch, logits)}
 
     # ---- optimisation -------------------------------------------------------------------------
     def backbone_depths(self) -> dict[str, int]:
@@ -341,7 +357,7 @@ class PreferenceModule(L.LightningModule):
             raise ValueError(f"{path}: not a pref-lightning checkpoint (no '{CHECKPOINT_KEY}' entry)")
         hparams = {**checkpoint["hyper_parameters"], "compile": compile}
         module = cls(**hparams, backbone_config=payload["backbone_config"])
-        module.load_state_dict(checkpoint["state_dict"])
+        module.load_state_dict(without_unused_weights(checkpoint["state_dict"], module))
         module.tokenizer_files = dict(payload["tokenizer_files"])
         module.data_settings = dict(payload["data_settings"])
         module.reference = dict(payload["reference"])

@@ -30,6 +30,7 @@ class EncodedPair:
     index: int  # position of the record in its input, to restore order after length sorting
     stats_a: np.ndarray | None = None  # float32 STATS_FEATURES of side A (normalised by the datamodule)
     stats_b: np.ndarray | None = None
+    padding: bool = False  # a copy filling an evaluation batch under DDP: scored, never counted
 
     def __len__(self) -> int:
         return len(self.ids_a) if self.ids_b is None else max(len(self.ids_a), len(self.ids_b))

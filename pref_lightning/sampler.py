@@ -4,6 +4,10 @@ Answers are long-tailed, so random batches with dynamic padding still spend most
 padding. Training batches are formed inside shuffled mega-batches (sorted by length there) and the
 batch order is shuffled, so training stays random; evaluation batches are globally length-sorted.
 Under DDP every rank takes its own share of the batches, with the same count per rank in training.
+In evaluation every rank gets the same number of rows too: a rank short of a row (or with none: fewer
+rows than ranks) is topped up with a copy of a row marked as padding (a negative index, see
+`padding_index`), which the model scores but leaves out of metrics and predictions. So every rank runs
+the same steps (and collectives) and no rank has an empty loader, while each row counts exactly once.
 """
 
 from __future__ import annotations
@@ -13,6 +17,16 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
+
+
+def padding_index(row: int) -> int:
+    """The index a sampler yields for a padding copy of dataset row `row` (>= 0): negative."""
+    return -1 - row
+
+
+def padded_row(index: int) -> int:
+    """The dataset row a (negative) padding index copies."""
+    return -1 - index
 
 
 class LengthGroupedSampler(Sampler[list[int]]):
@@ -45,11 +59,16 @@ class LengthGroupedSampler(Sampler[list[int]]):
     def rank_batches(self) -> list[np.ndarray]:
         """This rank's batches of this epoch."""
         if not self.shuffle:
-            # evaluation: items (not batches) are dealt out, so every rank gets work whenever there
-            # are as many rows as ranks, and no row is repeated; longest first, so that a memory
-            # problem shows at the first batch
-            order = np.argsort(-self.lengths, kind="stable")[self.rank::self.num_replicas]
-            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            # evaluation: items (not batches) are dealt out, longest first, so that a memory problem
+            # shows at the first batch; no row is repeated, and a rank short of rows is topped up with
+            # padding copies (negative indices) so that every rank has the same number of rows
+            order = np.argsort(-self.lengths, kind="stable")
+            share = order[self.rank::self.num_replicas]
+            per_rank = -(-len(order) // self.num_replicas)
+            if len(share) < per_rank:
+                filler = share[-1] if len(share) else order[-1]  # the shortest row at hand: cheapest
+                share = np.concatenate([share, np.full(per_rank - len(share), padding_index(int(filler)))])
+            return [share[i:i + self.batch_size] for i in range(0, len(share), self.batch_size)]
         return self.training_batches()[self.rank::self.num_replicas]
 
     def training_batches(self) -> list[np.ndarray]:

@@ -9,6 +9,8 @@ from pref_lightning.backbone import (
     tokenizer_from_files,
 )
 
+from .conftest import minilm_installed
+
 
 def test_trained_tokenizer_encodes_real_pieces_not_unk(tiny_tokenizer, synthetic_frame):
     text = "Here is a short guide about the topic with a few examples."
@@ -88,3 +90,38 @@ def test_tokenizer_training_is_the_same_in_every_process():
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
                for _ in range(3)}
     assert len(outputs) == 1
+
+
+BACKBONES = ["tiny", "deberta_folder", "bert_folder",
+             pytest.param("minilm", marks=pytest.mark.skipif(not minilm_installed(), reason="minilm extra absent"))]
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_every_backbone_parameter_gets_a_gradient_from_the_pooled_output(kind, request, tiny_tokenizer):
+    """DDP (find_unused_parameters=False) fails on a parameter outside the loss: a BERT-style pooler the
+    head never reads must not be built, neither from a folder nor when rebuilt from a checkpoint's config."""
+    from pref_lightning.head import pool
+
+    if kind == "tiny":
+        model = build_backbone("tiny", vocab_size=len(tiny_tokenizer), tiny_overrides={
+            "hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 64})
+    else:
+        source = {"deberta_folder": "local_backbone_dir", "bert_folder": "local_bert_dir"}.get(kind)
+        model = build_backbone(str(request.getfixturevalue(source)) if source else kind, dropout=0.0)
+    rebuilt = build_backbone("ignored", config_dict=model.config.to_dict())
+    for encoder in (model, rebuilt):
+        assert not [name for name, _ in encoder.named_parameters() if "pooler" in name]
+        ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]])
+        mask = (ids != 0).long()
+        pool(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, "mean").square().sum().backward()
+        unused = [name for name, p in encoder.named_parameters() if p.grad is None or not p.grad.any()]
+        assert not unused, f"{kind}: no gradient for {unused[:5]}"
+
+
+def test_checkpoint_weights_of_a_dropped_pooler_are_ignored():
+    from pref_lightning.module import without_unused_weights
+
+    module = torch.nn.Module()
+    module.backbone = torch.nn.Linear(2, 2)
+    state = {**module.state_dict(), "backbone.pooler.dense.weight": torch.zeros(1), "head.x": torch.zeros(1)}
+    assert set(without_unused_weights(state, module)) == {"backbone.weight", "backbone.bias", "head.x"}

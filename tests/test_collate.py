@@ -22,3 +22,11 @@ def test_pad_to_multiple_of():
     batch = PairCollator(pad_id=7, pad_to_multiple_of=8)([pair(3, 9, -1, 4)])
     assert batch["input_ids"].shape == (2, 16)
     assert batch["input_ids"][0, 3:].eq(7).all()
+
+
+def test_padding_rows_are_marked_and_plain_batches_have_no_mask():
+    from dataclasses import replace
+
+    assert "valid" not in PairCollator(pad_id=0)([pair(3, 5, 0, 0)])
+    batch = PairCollator(pad_id=0)([pair(3, 5, 0, 0), replace(pair(3, 5, 0, 0), padding=True)])
+    assert batch["valid"].tolist() == [True, False]

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from pref_lightning.datamodule import PreferenceDataModule, grouped_split, prompt_key
 from pref_lightning.records import PairRecord
@@ -69,3 +70,33 @@ def test_embedded_synthetic_source(tiny_tokenizer):
     assert len(dm.train_records) + len(dm.val_records) == 200
     assert all(r.oracle is not None for r in dm.val_records)
     assert "synthetic" in dm.source_name
+
+
+def test_prediction_file_without_rows_is_a_clear_error(tmp_path, tiny_tokenizer, synthetic_frame):
+    path = tmp_path / "empty.csv"
+    synthetic_frame.iloc[:0].to_csv(path, index=False)
+    dm = PreferenceDataModule(predict_path=str(path), stats_norm={"mean": [0.0] * 13, "std": [1.0] * 13})
+    dm.attach_tokenizer(tiny_tokenizer)
+    with pytest.raises(ValueError, match="no rows"):  # the reader says so, naming the file
+        dm.setup("predict")
+
+
+def test_evaluation_loaders_give_every_rank_the_same_batches_and_each_row_once(tiny_tokenizer, synthetic_csv):
+    """A validation split smaller than the ranks: the empty ranks get a padding batch (length-grouped
+    or not), the real rows are each seen once."""
+    from types import SimpleNamespace
+
+    for grouped in (True, False):
+        dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, length_grouped=grouped)
+        dm.attach_tokenizer(tiny_tokenizer)
+        dm.setup("fit")
+        dm.val_set.pairs = dm.val_set.pairs[:2]
+        seen, batches = [], set()
+        for rank in range(3):
+            dm.trainer = SimpleNamespace(world_size=3, global_rank=rank)
+            loader = list(dm.val_dataloader())
+            batches.add(len(loader))
+            for batch in loader:
+                valid = batch.get("valid", torch.ones(len(batch["index"]), dtype=torch.bool))
+                seen += batch["index"][valid].tolist()
+        assert batches == {1} and sorted(seen) == [0, 1]

@@ -153,3 +153,30 @@ def test_compile_switch_trains_and_keeps_checkpoint_names(tmp_path, tiny_tokeniz
     assert not any("_orig_mod" in k for k in module.state_dict())
     plain = tiny_module(tiny_tokenizer)
     plain.load_state_dict(module.state_dict())
+
+
+def test_ddp_padding_rows_are_left_out_of_metrics_and_predictions(tiny_tokenizer, synthetic_csv):
+    """A batch with padding rows (a DDP rank short of rows): the metrics and predictions are those of
+    its real rows alone; a batch of padding only adds nothing."""
+    from dataclasses import replace
+
+    from pref_lightning.collate import PairCollator
+
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32)
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")
+    module = tiny_module(tiny_tokenizer).eval()
+    module.log = lambda *args, **kwargs: None  # no trainer here
+    collate = PairCollator(dm.encoder.pad_id)
+    real, other = dm.val_set.pairs[:2], dm.val_set.pairs[2]
+    with torch.no_grad():
+        module.validation_step(collate(real), 0)
+        expected = float(module.val_log_loss.compute()), float(module.val_accuracy.compute())
+        module.val_log_loss.reset(), module.val_accuracy.reset()
+        padded = collate([*real, replace(other, padding=True)])
+        logits = module.validation_step(padded, 0)
+        module.validation_step(collate([replace(other, padding=True)]), 1)
+        assert (float(module.val_log_loss.compute()), float(module.val_accuracy.compute())) == expected
+        assert logits.shape == (2, 3) and int(module.val_log_loss.count) == 2
+        out = module.predict_step(padded, 0)
+    assert out["index"].tolist() == [p.index for p in real] and out["logits"].shape == (2, 3)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pref_lightning.sampler import LengthGroupedSampler, padding_efficiency
+from pref_lightning.sampler import LengthGroupedSampler, padded_row, padding_efficiency, padding_index
 
 
 def lengths(n=1000, seed=0):
@@ -52,7 +52,22 @@ def test_ddp_evaluation_has_no_duplicates():
     lens = lengths(1001)
     ranks = [list(LengthGroupedSampler(lens, 8, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
     seen = [i for batches in ranks for b in batches for i in b]
-    assert sorted(seen) == list(range(1001))
+    assert sorted(i for i in seen if i >= 0) == list(range(1001))
+    # the short rank is topped up with one padding copy (a negative index): the same batches per rank
+    assert [i for i in seen if i < 0] == [padding_index(ranks[1][-1][-2])]
+    assert [len(b) for b in ranks[0]] == [len(b) for b in ranks[1]]
+
+
+@pytest.mark.parametrize("rows, replicas", [(1, 2), (2, 3), (3, 4), (5, 2), (1, 1)])
+def test_ddp_evaluation_with_fewer_rows_than_ranks(rows, replicas):
+    """Every rank gets ceil(rows / ranks) rows: its own, then padding copies; each row exactly once."""
+    lens = lengths(rows)
+    ranks = [[i for b in LengthGroupedSampler(lens, 4, shuffle=False, num_replicas=replicas, rank=r) for i in b]
+             for r in range(replicas)]
+    assert {len(items) for items in ranks} == {-(-rows // replicas)}
+    real = sorted(i for items in ranks for i in items if i >= 0)
+    assert real == list(range(rows))
+    assert all(0 <= padded_row(i) < rows for items in ranks for i in items if i < 0)
 
 
 def test_bad_arguments():
