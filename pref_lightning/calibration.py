@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,24 +39,3 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     value = float(log_t.detach().exp())
     value = value if math.isfinite(value) and value > 0 else 1.0
     return min(max(value, bounds[0]), bounds[1])
-
-
-@torch.no_grad()
-def collect_logits(model, batches: Iterable[Mapping[str, torch.Tensor]], tta_swap: bool,
-                   return_index: bool = False) -> tuple[torch.Tensor, ...]:
-    """Uncalibrated logits and labels of every batch's real rows in float32 (and each row's dataset index),
-    on the CPU."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    all_logits, all_labels, all_index = [], [], []
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        valid = batch.get("valid")  # DDP padding rows (False) are scored with the batch, then dropped
-        keep = slice(None) if valid is None else valid
-        all_logits.append(model(batch, tta_swap=tta_swap).float()[keep].cpu())
-        all_labels.append(batch["labels"][keep].cpu())
-        all_index.append(batch["index"][keep].cpu())
-    model.train(was_training)
-    out = (torch.cat(all_logits), torch.cat(all_labels))
-    return (*out, torch.cat(all_index)) if return_index else out

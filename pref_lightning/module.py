@@ -175,6 +175,18 @@ class PreferenceModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._flush_denormals()
+        self._validation_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def validation_outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Uncalibrated logits (n, K) float32, labels (n,) and validation-set indices (n,) of the real rows
+        this rank scored in its last validation loop, on the CPU: what calibration, `oof.csv` and the
+        report use, so that no second pass over the validation set is needed (on the run's accelerator
+        and precision, unlike a pass after `trainer.validate`, whose teardown moves the model to the CPU)."""
+        rows = getattr(self, "_validation_rows", [])
+        if not rows:
+            k = self.hparams.n_classes
+            return torch.zeros(0, k), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return tuple(torch.cat([row[i] for row in rows]).cpu() for i in range(3))
 
     def on_predict_epoch_start(self) -> None:
         self._flush_denormals()
@@ -269,6 +281,9 @@ class PreferenceModule(L.LightningModule):
         """Logits of the batch's real rows: DDP padding rows (`valid` False) are scored, then dropped."""
         logits = valid_rows(batch, self(batch, tta_swap=self.hparams.tta_swap))
         labels = valid_rows(batch, batch["labels"])
+        if hasattr(self, "_validation_rows"):
+            self._validation_rows.append((logits.detach().float(), labels.detach(),
+                                          valid_rows(batch, batch["index"]).detach()))
         if len(labels):  # a rank with no rows of its own runs a batch of padding only
             probs = self.probabilities(logits)
             self.val_log_loss.update(probs, labels)

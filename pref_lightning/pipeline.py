@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pref_lightning.anchor import anchor_logits
 from pref_lightning.atomic import atomic_path, atomic_write_text
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
-from pref_lightning.calibration import TEMPERATURE_RANGE, collect_logits, fit_temperature
+from pref_lightning.calibration import TEMPERATURE_RANGE, fit_temperature
 from pref_lightning.callbacks import SigtermCheckpoint, drop_progress_bars
 from pref_lightning.compat import backbone_config, check_max_length, check_vocabulary
 from pref_lightning.datamodule import PreferenceDataModule
@@ -135,8 +135,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         raise SystemExit(143) from None
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    results = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
-    val_logits, val_labels = validation_logits(model, datamodule)
+    results, val_logits, val_labels = validate_best(trainer, model, datamodule, best)
     calibration = calibrate(model, val_logits, val_labels, best if trainer.is_global_zero else None,
                             enabled=bool(cfg.get("calibrate", True)))
     metrics = {
@@ -211,14 +210,17 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(path)
 
 
-def validation_logits(model: PreferenceModule, datamodule: PreferenceDataModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uncalibrated logits and labels of every validation row (all DDP ranks), in validation order."""
-    logits, labels, index = all_ranks(*collect_logits(model, datamodule.val_dataloader(),
-                                                      tta_swap=model.hparams.tta_swap, return_index=True))
+def validate_best(trainer: L.Trainer, model: PreferenceModule, datamodule: PreferenceDataModule,
+                  best: str | None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Validate the best checkpoint (`best`; None: the weights in memory) in Lightning's own loop, on the
+    run's accelerator and precision: its metrics, and the uncalibrated logits and labels of every
+    validation row (gathered from all DDP ranks, in validation-set order) that the same loop computed."""
+    results = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    logits, labels, index = all_ranks(*model.validation_outputs())
     if sorted(index.tolist()) != list(range(len(datamodule.val_set))):
         raise RuntimeError(f"validation covered {len(index)} rows unevenly ({len(datamodule.val_set)} expected)")
     order = torch.argsort(index)
-    return logits[order], labels[order]
+    return results, logits[order], labels[order]
 
 
 def calibrate(model: PreferenceModule, logits: torch.Tensor, labels: torch.Tensor, checkpoint: str | None,

@@ -52,4 +52,4 @@ def test_train_refuses_before_reading_any_data(bert_dir, tmp_path):
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "data.max_length=128 exceeds the backbone's limit" in run.stderr and "64 absolute positions" in run.stderr
-    assert "missing.csv" not in run.stderr
+    assert "FileNotFoundError" not in run.stderr and "does not exist" not in run.stderr

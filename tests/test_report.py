@@ -53,8 +53,10 @@ def test_report_files_and_sections(tmp_path):
     for heading in ("# Training report", "## Data", "## Metrics (validation)", "## Time", "## Plots", "## Config"):
         assert heading in text
     assert "| train | 900 |" in text and "| validation | 100 |" in text and "(100 rows scored)" in text
-    assert "| model (best checkpoint) | 0.9500 | 0.1400 | 0.5500 |" in text
+    # gains over the train prior, uniform and the validation rows' prior (the last two absent here: "-")
+    assert "| model (best checkpoint) | 0.9500 | 0.1400 | - | - | 0.5500 |" in text
     assert "class prior of the train split | 1.0900 | 0.0000" in text and "oracle" in text
+    assert "## WARNING" not in text
     assert "T = 1.200" in text and "75.5 s" in text
     assert "seed: 7" in text and "out: 7" in text  # resolved config in a yaml block
     ece = expected_calibration_error(probs, labels)
@@ -90,3 +92,11 @@ def test_confusion_and_calibration_numbers():
     assert expected_calibration_error(np.array([[0.9, 0.05, 0.05]] * 4), np.array([1, 1, 1, 1])) == pytest.approx(0.9)
     mean_p, freq, counts = reliability_curve(np.array([0.05, 0.05, 0.95, 0.95]), np.array([0, 0, 1, 1]))
     assert mean_p.tolist() == [0.05, 0.95] and freq.tolist() == [0.0, 1.0] and counts.tolist() == [2, 2]
+
+
+def test_report_says_loudly_when_the_model_is_broken(tmp_path):
+    probs, labels = fake_predictions(30, seed=2)
+    metrics = {**METRICS, "warnings": ["the model is worse than uniform on validation"]}
+    text = write_report(tmp_path, {"seed": 1}, metrics, probs, labels, None).read_text()
+    assert "## WARNING" in text and "**the model is worse than uniform on validation**" in text
+    assert text.index("## WARNING") < text.index("## Data")
