@@ -5,12 +5,13 @@
 import hydra
 from omegaconf import DictConfig
 
+from pref_lightning import cli
 from pref_lightning.pipeline import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    predict(cfg)
+    cli.run(lambda: predict(cfg))
 
 
 if __name__ == "__main__":

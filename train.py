@@ -3,13 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
+from pref_lightning import cli
 from pref_lightning.pipeline import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     # the value is returned for Hydra sweepers that optimise it
-    return train(cfg)[cfg.get("optimized_metric", "val_log_loss")]
+    return cli.run(lambda: train(cfg), clean_run_dir=True)[cfg.get("optimized_metric", "val_log_loss")]
 
 
 if __name__ == "__main__":

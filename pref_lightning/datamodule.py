@@ -31,6 +31,7 @@ from pref_lightning.cache import (
     rows_key_fields,
 )
 from pref_lightning.collate import PairCollator
+from pref_lightning.errors import UserError
 from pref_lightning.folds import assign_folds, fold_split
 from pref_lightning.pairs import EncodedPair, PairEncoder
 from pref_lightning.records import (
@@ -63,7 +64,7 @@ def grouped_split(records: Sequence[PairRecord], val_fraction: float, seed: int)
 def grouped_split_keys(keys: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """`grouped_split` from the rows' prompt keys alone (what the data cache stores)."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
+        raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
     groups: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
@@ -75,7 +76,7 @@ def grouped_split_keys(keys: Sequence[str], val_fraction: float, seed: int) -> t
             break
         val.extend(groups[key])
     if len(val) == len(keys) or not val:
-        raise ValueError(
+        raise UserError(
             f"cannot hold out data.val_fraction={val_fraction} of {len(keys)} rows "
             f"({len(groups)} distinct prompts)"
         )
@@ -251,7 +252,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.n_folds = int(n_folds) if n_folds else None
         self.fold = int(fold)
         if self.n_folds and val_path:
-            raise ValueError("data.n_folds and data.val_path exclude each other: folds are cut from train_path")
+            raise UserError("data.n_folds and data.val_path exclude each other: folds are cut from train_path")
         self.folds: np.ndarray | None = None  # fold of every row of the training file
         self._row_ids: list[str] | None = None  # ids of the training file's rows (fold files)
         # extra training files (pref_lightning.sources), the bad-row policy of training files, the task's
@@ -261,7 +262,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.sources = parse_sources(sources)
         self.on_bad_rows = check_on_bad_rows(on_bad_rows)
         if n_classes not in (2, 3):
-            raise ValueError(f"data.n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
+            raise UserError(f"data.n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
         self.n_classes = n_classes
         self.train_format = train_format
         self.predict_format = predict_format
@@ -492,7 +493,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _cached_files_to_prepare(self) -> list[CachedFile]:
         files = []
-        if self.train_path:
+        if self.train_path and not self._uses_adapters:  # other formats are read through the adapters
             files.append(self._cached_file(self.train_path, True))
             if self.val_path:
                 files.append(self._cached_file(self.val_path, True))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pref_lightning.errors import MissingFileError, UserError
+
 MODES = ("probs", "logits")
 BEST = Path("checkpoints") / "best.ckpt"
 
@@ -23,16 +25,16 @@ def checkpoint_paths(ckpt_path: str | os.PathLike[str] | Iterable[str | os.PathL
     """The checkpoint files named by `ckpt_path` (a path or a list of paths; run folders -> best.ckpt)."""
     entries = [ckpt_path] if isinstance(ckpt_path, str | os.PathLike) else list(ckpt_path)
     if not entries:
-        raise ValueError("ckpt_path is an empty list; give a checkpoint, a run folder or a list of them")
+        raise UserError("ckpt_path is an empty list; give a checkpoint, a run folder or a list of them")
     paths = []
     for entry in entries:
         path = Path(str(entry))
         if path.is_dir():
             if not (path / BEST).is_file():
-                raise FileNotFoundError(f"ckpt_path entry {path} is a folder without {BEST} (not a run folder)")
+                raise MissingFileError(f"ckpt_path entry {path} is a folder without {BEST} (not a run folder)")
             path = path / BEST
         elif not path.is_file():
-            raise FileNotFoundError(f"ckpt_path entry {path} does not exist")
+            raise MissingFileError(f"ckpt_path entry {path} does not exist")
         paths.append(path)
     return paths
 
@@ -43,15 +45,15 @@ def ensemble_weights(weights: Sequence[float] | None, n_models: int) -> np.ndarr
         return np.full(n_models, 1.0 / n_models)
     values = np.asarray(list(weights), dtype=np.float64)
     if values.shape != (n_models,):
-        raise ValueError(f"ckpt_weights has {values.size} entries for {n_models} checkpoint(s)")
+        raise UserError(f"ckpt_weights has {values.size} entries for {n_models} checkpoint(s)")
     if not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
-        raise ValueError(f"ckpt_weights={values.tolist()}: need finite non-negative weights with a positive sum")
+        raise UserError(f"ckpt_weights={values.tolist()}: need finite non-negative weights with a positive sum")
     return values / values.sum()
 
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"ensemble_mode={mode!r}; choose {' or '.join(MODES)}")
+        raise UserError(f"ensemble_mode={mode!r}; choose {' or '.join(MODES)}")
     return mode
 
 

@@ -13,12 +13,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pref_lightning.errors import UserError
+
 
 def assign_folds(keys: Sequence[str], labels: np.ndarray, n_folds: int, seed: int, n_classes: int = 3) -> np.ndarray:
     """Fold (0..n_folds-1) of every row, given each row's prompt key and label."""
     labels = np.asarray(labels, dtype=np.int64)
     if n_folds < 2:
-        raise ValueError(f"data.n_folds={n_folds} must be at least 2")
+        raise UserError(f"data.n_folds={n_folds} must be at least 2")
     if len(keys) != len(labels):
         raise ValueError(f"{len(keys)} prompt keys but {len(labels)} labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
@@ -27,7 +29,7 @@ def assign_folds(keys: Sequence[str], labels: np.ndarray, n_folds: int, seed: in
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
     if len(groups) < n_folds:
-        raise ValueError(f"cannot make data.n_folds={n_folds} folds from {len(groups)} distinct prompts")
+        raise UserError(f"cannot make data.n_folds={n_folds} folds from {len(groups)} distinct prompts")
     order = sorted(groups, key=lambda k: (-len(groups[k]), hashlib.sha1(f"{seed}\0{k}".encode()).hexdigest()))
     totals = np.maximum(np.bincount(labels, minlength=n_classes), 1).astype(np.float64)
     counts = np.zeros((n_folds, n_classes))
@@ -47,5 +49,5 @@ def fold_split(folds: np.ndarray, fold: int) -> tuple[list[int], list[int]]:
     """(train, validation) row indices for `fold`: validation is that fold, training all the others."""
     n_folds = int(folds.max()) + 1
     if not 0 <= fold < n_folds:
-        raise ValueError(f"data.fold={fold} outside 0..{n_folds - 1}")
+        raise UserError(f"data.fold={fold} outside 0..{n_folds - 1}")
     return np.flatnonzero(folds != fold).tolist(), np.flatnonzero(folds == fold).tolist()

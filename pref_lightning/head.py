@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pref_lightning.errors import UserError
+
 COMBINATIONS = ("a", "b", "diff", "prod", "absdiff")
 
 
@@ -22,7 +24,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
         return hidden[:, 0]
     if method == "mean_cls":
         return torch.cat([mean_pool(hidden, mask), hidden[:, 0]], dim=-1)
-    raise ValueError(f"model.pooling={method!r}; choose mean, cls or mean_cls")
+    raise UserError(f"model.pooling={method!r}; choose mean, cls or mean_cls")
 
 
 def pooled_size(hidden_size: int, method: str) -> int:
@@ -57,9 +59,9 @@ class PairHead(nn.Module):
         super().__init__()
         unknown = [c for c in combine if c not in COMBINATIONS]
         if unknown or not combine:
-            raise ValueError(f"model.combine={list(combine)}; choose from {', '.join(COMBINATIONS)}")
+            raise UserError(f"model.combine={list(combine)}; choose from {', '.join(COMBINATIONS)}")
         if symmetric and n_classes != 3:
-            raise ValueError("the symmetric head predicts exactly A wins, B wins, tie")
+            raise UserError("the symmetric head predicts exactly A wins, B wins, tie")
         self.combine = tuple(combine)
         self.symmetric = symmetric
         self.stats_size = stats_size

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import zipfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pref_lightning.anchor import AnchorOffset
 from pref_lightning.backbone import UNUSED_LAYERS, build_backbone, tokenizer_from_files
+from pref_lightning.errors import MissingFileError, UserError
 from pref_lightning.head import CrossHead, PairHead, output_layers, pool, pooled_size
 from pref_lightning.metrics import PROB_FLOOR, LogLoss, PaddingEfficiency, check_floor, class_probabilities
 from pref_lightning.pairs import STATS_FEATURES
@@ -39,7 +43,32 @@ def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, 
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "linear":
         return min_ratio + (1 - min_ratio) * (1 - progress)
-    raise ValueError(f"model.schedule={schedule!r}; choose cosine, linear or constant")
+    raise UserError(f"model.schedule={schedule!r}; choose cosine, linear or constant")
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Cheap checks before anything is built: the file exists and is a zip archive (as torch.save writes)."""
+    if not Path(path).is_file():
+        raise MissingFileError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a pref-lightning checkpoint (not a PyTorch checkpoint file)")
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    """A pref-lightning checkpoint loaded safely (`weights_only=True`). Any other file is a `UserError`
+    naming it; the fix is never to turn safe loading off, so torch's advice to do that is not passed on."""
+    check_checkpoint_file(path)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        reason = "it holds Python objects that safe loading (weights_only) refuses"
+    except (RuntimeError, EOFError, ValueError):
+        reason = "not a PyTorch checkpoint file"
+    else:
+        if isinstance(checkpoint, dict) and CHECKPOINT_KEY in checkpoint:
+            return checkpoint
+        reason = f"no '{CHECKPOINT_KEY}' entry"
+    raise UserError(f"{path}: not a pref-lightning checkpoint ({reason})")
 
 
 def without_unused_weights(state_dict: Mapping[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,14 +124,15 @@ class PreferenceModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if swap_augment not in SWAP_MODES:
-            raise ValueError(f"model.swap_augment={swap_augment!r}; choose from {', '.join(SWAP_MODES)}")
+            raise UserError(f"model.swap_augment={swap_augment!r}; choose from {', '.join(SWAP_MODES)}")
         if n_classes not in CLASS_COUNTS:
-            raise ValueError(f"n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
+            raise UserError(f"n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
         check_floor(prob_floor, n_classes)
         self.save_hyperparameters(ignore=["backbone_config"])  # n_classes travels in every checkpoint
         self.swap_index = SWAP[:n_classes]
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
                                        config_dict=backbone_config, dropout=backbone_dropout)
+        self.backbone.train()  # from_pretrained returns eval mode (dropout off, Lightning's warning)
         if gradient_checkpointing:
             # transformers 5 renamed it; the old name is deprecated
             enable = getattr(self.backbone, "activation_checkpointing_enable", None) \
@@ -126,14 +156,14 @@ class PreferenceModule(L.LightningModule):
             self.head = PairHead(pooled_size(hidden, pooling), combine, head_hidden, head_dropout,
                                  n_classes=n_classes, stats_size=stats_size, symmetric=symmetric_head)
         else:
-            raise ValueError(f"layout={layout!r}; choose siamese or cross")
+            raise UserError(f"layout={layout!r}; choose siamese or cross")
         # anchored head: the statistics' logistic regression as an offset, the head's last layer at zero
         self.anchor = None
         if anchor_head:
             if not use_text_stats:
-                raise ValueError("model.anchor_head=true needs model.use_text_stats=true (it regresses on them)")
+                raise UserError("model.anchor_head=true needs model.use_text_stats=true (it regresses on them)")
             if anchor is None:
-                raise ValueError("model.anchor_head=true needs the fitted anchor (datamodule.fit_anchor())")
+                raise UserError("model.anchor_head=true needs the fitted anchor (datamodule.fit_anchor())")
             self.anchor = AnchorOffset(dict(anchor), trainable=anchor_trainable)
             for layer in output_layers(self.head):
                 nn.init.zeros_(layer.weight)
@@ -366,10 +396,8 @@ class PreferenceModule(L.LightningModule):
 
         `compile` replaces the training run's setting: compiling pays off for long prediction jobs only.
         """
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        payload = checkpoint.get(CHECKPOINT_KEY)
-        if payload is None:
-            raise ValueError(f"{path}: not a pref-lightning checkpoint (no '{CHECKPOINT_KEY}' entry)")
+        checkpoint = load_checkpoint(path, map_location)
+        payload = checkpoint[CHECKPOINT_KEY]
         hparams = {**checkpoint["hyper_parameters"], "compile": compile}
         module = cls(**hparams, backbone_config=payload["backbone_config"])
         module.load_state_dict(without_unused_weights(checkpoint["state_dict"], module))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pref_lightning.errors import UserError
 from pref_lightning.records import PairRecord
 from pref_lightning.text_stats import SIDE_FEATURES, side_stats
 
@@ -102,13 +103,13 @@ class PairEncoder:
                  head_fraction: float = 0.5, batch_size: int = 2048, layout: str = "siamese",
                  naive_truncation: bool = False) -> None:
         if layout not in LAYOUTS:
-            raise ValueError(f"data.layout={layout!r}; choose from {', '.join(LAYOUTS)}")
+            raise UserError(f"data.layout={layout!r}; choose from {', '.join(LAYOUTS)}")
         self.layout = layout
         self.naive_truncation = naive_truncation
         if max_length < 8:
-            raise ValueError(f"data.max_length={max_length} is too small; use at least 8")
+            raise UserError(f"data.max_length={max_length} is too small; use at least 8")
         if not 0.0 < prompt_fraction < 1.0:
-            raise ValueError(f"data.prompt_fraction={prompt_fraction} must lie in (0, 1)")
+            raise UserError(f"data.prompt_fraction={prompt_fraction} must lie in (0, 1)")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.prompt_fraction = prompt_fraction

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterable
@@ -33,9 +34,10 @@ from pref_lightning.ensemble import (
     ensemble_weights,
     softmax,
 )
+from pref_lightning.errors import MissingFileError, UserError
 from pref_lightning.metrics import competition_log_loss, mix_floor
-from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule
-from pref_lightning.records import CLASS_NAMES, label_array
+from pref_lightning.module import CHECKPOINT_KEY, PreferenceModule, check_checkpoint_file
+from pref_lightning.records import CLASS_NAMES, FLOAT_FORMAT, label_array
 from pref_lightning.report import csv_metrics_path, write_report
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
+    hardware = check_hardware(cfg)
     set_runtime_defaults()
     L.seed_everything(cfg.seed, workers=True)
     run_dir = output_dir(cfg)
@@ -99,7 +102,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = drop_progress_bars(instantiate_list(cfg.get("callbacks")), cfg.trainer.get("enable_progress_bar", True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
-                                     logger=instantiate_list(cfg.get("logger")) or False)
+                                     logger=instantiate_list(cfg.get("logger")) or False, **hardware)
     datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (kept for prediction)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                     if k not in ("tokenizer", "tokenizer_vocab_size", "cache_dir")}
@@ -195,8 +198,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         if own.is_file():
             return str(own)
         # never guess another folder: DDP ranks and multirun jobs must all resolve the same file
-        others = sorted(run_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        hint = f"; the newest run with one is {others[-1].parent.parent} (pass it as ckpt_path)" if others else ""
+        others = same_config_runs(cfg, run_dir)
+        hint = f"; the newest run of this config with one is {others[-1]} (pass it as ckpt_path)" if others else ""
         print(f"[pref-lightning] ckpt_path=last: no last.ckpt in {run_dir / 'checkpoints'}, starting fresh{hint}")
         return None
     path = Path(str(value))
@@ -204,10 +207,79 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if candidate.is_file():
                 return str(candidate)
-        raise FileNotFoundError(f"ckpt_path={value}: no checkpoints/last.ckpt in that run folder")
+        raise MissingFileError(f"ckpt_path={value}: no checkpoints/last.ckpt in that run folder")
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file")
+        raise MissingFileError(f"ckpt_path={value}: no such checkpoint file")
+    check_checkpoint_file(path)
     return str(path)
+
+
+def same_config_runs(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = ("model", "data")) -> list[Path]:
+    """Sibling run folders holding a `last.ckpt` whose saved `.hydra/config.yaml` has the same `keys`
+    sections as `cfg`, oldest first."""
+    mine = {k: OmegaConf.to_container(cfg[k], resolve=False) if k in cfg else None for k in keys}
+    found = []
+    for last in run_dir.parent.glob("*/checkpoints/last.ckpt"):
+        folder = last.parent.parent
+        saved = folder / ".hydra" / "config.yaml"
+        if folder == run_dir or not saved.is_file():
+            continue
+        other = OmegaConf.load(saved)
+        if all((OmegaConf.to_container(other[k], resolve=False) if k in other else None) == v for k, v in mine.items()):
+            found.append((last.stat().st_mtime, folder))
+    return [folder for _, folder in sorted(found)]
+
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+HALF_TRUE = ("16-true", "transformer-engine-float16")
+
+
+def check_hardware(cfg: DictConfig) -> dict[str, Any]:
+    """Refuse trainer settings this machine cannot run, before Lightning fails deep inside, naming the
+    override that works; returns Trainer arguments to replace (16-mixed on CPU: bf16-mixed, said once)."""
+    trainer = cfg.trainer
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        asked = " and ".join(f"{k}={v}" for k, v in hydra_choices(("experiment", "trainer")).items()
+                             if v in ("full_data", "ddp", "gpu")) or f"trainer.accelerator={accelerator}"
+        raise UserError(f"{asked} asks for GPUs, but torch finds none on this machine; on CPU add "
+                        "trainer=cpu (one process) or trainer.accelerator=cpu trainer.devices=2 (DDP, 2 processes)")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    precision = str(trainer.get("precision"))
+    if on_cpu and precision in HALF_TRUE:
+        raise UserError(f"trainer.precision={precision} on CPU: PyTorch's CPU kernels cannot run a float16 model "
+                        "(it fails with 'mixed dtype (CPU)'); use trainer.precision=bf16-mixed (the default) or 32")
+    if on_cpu and precision in ("16-mixed", "16"):
+        say(f"trainer.precision={precision} on CPU runs bf16-mixed (CPU autocast has no float16)")
+        precision = "bf16-mixed"
+    if on_cpu and precision.startswith("bf16") and not cpu_has_native_bf16():
+        # emulated bf16 ran ~60x slower per matmul than fp32 on a 2-core AVX2 EPYC (the embedded default:
+        # ~50 min instead of ~6): what a user asking for speed wants is fp32 here, said in one line
+        say(f"trainer.precision={precision}: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where bf16 is "
+            "emulated and many times slower; running 32-true instead (on CPUs with native bf16 it is kept)")
+        precision = "32-true"
+    return {"precision": precision} if precision != str(trainer.get("precision")) else {}
+
+
+def cpu_has_native_bf16() -> bool:
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)
+
+
+def say(message: str) -> None:
+    """One line from the first process only (DDP ranks > 0 run the same checks)."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(f"[pref-lightning] {message}", flush=True)
+
+
+def hydra_choices(groups: tuple[str, ...]) -> dict[str, str]:
+    """The chosen option of each config group (`experiment=full_data`), when run by Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {g: str(choices[g]) for g in groups if choices.get(g)}
 
 
 def validate_best(trainer: L.Trainer, model: PreferenceModule, datamodule: PreferenceDataModule,
@@ -270,7 +342,7 @@ def write_fold_files(run_dir: Path, datamodule: PreferenceDataModule, probs: np.
     oof = submission_frame(datamodule.val_ids, probs)
     oof.insert(1, "fold", datamodule.fold)
     oof["label"] = labels
-    atomic_write_text(run_dir / "oof.csv", oof.to_csv(index=False))
+    atomic_write_text(run_dir / "oof.csv", oof.to_csv(index=False, float_format=FLOAT_FORMAT))
 
 
 def all_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -307,7 +379,7 @@ def submission_frame(ids: list[str], probs: np.ndarray) -> pd.DataFrame:
     """Kaggle columns: id and one probability per class (a binary model has no winner_tie column)."""
     frame = pd.DataFrame({"id": ids})
     for j, name in enumerate(CLASS_NAMES[: probs.shape[1]]):
-        frame[name] = probs[:, j]
+        frame[name] = probs[:, j].astype(np.float64)  # one text format for float32 and float64 models
     return frame
 
 
@@ -326,7 +398,7 @@ def submission_format(cfg: DictConfig, records) -> str:
         formats = {r.extra.get("format") for r in records[:1]}
         chosen = "wsdm" if formats == {"wsdm"} else "kaggle"
     if chosen not in SUBMISSION_FORMATS:
-        raise ValueError(f"submission_format={chosen!r}; choose from {', '.join(SUBMISSION_FORMATS)}")
+        raise UserError(f"submission_format={chosen!r}; choose from {', '.join(SUBMISSION_FORMATS)}")
     return chosen
 
 
@@ -338,11 +410,16 @@ def predict(cfg: DictConfig) -> Path:
 
 
 def _predict(cfg: DictConfig) -> Path:
+    hardware = check_hardware(cfg)
     set_runtime_defaults()
     paths = checkpoint_paths(cfg.ckpt_path)
+    for path in paths:
+        check_checkpoint_file(path)  # these checks come before Lightning prints its set-up lines
+    if not Path(str(cfg.input_path)).is_file():
+        raise MissingFileError(f"{cfg.input_path}: file not found (input_path)")
     weights = ensemble_weights(cfg.get("ckpt_weights"), len(paths))
     mode = check_mode(cfg.get("ensemble_mode") or "probs")
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, **hardware)
     members = [checkpoint_logits(cfg, path, trainer) for path in paths]
     if not trainer.is_global_zero:
         return Path(cfg.output_path)
@@ -355,7 +432,7 @@ def _predict(cfg: DictConfig) -> Path:
     output_path = Path(cfg.output_path)
     ids = [r.id for r in records]
     frame = winner_frame(ids, probs) if submission_format(cfg, records) == "wsdm" else submission_frame(ids, probs)
-    atomic_write_text(output_path, frame.to_csv(index=False))
+    atomic_write_text(output_path, frame.to_csv(index=False, float_format=FLOAT_FORMAT))
     if len(paths) > 1:
         print(f"[pref-lightning] ensemble of {len(paths)} checkpoints, {mode} averaged, weights "
               f"{[round(float(w), 4) for w in weights]}")

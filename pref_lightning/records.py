@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pref_lightning.errors import UserError
 from pref_lightning.text_stats import NULL_TURN
 
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
@@ -24,10 +25,12 @@ LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 ORACLE_COLUMNS = ("p_model_a", "p_model_b", "p_tie")  # written by the synthetic generator only
 CLASS_NAMES = ("winner_model_a", "winner_model_b", "winner_tie")
 CLASS_LABELS = ("A", "B", "tie")  # the same classes, short (logs, reports, plots)
+# probabilities in every CSV written (submission, oof): 8 significant digits, whatever the float width
+FLOAT_FORMAT = "%.8g"
 EMPTY_TURN = ""
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file, the row id and the column."""
 
 
@@ -47,7 +50,7 @@ ON_BAD_ROWS = ("raise", "skip")
 
 def check_on_bad_rows(value: str) -> str:
     if value not in ON_BAD_ROWS:
-        raise ValueError(f"data.on_bad_rows={value!r}; choose from {', '.join(ON_BAD_ROWS)}")
+        raise UserError(f"data.on_bad_rows={value!r}; choose from {', '.join(ON_BAD_ROWS)}")
     return value
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pref_lightning.adapters import read_source
+from pref_lightning.errors import UserError
 from pref_lightning.records import PairRecord
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,13 @@ def parse_sources(raw: Iterable[object] | None) -> list[SourceSpec]:
         elif isinstance(item, Mapping):
             unknown = set(item) - {"path", "format", "weight", "name"}
             if unknown or "path" not in item:
-                raise ValueError(f"data.sources[{i}]={dict(item)}: needs path; may have format, weight, name")
+                raise UserError(f"data.sources[{i}]={dict(item)}: needs path; may have format, weight, name")
             spec = SourceSpec(str(item["path"]), item.get("format"),
                               float(1.0 if item.get("weight") is None else item["weight"]), item.get("name"))
         else:
-            raise ValueError(f"data.sources[{i}]={item!r}: give a path or {{path, format, weight}}")
+            raise UserError(f"data.sources[{i}]={item!r}: give a path or {{path, format, weight}}")
         if not spec.weight >= 0:
-            raise ValueError(f"data.sources[{i}].weight={spec.weight} must be >= 0")
+            raise UserError(f"data.sources[{i}].weight={spec.weight} must be >= 0")
         specs.append(spec)
     return specs
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from pref_lightning.atomic import atomic_write_text
 from pref_lightning.metrics import competition_log_loss
-from pref_lightning.records import CLASS_NAMES
+from pref_lightning.records import CLASS_NAMES, FLOAT_FORMAT
 
 log = logging.getLogger(__name__)
 METRIC_COLUMNS = ("val_log_loss", "val_log_loss_calibrated", "val_accuracy", "prior_log_loss", "gain_over_prior",
@@ -42,8 +42,10 @@ class SweepSummary(Callback):
             print(f"[pref-lightning] sweep summary ({sweep_dir / 'summary.csv'}), best first:")
             print(summary.drop(columns=["run_dir"]).to_string(index=False))
         for result in combine_folds(sweep_dir):
+            loss = f"log loss {result['cv_log_loss']:.4f}" + (
+                f" (calibrated; uncalibrated {result['cv_log_loss_uncalibrated']:.4f})" if result["calibrated"] else "")
             print(f"[pref-lightning] cross-validation over {result['n_folds']} folds ({result['rows']} rows)"
-                  f"{' ' + result['name'] if result['name'] else ''}: log loss {result['cv_log_loss']:.4f}, "
+                  f"{' ' + result['name'] if result['name'] else ''}: {loss}, "
                   f"accuracy {result['cv_accuracy']:.4f} -> {sweep_dir / result['oof_file']}")
 
 
@@ -124,12 +126,23 @@ def _combine_group(sweep_dir: Path, group: list[dict[str, Any]], name: str, oof_
                            f"({len(repeated)} repeated, {len(missing)} missing of {len(expected)})")
     order = {row_id: i for i, row_id in enumerate(expected["id"])}
     oof = oof.sort_values("id", key=lambda ids: ids.map(order), kind="stable").reset_index(drop=True)
-    atomic_write_text(sweep_dir / oof_file, oof.to_csv(index=False))
+    atomic_write_text(sweep_dir / oof_file, oof.to_csv(index=False, float_format=FLOAT_FORMAT))
     columns = [c for c in CLASS_NAMES if c in oof.columns]
     probs = torch.tensor(oof[columns].to_numpy(), dtype=torch.float64)
     labels = torch.tensor(oof["label"].to_numpy(), dtype=torch.long)
-    return {"name": name, "n_folds": len(group), "rows": len(oof), "oof_file": oof_file,
-            "cv_log_loss": float(competition_log_loss(probs, labels)),
-            "cv_accuracy": float((probs.argmax(1) == labels).double().mean()),
-            "fold_log_losses": [float(r["metrics"]["val_log_loss"]) for r in group],
+    metrics = [r["metrics"] for r in group]
+    calibrated = all("val_log_loss_calibrated" in m for m in metrics)
+    # oof.csv holds what predict.py would output: calibrated probabilities when the runs calibrated
+    oof_log_loss = float(competition_log_loss(probs, labels))
+    uncalibrated = [float(m["val_log_loss"]) for m in metrics]
+    sizes = np.array([m.get("val_rows", 1) for m in metrics], dtype=np.float64)
+    result = {"name": name, "n_folds": len(group), "rows": len(oof), "oof_file": oof_file,
+              "calibrated": calibrated, "cv_log_loss": oof_log_loss,
+              # a log loss is a mean over rows: the row-weighted mean of the folds' is the overall one
+              "cv_log_loss_uncalibrated": float(np.dot(sizes, uncalibrated) / sizes.sum()),
+              "fold_log_losses_uncalibrated": uncalibrated}
+    if calibrated:
+        result.update(cv_log_loss_calibrated=oof_log_loss,
+                      fold_log_losses_calibrated=[float(m["val_log_loss_calibrated"]) for m in metrics])
+    return {**result, "cv_accuracy": float((probs.argmax(1) == labels).double().mean()),
             "runs": [str(r["dir"]) for r in group]}

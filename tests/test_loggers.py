@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pref_lightning.callbacks import drop_progress_bars
@@ -68,19 +68,19 @@ def test_mlflow_config_is_a_local_store_and_optional(tmp_path):
 
 def test_rich_progress_bar_is_a_default_callback():
     cfg = compose_train()
-    assert cfg.callbacks.rich_progress_bar._target_ == "lightning.pytorch.callbacks.RichProgressBar"
+    assert cfg.callbacks.rich_progress_bar._target_ == "pref_lightning.callbacks.progress_bar"
     assert cfg.trainer.enable_progress_bar is True
 
 
 def test_disabled_progress_bar_drops_the_rich_bar(tmp_path):
     callbacks = instantiate_list(compose_train([f"paths.output_dir={tmp_path}"]).callbacks)
-    assert any(isinstance(c, RichProgressBar) for c in callbacks)
+    assert any(isinstance(c, ProgressBar) for c in callbacks)  # Rich on a terminal, log lines otherwise
     with pytest.raises(Exception, match="enable_progress_bar=False"):
         L.Trainer(callbacks=callbacks, enable_progress_bar=False, logger=False)
     kept = drop_progress_bars(callbacks, enabled=False)
-    assert not any(isinstance(c, RichProgressBar) for c in kept) and len(kept) == len(callbacks) - 1
+    assert not any(isinstance(c, ProgressBar) for c in kept) and len(kept) == len(callbacks) - 1
     trainer = L.Trainer(callbacks=kept, enable_progress_bar=False, logger=False)
     assert trainer.progress_bar_callback is None
     assert drop_progress_bars(callbacks, enabled=True) == callbacks
     trainer = L.Trainer(callbacks=callbacks, logger=False)
-    assert isinstance(trainer.progress_bar_callback, RichProgressBar)
+    assert isinstance(trainer.progress_bar_callback, ProgressBar)

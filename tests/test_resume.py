@@ -73,9 +73,11 @@ def test_ckpt_path_accepts_a_run_folder_and_rejects_missing_files(tmp_path, caps
     assert resume_checkpoint(cfg(None)) is None
     assert resume_checkpoint(cfg(str(run_dir))) == str(run_dir / "checkpoints" / "last.ckpt")
     assert resume_checkpoint(cfg("last", run_dir)) == str(run_dir / "checkpoints" / "last.ckpt")
-    # `last` from a new run folder: a fresh start (never another folder's checkpoint), naming the candidate
+    # `last` from a new run folder: a fresh start (never another folder's checkpoint); a sibling is named
+    # only when its saved config matches (tests/test_cli.py), and this one has none
     assert resume_checkpoint(cfg("last", tmp_path / "fresh")) is None
-    assert f"the newest run with one is {run_dir}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "starting fresh" in out and "pass it as ckpt_path" not in out
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         resume_checkpoint(cfg(str(tmp_path / "nope.ckpt")))
     with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
