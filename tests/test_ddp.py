@@ -20,7 +20,9 @@ from pref_lightning.records import LABEL_COLUMNS, ORACLE_COLUMNS
 from .conftest import REPO, TEST_TINY_OVERRIDES, minilm_installed
 
 pytestmark = pytest.mark.slow
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+# the Rich bar is forced: in a subprocess (no terminal) the default would be the log-line progress, and the
+# Rich bar's metric sync on rank 0 is what hung DDP (issue 11)
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "callbacks.rich_progress_bar.style=rich"]
 # small and fast, but the default callbacks, loggers and progress bar (no trainer.enable_progress_bar=false)
 SMALL = ["data.max_length=48", "data.batch_size=16", "trainer.enable_model_summary=false", *TEST_TINY_OVERRIDES]
 DEADLINE = 240  # s; a healthy run here takes well under a minute

@@ -115,12 +115,6 @@ def overrides_for(argv: list[str], local_backbone: Path) -> list[str]:
     if "hydra.run.dir=runs/a" not in args:
         small.append("report=false")  # plots take seconds; runs/a keeps its report (checked below)
     extra = [o for o in small if o.split("=", 1)[0] not in given]
-    if "trainer.devices=2" in args:
-        # TODO(issue 11 part 1): DDP with the default progress bar hangs; drop this once that is fixed
-        extra.append("trainer.enable_progress_bar=false")
-    if "model=minilm" in args:
-        # TODO(issue 11 part 2): MiniLM's unused pooler breaks DDP; drop this once that is fixed
-        extra.append("trainer.strategy=auto")
     if "data=mix" in args:
         extra += [f"paths.data_dir={SHARED_DATA}", "trainer.limit_train_batches=4"]
     if "hparams_search=optuna" in args:
