@@ -94,12 +94,20 @@ def test_the_suggested_cpu_overrides_compose():
         check_hardware(cfg)
 
 
-def test_precision_on_cpu(capsys):
+def test_precision_on_cpu(capsys, monkeypatch):
+    from pref_lightning import pipeline
+
     with pytest.raises(UserError, match="trainer.precision=16-true on CPU.*mixed dtype"):
         check_hardware(compose_cfg("train", ["trainer.accelerator=cpu", "trainer.precision=16-true"]))
+    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: True)
     assert check_hardware(compose_cfg("train", ["trainer.accelerator=cpu", "trainer.precision=16-mixed"])) \
         == {"precision": "bf16-mixed"}
     assert "16-mixed on CPU runs bf16-mixed" in capsys.readouterr().out
+    assert check_hardware(compose_cfg("train", ["trainer.accelerator=cpu"])) == {}  # native bf16: kept
+    # emulated bf16 (~60x slower per matmul here) runs as fp32, said in one line
+    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: False)
+    assert check_hardware(compose_cfg("train", ["trainer.accelerator=cpu"])) == {"precision": "32-true"}
+    assert "running 32-true instead" in capsys.readouterr().out
     assert check_hardware(compose_cfg("train", ["trainer.accelerator=cpu", "trainer.precision=32"])) == {}
 
 
