@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pref_lightning.metrics import class_probabilities, competition_log_loss
 from pref_lightning.text_stats import fit_logistic_regression
 
 SWAP = (1, 0, 2)
@@ -72,3 +73,11 @@ def anchor_logits(anchor: dict[str, Any], stats_a: np.ndarray, stats_b: np.ndarr
         swap = list(SWAP[: weight.shape[1]])
         logits = 0.5 * (logits + (anchor_features(stats_b, stats_a) @ weight + bias)[:, swap])
     return logits
+
+
+def anchor_log_loss(anchor: dict[str, Any], stats_a: np.ndarray, stats_b: np.ndarray, labels: np.ndarray,
+                    tta_swap: bool = True, floor: float = 0.0) -> float:
+    """Log loss (nats) on `labels` of the offset alone with the model's probability floor: the anchored
+    model's step-0 validation loss, the baseline its training must beat."""
+    probs = class_probabilities(torch.from_numpy(anchor_logits(anchor, stats_a, stats_b, tta_swap)), floor=floor)
+    return float(competition_log_loss(probs, torch.from_numpy(labels)))

@@ -540,7 +540,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 self.val_set = PairDataset(normalise_stats(encoder.encode(self.val_records), self.stats_norm))
             for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
                 if not len(dataset):
-                    raise ValueError(f"{self.source_name}: no {name} rows")
+                    raise UserError(f"{self.source_name}: no {name} rows")
         if stage in (None, "predict") and self.predict_path and self.predict_set is None:
             if self.stats_norm is None:
                 raise RuntimeError("prediction needs stats_norm (it travels in the checkpoint)")
@@ -558,7 +558,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 self.predict_records = read_any(self.predict_path, self.predict_format)
                 self.predict_set = PairDataset(normalise_stats(encoder.encode(self.predict_records), self.stats_norm))
             if not len(self.predict_set):
-                raise ValueError(f"{self.predict_path}: no rows to predict")
+                raise UserError(f"{self.predict_path}: no rows to predict")
 
     def split_statistics(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalised statistics of sides A and B (n, n_stats) and labels (n,) of the `train` or `val` split."""

@@ -6,16 +6,18 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from pref_lightning.errors import UserError
+
 EPS = 1e-15
 # the default probability floor (model.prob_floor): what no class probability may fall below
 PROB_FLOOR = 0.002
 
 
 def check_floor(floor: float, n_classes: int) -> float:
-    """`floor` as a float, refused unless 0 <= floor < 1 / n_classes (ValueError)."""
+    """`floor` as a float, refused unless 0 <= floor < 1 / n_classes (UserError)."""
     floor = float(floor)
     if not 0.0 <= floor < 1.0 / n_classes:
-        raise ValueError(f"model.prob_floor={floor}: need 0 <= floor < 1/{n_classes}")
+        raise UserError(f"model.prob_floor={floor}: need 0 <= floor < 1/{n_classes}")
     return floor
 
 

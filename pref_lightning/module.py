@@ -235,13 +235,15 @@ class PreferenceModule(L.LightningModule):
         stats = batch.get("stats")
         n = pooled.shape[0]
         stats_a, stats_b = (None, None) if stats is None else (stats[:n].float(), stats[n:].float())
-        logits = self.head(pooled, stats_a, stats_b)
-        return logits if self.anchor is None else logits + self.anchor(stats_a, stats_b)
+        return self.anchored(self.head(pooled, stats_a, stats_b), stats_a, stats_b)
 
     def pair_logits(self, a: torch.Tensor, b: torch.Tensor, stats_a: torch.Tensor | None,
                     stats_b: torch.Tensor | None) -> torch.Tensor:
         """(n, K) logits of side vectors (n, hidden) and statistics (n, n_stats): head, plus the anchor."""
-        logits = self.head(a, b, stats_a, stats_b)
+        return self.anchored(self.head(a, b, stats_a, stats_b), stats_a, stats_b)
+
+    def anchored(self, logits: torch.Tensor, stats_a: torch.Tensor | None, stats_b: torch.Tensor | None) -> torch.Tensor:
+        """`logits` plus the anchor's offset (anchored head), else unchanged."""
         return logits if self.anchor is None else logits + self.anchor(stats_a, stats_b)
 
     def side_vectors(self, batch: Mapping[str, torch.Tensor]):
@@ -266,7 +268,7 @@ class PreferenceModule(L.LightningModule):
         """(n, K) class probabilities of (n, K) logits as validation, calibration and prediction report them:
         softmax (of logits / temperature when `calibrated`), floored at `prob_floor` (metrics.mix_floor)."""
         temperature = self.temperature if calibrated else 1.0
-        return class_probabilities(logits, temperature, self.hparams.get("prob_floor", 0.0))
+        return class_probabilities(logits, temperature, self.hparams.prob_floor)
 
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Iterable
@@ -19,12 +18,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from pref_lightning.anchor import anchor_logits
+from pref_lightning.anchor import anchor_log_loss
 from pref_lightning.atomic import atomic_path, atomic_write_text
 from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_files
 from pref_lightning.calibration import TEMPERATURE_RANGE, fit_temperature
 from pref_lightning.callbacks import SigtermCheckpoint, drop_progress_bars
-from pref_lightning.compat import backbone_config, check_max_length, check_vocabulary
+from pref_lightning.compat import check_backbone_settings, check_hardware, check_max_length
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.distributed import hydra_job_processes
 from pref_lightning.ensemble import (
@@ -32,7 +31,6 @@ from pref_lightning.ensemble import (
     checkpoint_paths,
     combine,
     ensemble_weights,
-    softmax,
 )
 from pref_lightning.errors import MissingFileError, UserError
 from pref_lightning.metrics import competition_log_loss, mix_floor
@@ -54,19 +52,6 @@ def build_tokenizer(model_cfg: DictConfig, datamodule: PreferenceDataModule):
         return cached_trained_tokenizer(datamodule.tokenizer_texts(), int(model_cfg.tokenizer_vocab_size),
                                         model_cfg.get("cache_dir"))
     return load_tokenizer(model_cfg.get("tokenizer") or model_cfg.backbone)
-
-
-def check_backbone_settings(cfg: DictConfig):
-    """Refuse settings the backbone cannot serve (compat.py), reading no data. Returns the backbone's own
-    tokenizer when it needs no training texts (else None: the tiny tokenizer is trained on the data)."""
-    config = backbone_config(cfg.model.backbone, cfg.model.get("tiny_config"))
-    check_max_length(config, int(cfg.data.max_length), backbone=cfg.model.backbone)
-    if cfg.model.backbone == TINY and not cfg.model.get("tokenizer"):
-        return None
-    tokenizer = load_tokenizer(cfg.model.get("tokenizer") or cfg.model.backbone)
-    if cfg.model.backbone != TINY:
-        check_vocabulary(config, tokenizer, backbone=cfg.model.backbone)
-    return tokenizer
 
 
 def instantiate_list(group: DictConfig | None) -> list[Any]:
@@ -116,10 +101,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model.data_settings = datamodule.settings()
     model.reference = datamodule.validation_reference()
     if anchor is not None:  # the anchored model's step-0 validation loss: what training must beat
-        stats_a, stats_b, labels = datamodule.split_statistics("val")
-        probs = mix_floor(softmax(anchor_logits(anchor, stats_a, stats_b, model.hparams.tta_swap)),
-                          model.hparams.prob_floor)
-        model.reference["baseline_log_loss"] = float(competition_log_loss(torch.from_numpy(probs), torch.from_numpy(labels)))
+        model.reference["baseline_log_loss"] = anchor_log_loss(anchor, *datamodule.split_statistics("val"),
+                                                               model.hparams.tta_swap, model.hparams.prob_floor)
     model.train_prior = datamodule.train_prior.tolist()
 
     try:
@@ -228,58 +211,6 @@ def same_config_runs(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = ("m
         if all((OmegaConf.to_container(other[k], resolve=False) if k in other else None) == v for k, v in mine.items()):
             found.append((last.stat().st_mtime, folder))
     return [folder for _, folder in sorted(found)]
-
-
-GPU_ACCELERATORS = ("gpu", "cuda")
-HALF_TRUE = ("16-true", "transformer-engine-float16")
-
-
-def check_hardware(cfg: DictConfig) -> dict[str, Any]:
-    """Refuse trainer settings this machine cannot run, before Lightning fails deep inside, naming the
-    override that works; returns Trainer arguments to replace (16-mixed on CPU: bf16-mixed, said once)."""
-    trainer = cfg.trainer
-    accelerator = str(trainer.get("accelerator", "auto")).lower()
-    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
-        asked = " and ".join(f"{k}={v}" for k, v in hydra_choices(("experiment", "trainer")).items()
-                             if v in ("full_data", "ddp", "gpu")) or f"trainer.accelerator={accelerator}"
-        raise UserError(f"{asked} asks for GPUs, but torch finds none on this machine; on CPU add "
-                        "trainer=cpu (one process) or trainer.accelerator=cpu trainer.devices=2 (DDP, 2 processes)")
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    precision = str(trainer.get("precision"))
-    if on_cpu and precision in HALF_TRUE:
-        raise UserError(f"trainer.precision={precision} on CPU: PyTorch's CPU kernels cannot run a float16 model "
-                        "(it fails with 'mixed dtype (CPU)'); use trainer.precision=bf16-mixed (the default) or 32")
-    if on_cpu and precision in ("16-mixed", "16"):
-        say(f"trainer.precision={precision} on CPU runs bf16-mixed (CPU autocast has no float16)")
-        precision = "bf16-mixed"
-    if on_cpu and precision.startswith("bf16") and not cpu_has_native_bf16():
-        # emulated bf16 ran ~60x slower per matmul than fp32 on a 2-core AVX2 EPYC (the embedded default:
-        # ~50 min instead of ~6): what a user asking for speed wants is fp32 here, said in one line
-        say(f"trainer.precision={precision}: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where bf16 is "
-            "emulated and many times slower; running 32-true instead (on CPUs with native bf16 it is kept)")
-        precision = "32-true"
-    return {"precision": precision} if precision != str(trainer.get("precision")) else {}
-
-
-def cpu_has_native_bf16() -> bool:
-    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(check() for check in checks if check is not None)
-
-
-def say(message: str) -> None:
-    """One line from the first process only (DDP ranks > 0 run the same checks)."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        print(f"[pref-lightning] {message}", flush=True)
-
-
-def hydra_choices(groups: tuple[str, ...]) -> dict[str, str]:
-    """The chosen option of each config group (`experiment=full_data`), when run by Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    choices = HydraConfig.get().runtime.choices
-    return {g: str(choices[g]) for g in groups if choices.get(g)}
 
 
 def validate_best(trainer: L.Trainer, model: PreferenceModule, datamodule: PreferenceDataModule,

@@ -18,9 +18,10 @@ from hydra import compose, initialize_config_dir
 
 from pref_lightning import cli
 from pref_lightning.callbacks import LogProgress, advice
+from pref_lightning.compat import check_hardware
 from pref_lightning.errors import MissingFileError, UserError
 from pref_lightning.module import load_checkpoint
-from pref_lightning.pipeline import check_hardware, resume_checkpoint, same_config_runs, submission_frame
+from pref_lightning.pipeline import resume_checkpoint, same_config_runs, submission_frame
 from pref_lightning.records import FLOAT_FORMAT, DataError
 
 from .conftest import REPO
@@ -95,17 +96,17 @@ def test_the_suggested_cpu_overrides_compose():
 
 
 def test_precision_on_cpu(capsys, monkeypatch):
-    from pref_lightning import pipeline
+    from pref_lightning import compat
 
     with pytest.raises(UserError, match="trainer.precision=16-true on CPU.*mixed dtype"):
         check_hardware(compose_cfg("train", ["trainer.accelerator=cpu", "trainer.precision=16-true"]))
-    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(compat, "cpu_has_native_bf16", lambda: True)
     assert check_hardware(compose_cfg("train", ["trainer.accelerator=cpu", "trainer.precision=16-mixed"])) \
         == {"precision": "bf16-mixed"}
     assert "16-mixed on CPU runs bf16-mixed" in capsys.readouterr().out
     assert check_hardware(compose_cfg("train", ["trainer.accelerator=cpu"])) == {}  # native bf16: kept
     # emulated bf16 (~60x slower per matmul here) runs as fp32, said in one line
-    monkeypatch.setattr(pipeline, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(compat, "cpu_has_native_bf16", lambda: False)
     assert check_hardware(compose_cfg("train", ["trainer.accelerator=cpu"])) == {"precision": "32-true"}
     assert "running 32-true instead" in capsys.readouterr().out
     assert check_hardware(compose_cfg("train", ["trainer.accelerator=cpu", "trainer.precision=32"])) == {}
