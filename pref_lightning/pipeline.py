@@ -217,7 +217,9 @@ def validate_best(trainer: L.Trainer, model: PreferenceModule, datamodule: Prefe
                   best: str | None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Validate the best checkpoint (`best`; None: the weights in memory) in Lightning's own loop, on the
     run's accelerator and precision: its metrics, and the uncalibrated logits and labels of every
-    validation row (gathered from all DDP ranks, in validation-set order) that the same loop computed."""
+    validation row (gathered from all DDP ranks, in validation-set order) that the same loop computed.
+    Every row: `trainer.limit_val_batches` (a quick check during fitting) does not apply to this pass."""
+    trainer.limit_val_batches = 1.0
     results = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
     logits, labels, index = all_ranks(*model.validation_outputs())
     if sorted(index.tolist()) != list(range(len(datamodule.val_set))):

@@ -58,9 +58,16 @@ def test_train_writes_checkpoint_and_metrics(trained_run):
     assert metrics["val_log_loss_calibrated"] <= metrics["val_log_loss_uncalibrated"] + 1e-9
     import torch
 
-    payload = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["pref_lightning"]
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    payload = best["pref_lightning"]
     assert payload["temperature"] == metrics["temperature"]
     assert len(payload["data_settings"]["stats_norm"]["mean"]) == 13
+    assert payload["data_settings"]["stats_norm"]["version"] == 2  # bounded statistics
+    assert metrics["val_log_loss_uncalibrated"] == pytest.approx(metrics["val_log_loss"], abs=1e-5)  # one pass
+    # best.ckpt is the prediction artifact (no optimizer state); last.ckpt the full state to resume from
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "optimizer_states" not in best and last["optimizer_states"] and last["lr_schedulers"]
+    assert (run_dir / "checkpoints" / "best.ckpt").stat().st_size < 0.6 * (run_dir / "checkpoints" / "last.ckpt").stat().st_size
     assert str(run_dir / "checkpoints" / "best.ckpt") in out and "metrics.json" in out
     assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # default loggers: csv + tensorboard
