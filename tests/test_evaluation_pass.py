@@ -12,14 +12,19 @@ from pref_lightning.pipeline import calibrate, validate_best
 from .conftest import TEST_TINY
 
 
-def test_backbone_runs_once_per_validation_batch_and_calibration_reuses_the_loop(tiny_tokenizer, synthetic_csv):
-    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=16, eval_batch_size=8)
-    dm.attach_tokenizer(tiny_tokenizer)
+def fitted(tokenizer, csv, **trainer_kwargs):
+    """(datamodule, tiny model, trainer) after a few training steps."""
+    dm = PreferenceDataModule(train_path=str(csv), max_length=32, batch_size=16, eval_batch_size=8)
+    dm.attach_tokenizer(tokenizer)
     dm.setup("fit")
-    model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), head_hidden=16)
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0, accelerator="cpu", enable_model_summary=False)
+    model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tokenizer), head_hidden=16)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                        enable_model_summary=False, **trainer_kwargs)
     trainer.fit(model, dm)
+    return dm, model, trainer
+
+def test_backbone_runs_once_per_validation_batch_and_calibration_reuses_the_loop(tiny_tokenizer, synthetic_csv):
+    dm, model, trainer = fitted(tiny_tokenizer, synthetic_csv, max_steps=3, num_sanity_val_steps=0)
 
     calls = []
     seen = []
@@ -47,13 +52,7 @@ def test_backbone_runs_once_per_validation_batch_and_calibration_reuses_the_loop
 
 
 def test_the_final_pass_scores_every_row_even_with_limited_validation_during_fitting(tiny_tokenizer, synthetic_csv):
-    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=16, eval_batch_size=8)
-    dm.attach_tokenizer(tiny_tokenizer)
-    dm.setup("fit")
-    model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), head_hidden=16)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        limit_val_batches=1, accelerator="cpu", enable_model_summary=False)
-    trainer.fit(model, dm)
+    dm, model, trainer = fitted(tiny_tokenizer, synthetic_csv, max_steps=2, limit_val_batches=1)
     results, logits, labels = validate_best(trainer, model, dm, None)
     assert len(labels) == len(dm.val_set) > 8 and logits.shape == (len(dm.val_set), 3)
     assert abs(float(competition_log_loss(model.probabilities(logits), labels)) - results["val/log_loss"]) < 1e-5
