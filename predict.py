@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pref_lightning import cli
-from pref_lightning.pipeline import predict
+from pref_lightning.prediction import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pref_lightning import cli
-from pref_lightning.pipeline import train
+from pref_lightning.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

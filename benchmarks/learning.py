@@ -30,14 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pref_lightning.datamodule import grouped_split  # noqa: E402
-from pref_lightning.records import (  # noqa: E402
-    LABEL_COLUMNS,
-    class_prior,
-    label_array,
-    prior_log_loss,
-    read_records,
-)
-from pref_lightning.text_stats import fit_logistic_regression, log_loss, pair_stats_matrix, predict_proba  # noqa: E402
+from pref_lightning.metrics import CLASS_COLUMNS, class_prior, log_loss, prior_log_loss  # noqa: E402
+from pref_lightning.records import label_array, read_records  # noqa: E402
+from pref_lightning.text_stats import fit_logistic_regression, pair_stats_matrix, predict_proba  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 REAL_EXTRA = ["hh_rlhf_test.csv", "autoj_pairwise_test.csv", "pandalm_testset_v1.csv", "hhh_alignment.csv"]
@@ -73,7 +68,7 @@ def write_frame(records, path: Path, prefix: str) -> None:
         "prompt": [json.dumps(r.prompt) for r in records],
         "response_a": [json.dumps(r.response_a) for r in records],
         "response_b": [json.dumps(r.response_b) for r in records],
-        **{c: [int(r.label == j) for r in records] for j, c in enumerate(LABEL_COLUMNS)},
+        **{c: [int(r.label == j) for r in records] for j, c in enumerate(CLASS_COLUMNS)},
     })
     frame.to_csv(path, index=False, mode="a" if path.exists() else "w", header=not path.exists())
 
@@ -150,7 +145,7 @@ def predict_probs(ckpt: Path, input_path: Path, output: Path) -> np.ndarray:
                              "trainer.enable_progress_bar=false"], cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"predict.py failed:\n{result.stderr[-4000:]}")
-    return pd.read_csv(output)[list(LABEL_COLUMNS)].to_numpy()
+    return pd.read_csv(output)[list(CLASS_COLUMNS)].to_numpy()
 
 
 def part_recipe(work: Path, data_dir: Path) -> dict:

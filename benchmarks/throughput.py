@@ -13,7 +13,7 @@ precision (bf16 autocast on CPU), no DataLoader workers and no padding to a mult
                   `DebertaV2ForSequenceClassification` (3 labels) built from the same tiny config,
                   `Trainer.predict` (sequential batches) for prediction;
   (b) pl_cross    this project, cross-encoder layout: `PreferenceDataModule(layout="cross",
-                  length_grouped=True)` + `PreferenceModule(layout="cross")` trained with
+                  length_grouped=True)` + `PreferenceModule(spec=datamodule.spec)` trained with
                   `lightning.Trainer(precision="bf16-mixed")` (no logger, no checkpointing, no progress
                   bar), `Trainer.predict` on the length-sorted predict loader;
   (c) pl_siamese  the same with the default siamese layout (each row = 2 sequences, prompt+A and
@@ -320,7 +320,7 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
     L.seed_everything(spec["seed"], verbose=False)
     siamese = layout == "siamese"
     model = PreferenceModule(backbone="tiny", tiny_config=tiny_overrides(max_length), vocab_size=len(tokenizer),
-                             backbone_dropout=0.0, lr=1e-3, head_lr=1e-3, layout=layout,
+                             backbone_dropout=0.0, lr=1e-3, head_lr=1e-3, spec=datamodule.spec,
                              swap_augment="random" if siamese else "none", tta_swap=siamese)
 
     class StepTimer(L.Callback):

@@ -39,9 +39,9 @@ import numpy as np
 import pandas as pd
 
 from pref_lightning.errors import UserError
+from pref_lightning.metrics import CLASS_COLUMNS
 from pref_lightning.records import (
     EMPTY_TURN,
-    LABEL_COLUMNS,
     BadRowError,
     DataError,
     PairRecord,
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("kaggle", "arena_conversations", "wsdm", "chosen_rejected")
 WINNERS = {"model_a": 0, "model_b": 1, "tie": 2, "tie (bothbad)": 2}
-WSDM_WINNERS = ("model_a", "model_b")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
@@ -118,7 +117,7 @@ def detect_format(frame: pd.DataFrame, path: str | Path = "") -> str:
         return "arena_conversations"
     if {"chosen", "rejected"} <= cols:
         return "chosen_rejected"
-    if cols & set(LABEL_COLUMNS):
+    if cols & set(CLASS_COLUMNS):
         return "kaggle"
     if {"prompt", "response_a", "response_b"} <= cols:
         # WSDM files have `winner` (train) or `scored` (test); anything else is read as Kaggle (whose reader

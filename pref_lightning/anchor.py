@@ -19,10 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pref_lightning.metrics import class_probabilities, competition_log_loss
+from pref_lightning.metrics import SWAP, class_probabilities, competition_log_loss
 from pref_lightning.text_stats import fit_logistic_regression
-
-SWAP = (1, 0, 2)
 
 
 def anchor_features(stats_a, stats_b):

@@ -14,9 +14,9 @@ Two kinds of file live in the cache folder, both plain `.npz` archives read with
 * `pairs-<key>.npz` (`EncodedTable`): every row of the file encoded in file order: concatenated int32
   token ids + int64 offsets for side A and side B (B absent in the cross layout), the raw per-side
   statistics (float32, before normalisation, which is fitted per split), labels and row positions.
-  Keyed by `pairs_key_fields`: file content hash, tokenizer files hash, max_length, prompt_fraction,
-  head_fraction, layout, naive_truncation, whether labels were required, the format version and a
-  fingerprint of the encoding code (records.py, pairs.py, text_stats.py), so that a change to how
+  Keyed by `pairs_key_fields`: file content hash, tokenizer files hash, the encoding spec's
+  tokenization settings (`EncodingSpec.tokenization_key`), whether labels were required, the format
+  version and a fingerprint of the encoding code (records.py, contract.py, pairs.py, text_stats.py), so that a change to how
   rows are parsed or encoded never serves stale pairs.
 
 A missing, truncated or otherwise unreadable cache file is rebuilt, never crashed on.
@@ -123,15 +123,11 @@ def pairs_key_fields(file_hash: str, encoder: PairEncoder, require_labels: bool)
         "format": FORMAT_VERSION,
         "file_sha256": file_hash,
         "tokenizer_sha256": tokenizer_sha256(encoder.tokenizer),
-        "max_length": int(encoder.max_length),
-        "prompt_fraction": float(encoder.prompt_fraction),
-        "head_fraction": float(encoder.head_fraction),
-        "layout": encoder.layout,
-        "naive_truncation": bool(encoder.naive_truncation),
+        "encoding": encoder.spec.tokenization_key(),
         "require_labels": bool(require_labels),
-        "stats_features": list(STATS_FEATURES),
         "chars_per_token_cap": CHARS_PER_TOKEN_CAP,
-        "code": _code_fingerprint("pref_lightning.records", "pref_lightning.text_stats", "pref_lightning.pairs"),
+        "code": _code_fingerprint("pref_lightning.records", "pref_lightning.text_stats", "pref_lightning.contract",
+                                  "pref_lightning.pairs"),
     }
 
 

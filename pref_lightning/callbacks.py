@@ -10,27 +10,30 @@ gain, prints one diagnosis (what the model predicts, LRs, gradient norms, what t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pref_lightning.distributed import settle_logged_metrics
 from pref_lightning.errors import UserError
-from pref_lightning.records import CLASS_LABELS
+from pref_lightning.metrics import CLASS_LABELS, EPS
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("warn", "stop")
-EPS = 1e-15  # the competition clips probabilities to [eps, 1 - eps]
 N_CLASSES = len(CLASS_LABELS)  # binary tasks (module hparam n_classes=2) use the first two
 # layout of the per-validation accumulator (one float64 vector, summed across ranks in one call)
 _N, _NLL, _ENTROPY = 0, 1, 2
@@ -48,8 +51,11 @@ def _layout(k: int) -> tuple[slice, slice, slice, int]:
 
 
 def n_classes_of(pl_module: L.LightningModule) -> int:
-    hparams = getattr(pl_module, "hparams", None) or {}
-    return int(hparams.get("n_classes", N_CLASSES))
+    """The module's number of classes (`PreferenceModule.n_classes`, from its encoding spec)."""
+    n_classes = getattr(pl_module, "n_classes", None)
+    if n_classes is None:
+        n_classes = (getattr(pl_module, "hparams", None) or {}).get("n_classes", N_CLASSES)
+    return int(n_classes)
 
 
 class PriorCollapseWarning(UserWarning):
@@ -470,8 +476,6 @@ class SigtermCheckpoint(L.Callback):
         self.saved_path: str | None = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         checkpoint = trainer.checkpoint_callback
@@ -486,3 +490,105 @@ class SigtermCheckpoint(L.Callback):
         trainer.strategy.checkpoint_io.save_checkpoint(state, self.saved_path)
         log.warning("SIGTERM at epoch %d, step %d: saved %s to resume from", trainer.current_epoch,
                     trainer.global_step, self.saved_path)
+
+
+def exit_after_sigterm(trainer: L.Trainer, run_dir: Path) -> NoReturn:
+    """End a run that SIGTERM stopped with status 143, after saying how to resume it.
+
+    Lightning's `SIGTERMException` would exit with status 0; a scheduler must see that the job did not
+    finish. Ranks this process launched may be blocked in a collective with it: they are ended, as
+    Lightning does on Ctrl+C (the checkpoint is saved; their replicas hold nothing more).
+    """
+    saved = next((c.saved_path for c in trainer.callbacks if isinstance(c, SigtermCheckpoint)), None)
+    if trainer.is_global_zero:
+        print(f"[pref-lightning] SIGTERM: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}"
+              + (f"; resume with: python train.py ckpt_path=last hydra.run.dir={run_dir}" if saved else ""))
+    launcher = trainer.strategy.launcher
+    if launcher is not None and hasattr(launcher, "procs"):
+        launcher.kill(signal.SIGKILL)
+    raise SystemExit(143) from None
+
+
+class StageProbe(L.Callback):
+    """Per-stage timing and placement, for hardware checks (`benchmarks/gpu_check.py`).
+
+    For each stage (fit, validate, predict) it records wall seconds, real (attention-mask) tokens per
+    second, peak accelerator memory (GiB, CUDA only), the device the module ran on and the number of
+    non-finite training losses, and appends them to `path` (JSON lines; rank 0 only). With
+    `require_device` set (e.g. "cuda"), a batch run anywhere else raises `RuntimeError` at once: the
+    check that no stage silently falls back to the CPU.
+    """
+
+    def __init__(self, path: str, require_device: str | None = None) -> None:
+        self.path = Path(path)
+        self.require_device = require_device
+        self._stage: dict[str, Any] = {}
+
+    def _start(self, trainer: L.Trainer, stage: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._stage = {"stage": stage, "started": time.perf_counter(), "tokens": 0, "rows": 0, "batches": 0,
+                       "non_finite_losses": 0, "devices": set(), "precision": str(trainer.precision),
+                       "world_size": trainer.world_size}
+
+    def _batch(self, pl_module: L.LightningModule, batch: Mapping[str, torch.Tensor]) -> None:
+        device = pl_module.device.type
+        if self.require_device and device != self.require_device:
+            raise RuntimeError(f"StageProbe: the {self._stage.get('stage')} stage ran a batch on {device}, "
+                               f"not {self.require_device}")
+        self._stage["devices"].add(device)
+        self._stage["tokens"] += int(batch["attention_mask"].sum())
+        self._stage["rows"] += int(batch["labels"].numel())
+        self._stage["batches"] += 1
+
+    def _end(self, trainer: L.Trainer) -> None:
+        if not self._stage:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        stage, self._stage = self._stage, {}
+        seconds = time.perf_counter() - stage.pop("started")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        record = {**stage, "devices": sorted(stage["devices"]), "seconds": round(seconds, 2),
+                  "tokens_per_s": round(stage["tokens"] * trainer.world_size / max(seconds, 1e-9), 1),
+                  "peak_memory_gib": None if peak is None else round(peak, 3)}
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def on_train_start(self, trainer, pl_module):
+        self._start(trainer, "fit")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._batch(pl_module, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            self._stage["non_finite_losses"] += 1
+
+    def on_train_end(self, trainer, pl_module):
+        self._end(trainer)
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn != TrainerFn.FITTING:  # validation inside fit is part of the fit stage
+            self._start(trainer, "validate")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._batch(pl_module, batch)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._end(trainer)
+
+    def on_predict_start(self, trainer, pl_module):
+        self._start(trainer, "predict")
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._batch(pl_module, batch)
+
+    def on_predict_end(self, trainer, pl_module):
+        self._end(trainer)

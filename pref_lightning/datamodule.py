@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pref_lightning.adapters import read_any, read_source, sniff_format
 from pref_lightning.anchor import fit_anchor
 from pref_lightning.cache import (
     EncodedTable,
@@ -31,19 +32,22 @@ from pref_lightning.cache import (
     rows_key_fields,
 )
 from pref_lightning.collate import PairCollator
+from pref_lightning.contract import EncodingSpec
 from pref_lightning.errors import UserError
 from pref_lightning.folds import assign_folds, fold_split
+from pref_lightning.metrics import class_prior, log_loss, prior_log_loss
 from pref_lightning.pairs import EncodedPair, PairEncoder
 from pref_lightning.records import (
     PairRecord,
     check_on_bad_rows,
-    class_prior,
     label_array,
-    prior_log_loss,
     read_records,
+    records_from_frame,
 )
 from pref_lightning.sampler import LengthGroupedSampler, ResumableLoader, padded_row
+from pref_lightning.sources import mix_sources, parse_sources
 from pref_lightning.stats_norm import apply_stats_norm, fit_stats_norm_array
+from pref_lightning.synthetic import generate
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +206,6 @@ class PreferenceDataModule(L.LightningDataModule):
         val_path: str | None = None,
         predict_path: str | None = None,
         val_fraction: float = 0.1,
-        max_length: int = 512,
-        prompt_fraction: float = 0.3,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -211,27 +213,28 @@ class PreferenceDataModule(L.LightningDataModule):
         synthetic_rows: int = 10_000,
         synthetic_seed: int = 0,
         split_seed: int = 42,
-        stats_norm: dict[str, list[float]] | None = None,
         length_grouped: bool = True,
         mega_batch_mult: int = 50,
-        layout: str = "siamese",
-        naive_truncation: bool = False,
         cache_dir: str | None = None,
         n_folds: int | None = None,
         fold: int = 0,
         sources: Sequence[object] | None = None,
         on_bad_rows: str = "raise",
-        n_classes: int = 3,
         train_format: str | None = None,
         predict_format: str | None = None,
+        spec: EncodingSpec | Mapping[str, Any] | None = None,
+        **encoding: Any,
     ) -> None:
         super().__init__()
         self.train_path = train_path
         self.val_path = val_path  # an explicit validation file replaces the held-out split
         self.predict_path = predict_path
         self.val_fraction = val_fraction
-        self.max_length = max_length
-        self.prompt_fraction = prompt_fraction
+        # the encoding contract (contract.EncodingSpec): a checkpoint's `spec` (prediction), with the data
+        # config's encoding keys (max_length, layout, n_classes, ...) on top; the statistics' normalisation
+        # is fitted on the training split in setup("fit") unless given
+        base = spec.to_dict() if isinstance(spec, EncodingSpec) else dict(spec or {})
+        self.spec = EncodingSpec.from_dict({**base, **encoding}, where="data")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.num_workers = num_workers
@@ -239,15 +242,10 @@ class PreferenceDataModule(L.LightningDataModule):
         self.synthetic_rows = synthetic_rows
         self.synthetic_seed = synthetic_seed
         self.split_seed = split_seed
-        # mean/std of the per-side statistics: fitted on the training split, or given (prediction)
-        self.stats_norm = stats_norm
         # batches of similar length (training: shuffled within mega-batches; evaluation: sorted)
         self.length_grouped = length_grouped
         self.mega_batch_mult = mega_batch_mult
-        self.layout = layout  # siamese: one sequence per side; cross: one sequence per row
-        self.naive_truncation = naive_truncation
-        self.cache_dir = cache_dir  # tokenized pairs of each data file are cached here (None: no cache)
-        self._cache = PairCache(cache_dir) if cache_dir else None
+        self._cache = PairCache(cache_dir) if cache_dir else None  # tokenized pairs per data file (None: none)
         # k-fold cross-validation: validation is fold `fold` of `n_folds` (None: a val_fraction split)
         self.n_folds = int(n_folds) if n_folds else None
         self.fold = int(fold)
@@ -257,13 +255,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self._row_ids: list[str] | None = None  # ids of the training file's rows (fold files)
         # extra training files (pref_lightning.sources), the bad-row policy of training files, the task's
         # classes (2: A/B only, ties are bad rows) and the adapters of the train / predict files (None: detect)
-        from pref_lightning.sources import parse_sources
-
         self.sources = parse_sources(sources)
         self.on_bad_rows = check_on_bad_rows(on_bad_rows)
-        if n_classes not in (2, 3):
-            raise UserError(f"data.n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
-        self.n_classes = n_classes
         self.train_format = train_format
         self.predict_format = predict_format
         self.data_counts: dict = {}  # rows read / skipped / deduplicated per file (into metrics.json)
@@ -273,7 +266,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self._val_rows: tuple[CachedFile, np.ndarray] | None = None
         self._train_sampler: LengthGroupedSampler | None = None
         self._resume_position: dict[str, int] | None = None  # set when a checkpoint is restored
-        self.tokenizer = None
         self.encoder: PairEncoder | None = None
         self.train_records: list[PairRecord] | None = None
         self.val_records: list[PairRecord] | None = None
@@ -328,9 +320,6 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_path:
             records = read_records(Path(self.train_path), require_labels=True)
         else:
-            from pref_lightning.records import records_from_frame
-            from pref_lightning.synthetic import generate
-
             frame = generate(self.synthetic_rows, seed=self.synthetic_seed).frame
             records = records_from_frame(frame, self.source_name, require_labels=True)
         if self.val_path:
@@ -379,11 +368,9 @@ class PreferenceDataModule(L.LightningDataModule):
     def _uses_adapters(self) -> bool:
         """Anything beyond one Kaggle-format file read strictly: read through `pref_lightning.adapters`
         (the on-disk cache serves only the plain case)."""
-        if self.sources or self.on_bad_rows != "raise" or self.n_classes != 3:
+        if self.sources or self.on_bad_rows != "raise" or self.spec.n_classes != 3:
             return True
         if self.train_format is None:
-            from pref_lightning.adapters import sniff_format
-
             return any(sniff_format(p) != "kaggle" for p in (self.train_path, self.val_path) if p)
         return self.train_format != "kaggle"
 
@@ -392,18 +379,13 @@ class PreferenceDataModule(L.LightningDataModule):
         """The prediction file is Kaggle format (the only format the on-disk cache reads)."""
         if self.predict_format is not None:
             return self.predict_format == "kaggle"
-        from pref_lightning.adapters import sniff_format
-
         return Path(self.predict_path).is_file() and sniff_format(self.predict_path) == "kaggle"
 
     def _load_records_adapted(self) -> None:
         """Train file through its adapter, split, then the extra sources added to the training split only."""
-        from pref_lightning.adapters import read_source
-        from pref_lightning.sources import mix_sources
-
         def read(path: str):
             return read_source(path, self.train_format, require_labels=True, on_bad_rows=self.on_bad_rows,
-                               n_classes=self.n_classes, seed=self.split_seed)
+                               n_classes=self.spec.n_classes, seed=self.split_seed)
 
         data = read(self.train_path)
         records = data.records
@@ -423,7 +405,7 @@ class PreferenceDataModule(L.LightningDataModule):
             known = records
         file_counts.update(train_rows=len(self.train_records), val_rows=len(self.val_records))
         extra, source_counts = mix_sources(known, self.sources, prompt_key=prompt_key, seed=self.split_seed,
-                                           on_bad_rows=self.on_bad_rows, n_classes=self.n_classes)
+                                           on_bad_rows=self.on_bad_rows, n_classes=self.spec.n_classes)
         self.train_records = self.train_records + extra
         self.data_counts = {"train_file": file_counts, "sources": source_counts,
                             "train_rows": len(self.train_records), "val_rows": len(self.val_records)}
@@ -456,7 +438,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     @property
     def train_prior(self) -> np.ndarray:
-        return class_prior(self.train_labels, self.n_classes)
+        return class_prior(self.train_labels, self.spec.n_classes)
 
     def validation_reference(self) -> dict[str, float]:
         """Log losses to judge the model by on the validation split: the train prior and the oracle."""
@@ -473,18 +455,16 @@ class PreferenceDataModule(L.LightningDataModule):
                 probs = np.array([r.oracle for r in self.val_records], dtype=np.float64)
         # references, all scored on the validation rows: the train split's class prior, uniform, and the
         # validation rows' own class frequencies (the best constant prediction; an optimistic reference)
-        out = {"prior_log_loss": prior_log_loss(self.train_labels, val_labels, self.n_classes),
-               "uniform_log_loss": float(np.log(self.n_classes)),
-               "val_prior_log_loss": prior_log_loss(val_labels, val_labels, self.n_classes)}
+        out = {"prior_log_loss": prior_log_loss(self.train_labels, val_labels, self.spec.n_classes),
+               "uniform_log_loss": float(np.log(self.spec.n_classes)),
+               "val_prior_log_loss": prior_log_loss(val_labels, val_labels, self.spec.n_classes)}
         if probs is not None:
-            out["oracle_log_loss"] = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-15, 1)).mean())
+            out["oracle_log_loss"] = log_loss(probs, val_labels)
         return out
 
     # ---- tokenization -------------------------------------------------------------------------
     def attach_tokenizer(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.encoder = PairEncoder(tokenizer, self.max_length, self.prompt_fraction, layout=self.layout,
-                                   naive_truncation=self.naive_truncation)
+        self.encoder = PairEncoder(tokenizer, self.spec)
 
     def _require_encoder(self) -> PairEncoder:
         if self.encoder is None:
@@ -521,10 +501,10 @@ class PreferenceDataModule(L.LightningDataModule):
         if not (train.has_pairs(encoder) and val.has_pairs(encoder)):
             self.prepare_data()
         train_table = train.pairs(encoder)
-        if self.stats_norm is None:
-            self.stats_norm = fit_stats_norm_table(train_table, train_rows)
-        self.train_set = PairDataset(train_table.select(train_rows, self.stats_norm))
-        self.val_set = PairDataset(val.pairs(encoder).select(val_rows, self.stats_norm))
+        if self.spec.stats_norm is None:
+            self.spec = self.spec.replace(stats_norm=fit_stats_norm_table(train_table, train_rows))
+        self.train_set = PairDataset(train_table.select(train_rows, self.spec.stats_norm))
+        self.val_set = PairDataset(val.pairs(encoder).select(val_rows, self.spec.stats_norm))
 
     def setup(self, stage: str | None = None) -> None:
         encoder = self._require_encoder()
@@ -534,15 +514,15 @@ class PreferenceDataModule(L.LightningDataModule):
                 self._setup_fit_cached(encoder)
             if self.train_set is None:
                 train_pairs = encoder.encode(self.train_records)
-                if self.stats_norm is None:
-                    self.stats_norm = fit_stats_norm(train_pairs)
-                self.train_set = PairDataset(normalise_stats(train_pairs, self.stats_norm))
-                self.val_set = PairDataset(normalise_stats(encoder.encode(self.val_records), self.stats_norm))
+                if self.spec.stats_norm is None:
+                    self.spec = self.spec.replace(stats_norm=fit_stats_norm(train_pairs))
+                self.train_set = PairDataset(normalise_stats(train_pairs, self.spec.stats_norm))
+                self.val_set = PairDataset(normalise_stats(encoder.encode(self.val_records), self.spec.stats_norm))
             for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
                 if not len(dataset):
                     raise UserError(f"{self.source_name}: no {name} rows")
         if stage in (None, "predict") and self.predict_path and self.predict_set is None:
-            if self.stats_norm is None:
+            if self.spec.stats_norm is None:
                 raise RuntimeError("prediction needs stats_norm (it travels in the checkpoint)")
             if self._cache is not None and self._predict_is_kaggle:
                 source = self._cached_file(self.predict_path, False)
@@ -550,13 +530,11 @@ class PreferenceDataModule(L.LightningDataModule):
                 if not source.has_pairs(encoder):
                     self.prepare_data()
                 rows = np.arange(len(self.predict_records), dtype=np.int64)
-                self.predict_set = PairDataset(source.pairs(encoder).select(rows, self.stats_norm))
+                self.predict_set = PairDataset(source.pairs(encoder).select(rows, self.spec.stats_norm))
             else:
-                from pref_lightning.adapters import read_any
-
                 # any supported format (detected unless predict_format is set); every row, in file order
                 self.predict_records = read_any(self.predict_path, self.predict_format)
-                self.predict_set = PairDataset(normalise_stats(encoder.encode(self.predict_records), self.stats_norm))
+                self.predict_set = PairDataset(normalise_stats(encoder.encode(self.predict_records), self.spec.stats_norm))
             if not len(self.predict_set):
                 raise UserError(f"{self.predict_path}: no rows to predict")
 
@@ -568,12 +546,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def fit_anchor(self) -> dict[str, Any]:
         """The anchored head's offset (`anchor.fit_anchor`), fitted on the training split after `setup`."""
-        return fit_anchor(*self.split_statistics("train"), n_classes=self.n_classes)
-
-    def settings(self) -> dict:
-        """What prediction needs to encode rows exactly as training did (stored in checkpoints)."""
-        return {"max_length": self.max_length, "prompt_fraction": self.prompt_fraction,
-                "stats_norm": self.stats_norm, "layout": self.layout, "naive_truncation": self.naive_truncation}
+        return fit_anchor(*self.split_statistics("train"), n_classes=self.spec.n_classes)
 
     # ---- loaders ------------------------------------------------------------------------------
     def _replicas(self) -> tuple[int, int]:

@@ -25,6 +25,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -88,8 +92,6 @@ def hydra_job_processes() -> Iterator[None]:
         yield
     finally:
         if _in_multirun():
-            import torch.distributed as dist
-
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
             for key, value in saved.items():
@@ -97,3 +99,13 @@ def hydra_job_processes() -> Iterator[None]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def all_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor concatenated over the DDP ranks (each holds its own share of the rows), on every
+    rank; unchanged in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, [t.cpu() for t in tensors])
+    return tuple(torch.cat([share[i] for share in shares]) for i in range(len(tensors)))

@@ -1,14 +1,20 @@
-"""The competition metric as a torchmetrics Metric (DDP-safe sums), and the output guard every
-probability the project reports or writes goes through."""
+"""The competition's classes and metric, in one place: class columns, the A/B swap, the log loss
+(Kaggle's clip, one EPS) for tensors, numpy arrays and as a DDP-safe torchmetrics Metric, the class
+prior and its log loss, and the output guard every probability reported or written goes through."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 
 from pref_lightning.errors import UserError
 
-EPS = 1e-15
+# the submission's probability columns (and the training file's label columns), in class order
+CLASS_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
+CLASS_LABELS = ("A", "B", "tie")  # the same classes, short (logs, reports, plots)
+SWAP = (1, 0, 2)  # class order after exchanging answers A and B (a binary task uses the first two)
+EPS = 1e-15  # Kaggle clips probabilities to [EPS, 1 - EPS]
 # the default probability floor (model.prob_floor): what no class probability may fall below
 PROB_FLOOR = 0.002
 
@@ -44,6 +50,24 @@ def competition_log_loss(probs: torch.Tensor, target: torch.Tensor, eps: float =
     probs = probs.double()
     probs = (probs / probs.sum(dim=-1, keepdim=True)).clamp(eps, 1 - eps)
     return -probs.gather(-1, target.view(-1, 1)).log().mean()
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray, eps: float = EPS) -> float:
+    """`competition_log_loss` of numpy (n, K) probabilities and (n,) integer labels, as a float."""
+    return float(competition_log_loss(torch.as_tensor(np.asarray(probs, dtype=np.float64)),
+                                      torch.as_tensor(np.asarray(labels, dtype=np.int64)), eps))
+
+
+def class_prior(labels: np.ndarray, n_classes: int = 3) -> np.ndarray:
+    """(K,) class frequencies of integer `labels`."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return counts / counts.sum()
+
+
+def prior_log_loss(train_labels: np.ndarray, eval_labels: np.ndarray, n_classes: int = 3) -> float:
+    """Log loss on `eval_labels` of always predicting the class frequencies of `train_labels`."""
+    prior = class_prior(train_labels, n_classes)
+    return log_loss(np.broadcast_to(prior, (len(eval_labels), n_classes)), eval_labels)
 
 
 class LogLoss(Metric):

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
-import zipfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,17 +15,21 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pref_lightning.anchor import AnchorOffset
-from pref_lightning.backbone import UNUSED_LAYERS, build_backbone, tokenizer_from_files
-from pref_lightning.errors import MissingFileError, UserError
+from pref_lightning.backbone import build_backbone, tokenizer_from_files
+from pref_lightning.checkpoint import CHECKPOINT_KEY, load_checkpoint, payload, without_unused_weights
+from pref_lightning.contract import EncodingSpec
+from pref_lightning.errors import UserError
 from pref_lightning.head import CrossHead, PairHead, output_layers, pool, pooled_size
-from pref_lightning.metrics import PROB_FLOOR, LogLoss, PaddingEfficiency, check_floor, class_probabilities
-from pref_lightning.pairs import STATS_FEATURES
+from pref_lightning.metrics import (
+    PROB_FLOOR,
+    SWAP,
+    LogLoss,
+    PaddingEfficiency,
+    check_floor,
+    class_probabilities,
+)
 
 log = logging.getLogger(__name__)
-CHECKPOINT_KEY = "pref_lightning"
-CHECKPOINT_FORMAT = 1
-SWAP = (1, 0, 2)  # class order after exchanging A and B
-CLASS_COUNTS = (2, 3)  # binary (A wins, B wins: WSDM Cup) or the competition's A / B / tie
 SWAP_MODES = ("none", "random", "full")
 
 
@@ -44,39 +45,6 @@ def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, 
     if schedule == "linear":
         return min_ratio + (1 - min_ratio) * (1 - progress)
     raise UserError(f"model.schedule={schedule!r}; choose cosine, linear or constant")
-
-
-def check_checkpoint_file(path: str | Path) -> None:
-    """Cheap checks before anything is built: the file exists and is a zip archive (as torch.save writes)."""
-    if not Path(path).is_file():
-        raise MissingFileError(f"{path}: no such checkpoint file")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not a pref-lightning checkpoint (not a PyTorch checkpoint file)")
-
-
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
-    """A pref-lightning checkpoint loaded safely (`weights_only=True`). Any other file is a `UserError`
-    naming it; the fix is never to turn safe loading off, so torch's advice to do that is not passed on."""
-    check_checkpoint_file(path)
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        reason = "it holds Python objects that safe loading (weights_only) refuses"
-    except (RuntimeError, EOFError, ValueError):
-        reason = "not a PyTorch checkpoint file"
-    else:
-        if isinstance(checkpoint, dict) and CHECKPOINT_KEY in checkpoint:
-            return checkpoint
-        reason = f"no '{CHECKPOINT_KEY}' entry"
-    raise UserError(f"{path}: not a pref-lightning checkpoint ({reason})")
-
-
-def without_unused_weights(state_dict: Mapping[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights less those of backbone layers no longer built (the pooler of checkpoints
-    saved before backbones were built without it)."""
-    own = module.state_dict()
-    prefixes = tuple(f"backbone.{name}." for name in UNUSED_LAYERS)
-    return {k: v for k, v in state_dict.items() if k in own or not k.startswith(prefixes)}
 
 
 def valid_rows(batch: Mapping[str, torch.Tensor], values: torch.Tensor) -> torch.Tensor:
@@ -111,24 +79,36 @@ class PreferenceModule(L.LightningModule):
         tta_swap: bool = True,
         layer_lr_decay: float = 1.0,
         freeze_embeddings: bool = False,
-        layout: str = "siamese",
         compile: bool = False,
         augment_seed: int = 0,
         compile_backend: str = "inductor",
         backbone_config: Mapping[str, Any] | None = None,
-        n_classes: int = 3,
         prob_floor: float = PROB_FLOOR,
         anchor_head: bool = False,
         anchor_trainable: bool = False,
         anchor: Mapping[str, Any] | None = None,
+        spec: EncodingSpec | Mapping[str, Any] | None = None,
+        train_prior: Sequence[float] | None = None,
+        reference: Mapping[str, float] | None = None,
+        tokenizer_files: Mapping[str, bytes] | None = None,
     ) -> None:
         super().__init__()
         if swap_augment not in SWAP_MODES:
             raise UserError(f"model.swap_augment={swap_augment!r}; choose from {', '.join(SWAP_MODES)}")
-        if n_classes not in CLASS_COUNTS:
-            raise UserError(f"n_classes={n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
+        # the data side's contract (layout, classes, statistics...): a plain dict in hparams, so every
+        # checkpoint carries it and prediction encodes rows exactly as training did
+        self.spec = spec if isinstance(spec, EncodingSpec) else EncodingSpec.from_dict(spec or {}, where="model spec")
+        n_classes, layout = self.spec.n_classes, self.spec.layout
         check_floor(prob_floor, n_classes)
-        self.save_hyperparameters(ignore=["backbone_config"])  # n_classes travels in every checkpoint
+        # train_prior: class frequencies of the training split (PriorGuard); reference: reference log
+        # losses on the validation rows (logged beside val/log_loss)
+        self.train_prior = [float(p) for p in (train_prior or [])]
+        self.reference = {str(k): float(v) for k, v in (reference or {}).items()}
+        # save_hyperparameters reads these locals: plain values only. The tokenizer's files travel in the
+        # checkpoint payload instead (loggers write hyperparameters as YAML).
+        spec, train_prior, reference = self.spec.to_dict(), self.train_prior, self.reference
+        self.save_hyperparameters(ignore=["backbone_config", "tokenizer_files"])
+        self.tokenizer_files = dict(tokenizer_files or {})
         self.swap_index = SWAP[:n_classes]
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
                                        config_dict=backbone_config, dropout=backbone_dropout)
@@ -145,7 +125,7 @@ class PreferenceModule(L.LightningModule):
             # plain module; dynamic shapes because length-grouped batches vary in length
             self.backbone.compile(backend=compile_backend, dynamic=True)
         hidden = self.backbone.config.hidden_size
-        stats_size = len(STATS_FEATURES) if use_text_stats else 0
+        stats_size = self.spec.n_stats if use_text_stats else 0
         if layout == "cross":
             if swap_augment != "none" or tta_swap:
                 # a swapped cross-encoder row is a different token sequence: it needs its own pass
@@ -155,8 +135,8 @@ class PreferenceModule(L.LightningModule):
         elif layout == "siamese":
             self.head = PairHead(pooled_size(hidden, pooling), combine, head_hidden, head_dropout,
                                  n_classes=n_classes, stats_size=stats_size, symmetric=symmetric_head)
-        else:
-            raise UserError(f"layout={layout!r}; choose siamese or cross")
+        else:  # EncodingSpec admits no other layout
+            raise AssertionError(layout)
         # anchored head: the statistics' logistic regression as an offset, the head's last layer at zero
         self.anchor = None
         if anchor_head:
@@ -173,11 +153,6 @@ class PreferenceModule(L.LightningModule):
         self.train_log_loss = LogLoss()
         # real / processed tokens of the epoch: a summed metric that Lightning syncs with the others
         self.train_padding = PaddingEfficiency()
-        # set by the pipeline; travel inside every checkpoint so prediction needs nothing else
-        self.tokenizer_files: dict[str, bytes] = {}
-        self.data_settings: dict[str, Any] = {}
-        self.reference: dict[str, float] = {}
-        self.train_prior: list[float] = []  # class frequencies of the training split (PriorGuard)
         self.temperature: float = 1.0  # fitted on validation logits after training (calibration)
         self.apply_temperature = True
 
@@ -214,7 +189,7 @@ class PreferenceModule(L.LightningModule):
         and precision, unlike a pass after `trainer.validate`, whose teardown moves the model to the CPU)."""
         rows = getattr(self, "_validation_rows", [])
         if not rows:
-            k = self.hparams.n_classes
+            k = self.n_classes
             return torch.zeros(0, k), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         return tuple(torch.cat([row[i] for row in rows]).cpu() for i in range(3))
 
@@ -228,7 +203,11 @@ class PreferenceModule(L.LightningModule):
 
     @property
     def is_cross(self) -> bool:
-        return self.hparams.layout == "cross"
+        return self.spec.layout == "cross"
+
+    @property
+    def n_classes(self) -> int:
+        return self.spec.n_classes
 
     def cross_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         pooled = self.encode(batch["input_ids"], batch["attention_mask"]).float()
@@ -381,32 +360,20 @@ class PreferenceModule(L.LightningModule):
 
     # ---- self-contained checkpoints -----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": CHECKPOINT_FORMAT,
-            "backbone_config": self.backbone.config.to_dict(),
-            "tokenizer_files": dict(self.tokenizer_files),
-            "data_settings": dict(self.data_settings),
-            "reference": dict(self.reference),
-            "temperature": float(self.temperature),
-            "train_prior": list(self.train_prior),
-        }
+        checkpoint[CHECKPOINT_KEY] = payload(self.backbone.config.to_dict(), self.tokenizer_files, self.temperature)
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu",
-                        compile: bool = False) -> tuple[PreferenceModule, Any, dict[str, Any]]:
-        """Rebuild (module, tokenizer, data settings) from one checkpoint file, offline.
+                        compile: bool = False) -> tuple[PreferenceModule, Any, EncodingSpec]:
+        """Rebuild (module, tokenizer, encoding spec) from one checkpoint file, offline.
 
         `compile` replaces the training run's setting: compiling pays off for long prediction jobs only.
+        Raises `UserError` naming the file when it is not a pref-lightning checkpoint of a readable format.
         """
         checkpoint = load_checkpoint(path, map_location)
-        payload = checkpoint[CHECKPOINT_KEY]
+        stored = checkpoint[CHECKPOINT_KEY]
         hparams = {**checkpoint["hyper_parameters"], "compile": compile}
-        module = cls(**hparams, backbone_config=payload["backbone_config"])
+        module = cls(**hparams, backbone_config=stored["backbone_config"], tokenizer_files=stored["tokenizer_files"])
         module.load_state_dict(without_unused_weights(checkpoint["state_dict"], module))
-        module.tokenizer_files = dict(payload["tokenizer_files"])
-        module.data_settings = dict(payload["data_settings"])
-        module.reference = dict(payload["reference"])
-        module.temperature = float(payload.get("temperature", 1.0))
-        module.train_prior = list(payload.get("train_prior", []))
-        tokenizer = tokenizer_from_files(payload["tokenizer_files"])
-        return module, tokenizer, module.data_settings
+        module.temperature = float(stored.get("temperature", 1.0))
+        return module, tokenizer_from_files(stored["tokenizer_files"]), module.spec

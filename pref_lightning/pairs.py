@@ -13,14 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pref_lightning.errors import UserError
+from pref_lightning.contract import STATS_FEATURES, EncodingSpec
 from pref_lightning.records import PairRecord
-from pref_lightning.text_stats import SIDE_FEATURES, side_stats
+from pref_lightning.text_stats import side_stats
 
+__all__ = ["STATS_FEATURES", "EncodedPair", "PairEncoder"]
 CHARS_PER_TOKEN_CAP = 16  # pre-clip very long turns in characters before tokenizing (speed only)
-# per-side statistics fed to the hybrid head: the answer's text statistics, its token count before
-# truncation (what the encoder may not see), and the shared prompt's size
-STATS_FEATURES: tuple[str, ...] = (*SIDE_FEATURES, "tokens", "prompt_chars", "prompt_turns", "prompt_tokens")
 
 
 @dataclass
@@ -86,11 +84,9 @@ def split_budget(prompt_len: int, response_len: int, budget: int, prompt_fractio
     return prompt_alloc, response_alloc
 
 
-LAYOUTS = ("siamese", "cross")
-
-
 class PairEncoder:
-    """Tokenize records into `EncodedPair`s with a fast tokenizer, in batches.
+    """Tokenize records into `EncodedPair`s with a fast tokenizer, in batches, as `spec` (the
+    `EncodingSpec`; default: its defaults) says.
 
     `layout="siamese"` (default): one `[CLS] prompt [SEP] response [SEP]` sequence per side.
     `layout="cross"`: one `[CLS] prompt [SEP] A [SEP] B [SEP]` sequence per row (`ids_b` is None),
@@ -99,25 +95,17 @@ class PairEncoder:
     which can cut answer B away entirely.
     """
 
-    def __init__(self, tokenizer, max_length: int = 512, prompt_fraction: float = 0.3,
-                 head_fraction: float = 0.5, batch_size: int = 2048, layout: str = "siamese",
-                 naive_truncation: bool = False) -> None:
-        if layout not in LAYOUTS:
-            raise UserError(f"data.layout={layout!r}; choose from {', '.join(LAYOUTS)}")
-        self.layout = layout
-        self.naive_truncation = naive_truncation
-        if max_length < 8:
-            raise UserError(f"data.max_length={max_length} is too small; use at least 8")
-        if not 0.0 < prompt_fraction < 1.0:
-            raise UserError(f"data.prompt_fraction={prompt_fraction} must lie in (0, 1)")
+    def __init__(self, tokenizer, spec: EncodingSpec | None = None, batch_size: int = 2048) -> None:
+        self.spec = spec or EncodingSpec()
         self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.prompt_fraction = prompt_fraction
-        self.head_fraction = head_fraction
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # texts per tokenizer call
         self.cls_id = _special_id(tokenizer, "cls_token_id", "bos_token_id")
         self.sep_id = _special_id(tokenizer, "sep_token_id", "eos_token_id")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @property
+    def max_length(self) -> int:
+        return self.spec.max_length
 
     def _clip_chars(self, text: str) -> str:
         # very long turns (100k characters occur) would be tokenized only to be cut: keep head and tail
@@ -138,24 +126,24 @@ class PairEncoder:
     def build_side(self, prompt: Sequence[Sequence[int]], response: Sequence[Sequence[int]]) -> np.ndarray:
         budget = self.max_length - 3
         p_alloc, r_alloc = split_budget(segment_length(prompt), segment_length(response), budget,
-                                        self.prompt_fraction)
-        p_ids = fit_turns(prompt, p_alloc, self.sep_id, self.head_fraction)
-        r_ids = fit_turns(response, r_alloc, self.sep_id, self.head_fraction)
+                                        self.spec.prompt_fraction)
+        p_ids = fit_turns(prompt, p_alloc, self.sep_id, self.spec.head_fraction)
+        r_ids = fit_turns(response, r_alloc, self.sep_id, self.spec.head_fraction)
         return np.asarray([self.cls_id, *p_ids, self.sep_id, *r_ids, self.sep_id], dtype=np.int32)
 
     def build_cross(self, prompt: Sequence[Sequence[int]], a: Sequence[Sequence[int]],
                     b: Sequence[Sequence[int]]) -> np.ndarray:
-        if self.naive_truncation:
+        if self.spec.naive_truncation:
             joined = [self.cls_id]
             for segment in (prompt, a, b):
                 joined += fit_turns(segment, segment_length(segment), self.sep_id) + [self.sep_id]
             return np.asarray(joined[: self.max_length], dtype=np.int32)
         budget = self.max_length - 4
         p_alloc, answers = split_budget(segment_length(prompt), segment_length(a) + segment_length(b), budget,
-                                        self.prompt_fraction)
+                                        self.spec.prompt_fraction)
         a_alloc, b_alloc = split_budget(segment_length(a), segment_length(b), answers, 0.5)
         p_alloc = min(segment_length(prompt), budget - a_alloc - b_alloc)
-        parts = [fit_turns(seg, n, self.sep_id, self.head_fraction) for seg, n in
+        parts = [fit_turns(seg, n, self.sep_id, self.spec.head_fraction) for seg, n in
                  ((prompt, p_alloc), (a, a_alloc), (b, b_alloc))]
         return np.asarray([self.cls_id, *parts[0], self.sep_id, *parts[1], self.sep_id, *parts[2], self.sep_id],
                           dtype=np.int32)
@@ -176,7 +164,7 @@ class PairEncoder:
             prompt = ids[p0:p1]
             prompt_stats = side_stats(record.prompt)
             shared = np.array([prompt_stats[0], len(record.prompt), np.log1p(segment_length(prompt))], np.float32)
-            if self.layout == "cross":
+            if self.spec.layout == "cross":
                 ids_a, ids_b = self.build_cross(prompt, ids[a0:a1], ids[b0:b1]), None
             else:
                 ids_a, ids_b = self.build_side(prompt, ids[a0:a1]), self.build_side(prompt, ids[b0:b1])

@@ -18,13 +18,11 @@ import numpy as np
 import pandas as pd
 
 from pref_lightning.errors import UserError
+from pref_lightning.metrics import CLASS_COLUMNS
 from pref_lightning.text_stats import NULL_TURN
 
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
-LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 ORACLE_COLUMNS = ("p_model_a", "p_model_b", "p_tie")  # written by the synthetic generator only
-CLASS_NAMES = ("winner_model_a", "winner_model_b", "winner_tie")
-CLASS_LABELS = ("A", "B", "tie")  # the same classes, short (logs, reports, plots)
 # probabilities in every CSV written (submission, oof): 8 significant digits, whatever the float width
 FLOAT_FORMAT = "%.8g"
 EMPTY_TURN = ""
@@ -163,7 +161,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 def _parse_label(path: Path, row_id: str, row: dict) -> int:
     values = []
-    for column in LABEL_COLUMNS:
+    for column in CLASS_COLUMNS:
         raw = row[column]
         try:
             value = float(raw)
@@ -173,8 +171,8 @@ def _parse_label(path: Path, row_id: str, row: dict) -> int:
             raise BadRowError(path, row_id, column, f"has {raw!r}, expected 0 or 1")
         values.append(int(value))
     if sum(values) != 1:
-        shown = ", ".join(f"{c}={v}" for c, v in zip(LABEL_COLUMNS, values))
-        raise BadRowError(path, row_id, ", ".join(LABEL_COLUMNS), f"must have exactly one 1, got {shown}")
+        shown = ", ".join(f"{c}={v}" for c, v in zip(CLASS_COLUMNS, values))
+        raise BadRowError(path, row_id, ", ".join(CLASS_COLUMNS), f"must have exactly one 1, got {shown}")
     return values.index(1)
 
 
@@ -194,7 +192,7 @@ def records_from_frame(frame: pd.DataFrame, path: str | Path, require_labels: bo
     """
     path = Path(path)
     check_on_bad_rows(on_bad_rows)
-    require_columns(frame, ["id", *TEXT_COLUMNS] + (list(LABEL_COLUMNS) if require_labels else []), path)
+    require_columns(frame, ["id", *TEXT_COLUMNS] + (list(CLASS_COLUMNS) if require_labels else []), path)
     ids = frame["id"].map(lambda v: str(v).strip())
     blank = ids[ids == ""]
     if len(blank):
@@ -203,7 +201,7 @@ def records_from_frame(frame: pd.DataFrame, path: str | Path, require_labels: bo
     if len(duplicated):
         shown = ", ".join(sorted(set(duplicated.tolist()))[:5])
         raise DataError(f"{path}: column id has duplicate value(s): {shown}")
-    has_labels = all(c in frame.columns for c in LABEL_COLUMNS)
+    has_labels = all(c in frame.columns for c in CLASS_COLUMNS)
     has_oracle = all(c in frame.columns for c in ORACLE_COLUMNS)
     columns = {c: frame[c].tolist() for c in frame.columns}
     records = []
@@ -255,14 +253,3 @@ def read_records(path: str | Path, require_labels: bool = True) -> list[PairReco
 
 def label_array(records: Sequence[PairRecord]) -> np.ndarray:
     return np.array([r.label for r in records], dtype=np.int64)
-
-
-def class_prior(labels: np.ndarray, n_classes: int = 3) -> np.ndarray:
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    return counts / counts.sum()
-
-
-def prior_log_loss(train_labels: np.ndarray, eval_labels: np.ndarray, n_classes: int = 3) -> float:
-    """Log loss on `eval_labels` of always predicting the class frequencies of `train_labels`."""
-    prior = np.clip(class_prior(train_labels, n_classes), 1e-15, 1.0)
-    return float(-np.log(prior[eval_labels]).mean())

@@ -15,7 +15,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pref_lightning.atomic import atomic_path, atomic_write_text
-from pref_lightning.records import CLASS_LABELS
+from pref_lightning.metrics import CLASS_LABELS
 
 PLOTS = ("curves", "reliability", "confusion", "probabilities")
 # CSVLogger columns drawn on the curves plot, with their legend names

@@ -21,8 +21,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pref_lightning.atomic import atomic_write_text
-from pref_lightning.metrics import competition_log_loss
-from pref_lightning.records import CLASS_NAMES, FLOAT_FORMAT
+from pref_lightning.metrics import CLASS_COLUMNS, competition_log_loss
+from pref_lightning.records import FLOAT_FORMAT
 
 log = logging.getLogger(__name__)
 METRIC_COLUMNS = ("val_log_loss", "val_log_loss_calibrated", "val_accuracy", "prior_log_loss", "gain_over_prior",
@@ -127,7 +127,7 @@ def _combine_group(sweep_dir: Path, group: list[dict[str, Any]], name: str, oof_
     order = {row_id: i for i, row_id in enumerate(expected["id"])}
     oof = oof.sort_values("id", key=lambda ids: ids.map(order), kind="stable").reset_index(drop=True)
     atomic_write_text(sweep_dir / oof_file, oof.to_csv(index=False, float_format=FLOAT_FORMAT))
-    columns = [c for c in CLASS_NAMES if c in oof.columns]
+    columns = [c for c in CLASS_COLUMNS if c in oof.columns]
     probs = torch.tensor(oof[columns].to_numpy(), dtype=torch.float64)
     labels = torch.tensor(oof["label"].to_numpy(), dtype=torch.long)
     metrics = [r["metrics"] for r in group]

@@ -36,11 +36,12 @@ import pandas as pd
 
 from pref_lightning import text_stats
 from pref_lightning.atomic import atomic_path
-from pref_lightning.records import parse_turns, prior_log_loss
+from pref_lightning.metrics import log_loss, prior_log_loss
+from pref_lightning.records import parse_turns
 
 __all__ = [
     "KAGGLE_COLUMNS",
-    "LABEL_COLUMNS",
+    "CLASS_COLUMNS",
     "MODEL_NAMES",
     "PROB_COLUMNS",
     "TOPICS",
@@ -64,7 +65,7 @@ KAGGLE_COLUMNS: tuple[str, ...] = (
     "winner_model_b",
     "winner_tie",
 )
-LABEL_COLUMNS: tuple[str, ...] = ("winner_model_a", "winner_model_b", "winner_tie")
+CLASS_COLUMNS: tuple[str, ...] = ("winner_model_a", "winner_model_b", "winner_tie")
 PROB_COLUMNS: tuple[str, ...] = ("p_model_a", "p_model_b", "p_tie")
 
 # --------------------------------------------------------------------------------------------------
@@ -586,11 +587,11 @@ class SyntheticData:
     @property
     def oracle_log_loss(self) -> float:
         """Mean -log p_true[label]: the best log loss any model can expect on these rows."""
-        return text_stats.log_loss(self.true_proba, self.labels)
+        return log_loss(self.true_proba, self.labels)
 
 
 def _labels(frame: pd.DataFrame) -> np.ndarray:
-    return frame[list(LABEL_COLUMNS)].to_numpy().argmax(axis=1)
+    return frame[list(CLASS_COLUMNS)].to_numpy().argmax(axis=1)
 
 
 def generate(
@@ -713,7 +714,7 @@ def generate(
     ids = np.sort(rng.choice(np.arange(10_000, 10_000 + 50 * max(n_rows, 1)), size=n_rows, replace=False))
     frame = pd.DataFrame(rows, columns=["model_a", "model_b", "prompt", "response_a", "response_b"])
     frame.insert(0, "id", ids.astype(np.int64))
-    for j, col in enumerate(LABEL_COLUMNS):
+    for j, col in enumerate(CLASS_COLUMNS):
         frame[col] = onehot[:, j]
     for j, col in enumerate(PROB_COLUMNS):
         frame[col] = proba[:, j]
@@ -749,7 +750,7 @@ def summary(data: SyntheticData, with_text_stats: bool = True) -> dict:
     out = {
         "n_rows": len(frame),
         "seed": data.seed,
-        "class_balance": {name: round(float(v), 4) for name, v in zip(LABEL_COLUMNS, balance, strict=True)},
+        "class_balance": {name: round(float(v), 4) for name, v in zip(CLASS_COLUMNS, balance, strict=True)},
         "prior_log_loss": round(prior_log_loss(labels, labels), 4),
         "oracle_log_loss": round(data.oracle_log_loss, 4),
         "answer_chars": {

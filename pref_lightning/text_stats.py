@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pref_lightning.metrics import log_loss
+
 __all__ = [
     "LOG1P_FEATURES",
     "NULL_TURN",
@@ -25,7 +27,6 @@ __all__ = [
     "LogisticModel",
     "cross_validated_log_loss",
     "fit_logistic_regression",
-    "log_loss",
     "pair_stats",
     "pair_stats_matrix",
     "predict_proba",
@@ -210,13 +211,6 @@ def predict_proba(model: LogisticModel, X: np.ndarray) -> np.ndarray:
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(axis=1, keepdims=True)
-
-
-def log_loss(proba: np.ndarray, y: np.ndarray) -> float:
-    """Mean multinomial log loss with probabilities clipped to [1e-15, 1] (Kaggle-style)."""
-    y = np.asarray(y, dtype=np.int64)
-    p = np.clip(np.asarray(proba, dtype=np.float64)[np.arange(y.size), y], 1e-15, 1.0)
-    return float(-np.log(p).mean())
 
 
 def cross_validated_log_loss(

@@ -49,8 +49,7 @@ def test_step_zero_scores_the_baseline_and_the_checkpoint_reproduces_it(tiny_tok
     dm, anchor, baseline = setup
     from pref_lightning.backbone import tokenizer_files
 
-    model = anchored(tiny_tokenizer, anchor)
-    model.tokenizer_files = tokenizer_files(tiny_tokenizer)
+    model = anchored(tiny_tokenizer, anchor, tokenizer_files=tokenizer_files(tiny_tokenizer))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
                         enable_model_summary=False, max_steps=0)
     trainer.fit(model, dm)  # no step: attaches the trainer so that a checkpoint can be written

@@ -119,7 +119,7 @@ def test_every_backbone_parameter_gets_a_gradient_from_the_pooled_output(kind, r
 
 
 def test_checkpoint_weights_of_a_dropped_pooler_are_ignored():
-    from pref_lightning.module import without_unused_weights
+    from pref_lightning.checkpoint import without_unused_weights
 
     module = torch.nn.Module()
     module.backbone = torch.nn.Linear(2, 2)

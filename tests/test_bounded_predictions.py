@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pref_lightning.collate import PairCollator
+from pref_lightning.contract import EncodingSpec
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.module import PreferenceModule
 from pref_lightning.pairs import STATS_FEATURES, EncodedPair, PairEncoder
@@ -41,7 +42,7 @@ def trained(tmp_path_factory):
     dm.attach_tokenizer(tokenizer)
     dm.setup("fit")
     model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tokenizer), head_hidden=32,
-                             lr=2e-3, head_lr=2e-3)
+                             lr=2e-3, head_lr=2e-3, spec=dm.spec)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         accelerator="cpu", num_sanity_val_steps=0, enable_model_summary=False)
     trainer.fit(model, dm)
@@ -56,7 +57,7 @@ def probabilities(model: PreferenceModule, pairs: list[EncodedPair]) -> torch.Te
 
 
 def raw_pairs(dm: PreferenceDataModule, tokenizer, records) -> list[EncodedPair]:
-    return PairEncoder(tokenizer, max_length=MAX_LENGTH).encode(records)
+    return PairEncoder(tokenizer, EncodingSpec(max_length=MAX_LENGTH)).encode(records)
 
 
 def normalised(pairs: list[EncodedPair], norm) -> list[EncodedPair]:
@@ -89,7 +90,7 @@ def extreme_pairs(trained, factor: float) -> list[EncodedPair]:
         out.append(EncodedPair(pair.ids_a, pair.ids_b, pair.label, len(out), a, b.copy()))
         b[flags] = 1.0
         out.append(EncodedPair(pair.ids_a, pair.ids_b, pair.label, len(out), a, b))
-    return normalised(out, dm.stats_norm)
+    return normalised(out, dm.spec.stats_norm)
 
 
 @pytest.mark.parametrize("factor", [10.0, 100.0])
@@ -106,7 +107,7 @@ def test_bounded_statistics_alone_keep_out_of_range_rows_as_confident_as_trainin
     floor = model.hparams.prob_floor
     model.hparams.prob_floor = 0.0
     try:
-        val = probabilities(model, normalised(raw_pairs(dm, tokenizer, dm.val_records), dm.stats_norm))
+        val = probabilities(model, normalised(raw_pairs(dm, tokenizer, dm.val_records), dm.spec.stats_norm))
         odd = probabilities(model, extreme_pairs(trained, factor))
     finally:
         model.hparams.prob_floor = floor
@@ -117,7 +118,7 @@ def test_null_and_empty_answers_keep_every_class_above_the_floor(trained, tmp_pa
     model, tokenizer, dm = trained
     path = tmp_path / "odd.csv"
     path.write_text(ODD_ROWS)
-    odd = PreferenceDataModule(predict_path=str(path), max_length=MAX_LENGTH, stats_norm=dm.stats_norm,
+    odd = PreferenceDataModule(predict_path=str(path), max_length=MAX_LENGTH, stats_norm=dm.spec.stats_norm,
                                eval_batch_size=8)
     odd.attach_tokenizer(tokenizer)
     odd.setup("predict")

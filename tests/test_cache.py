@@ -7,6 +7,7 @@ import pytest
 
 from pref_lightning import datamodule as datamodule_module
 from pref_lightning.cache import EncodedTable, LazyRecords, PairCache, encode_table, pairs_key_fields
+from pref_lightning.contract import EncodingSpec
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.pairs import STATS_FEATURES, PairEncoder
 from pref_lightning.records import read_records
@@ -70,7 +71,7 @@ def test_second_datamodule_reuses_the_cache_and_gives_identical_batches(syntheti
         assert len(warm.val_records) == len(cold.val_records)
         assert warm.validation_reference() == cold.validation_reference()
         np.testing.assert_array_equal(warm.train_prior, cold.train_prior)
-        assert warm.stats_norm == cold.stats_norm
+        assert warm.spec.stats_norm == cold.spec.stats_norm
         assert_same_pairs(warm.train_set.pairs, cold.train_set.pairs)
         assert_same_pairs(warm.val_set.pairs, cold.val_set.pairs)
         assert_same_batches(warm.train_dataloader(), cold.train_dataloader())
@@ -90,7 +91,7 @@ def test_cached_path_matches_the_uncached_path(synthetic_csv, tiny_tokenizer, tm
         cached = make_dm(synthetic_csv, tiny_tokenizer, tmp_path)
         assert [r.id for r in cached.train_records] == [r.id for r in plain.train_records]
         assert [r.id for r in cached.val_records] == [r.id for r in plain.val_records]
-        assert cached.stats_norm == plain.stats_norm
+        assert cached.spec.stats_norm == plain.spec.stats_norm
         assert cached.validation_reference() == plain.validation_reference()
         # EncodedPair.index is the position within the split's own record list
         assert [p.index for p in cached.val_set.pairs] == list(range(len(plain.val_records)))
@@ -141,7 +142,7 @@ def test_key_changes_with_every_setting_the_pairs_depend_on(synthetic_csv, tiny_
     from pref_lightning.cache import file_sha256
 
     file_hash = file_sha256(synthetic_csv)
-    base = pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, 48), True)
+    base = pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48)), True)
     cache = PairCache(tmp_path)
 
     def path(fields):
@@ -151,21 +152,21 @@ def test_key_changes_with_every_setting_the_pairs_depend_on(synthetic_csv, tiny_
     from pref_lightning.backbone import tokenizer_files
 
     reloaded = tokenizer_from_files(tokenizer_files(tiny_tokenizer), tmp_path / "reloaded")
-    assert path(pairs_key_fields(file_hash, PairEncoder(reloaded, 48), True)) == path(base)
+    assert path(pairs_key_fields(file_hash, PairEncoder(reloaded, EncodingSpec(max_length=48)), True)) == path(base)
 
     other_tokenizer = cached_trained_tokenizer(["alpha beta gamma delta", "epsilon zeta eta theta"] * 20, 40,
                                                tmp_path / "tok")
     changed_file = tmp_path / "changed.csv"
     changed_file.write_bytes(synthetic_csv.read_bytes() + b"\n")
     variants = {
-        "max_length": pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, 64), True),
-        "prompt_fraction": pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, 48, prompt_fraction=0.4), True),
-        "layout": pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, 48, layout="cross"), True),
+        "max_length": pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=64)), True),
+        "prompt_fraction": pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48, prompt_fraction=0.4)), True),
+        "layout": pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48, layout="cross")), True),
         "naive_truncation": pairs_key_fields(
-            file_hash, PairEncoder(tiny_tokenizer, 48, layout="cross", naive_truncation=True), True),
-        "tokenizer": pairs_key_fields(file_hash, PairEncoder(other_tokenizer, 48), True),
-        "file content": pairs_key_fields(file_sha256(changed_file), PairEncoder(tiny_tokenizer, 48), True),
-        "labels required": pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, 48), False),
+            file_hash, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48, layout="cross", naive_truncation=True)), True),
+        "tokenizer": pairs_key_fields(file_hash, PairEncoder(other_tokenizer, EncodingSpec(max_length=48)), True),
+        "file content": pairs_key_fields(file_sha256(changed_file), PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48)), True),
+        "labels required": pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48)), False),
     }
     paths = {name: path(fields) for name, fields in variants.items()}
     assert len(set(paths.values()) | {path(base)}) == len(variants) + 1, paths
@@ -214,7 +215,7 @@ def test_cache_files_load_without_pickle_and_hold_raw_statistics(synthetic_csv, 
     np.testing.assert_array_equal(arrays["rows"], np.arange(400))
     # file order, raw (un-normalised) statistics, exactly what the encoder gives
     records = read_records(synthetic_csv)
-    direct = PairEncoder(tiny_tokenizer, 48).encode(records[:5])
+    direct = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48)).encode(records[:5])
     table = EncodedTable.from_arrays(arrays)
     for row, pair in enumerate(direct):
         np.testing.assert_array_equal(table.ids_a[table.offsets_a[row]:table.offsets_a[row + 1]], pair.ids_a)
@@ -224,7 +225,7 @@ def test_cache_files_load_without_pickle_and_hold_raw_statistics(synthetic_csv, 
 
 def test_block_encoding_matches_one_call(synthetic_csv, tiny_tokenizer):
     records = read_records(synthetic_csv)
-    encoder = PairEncoder(tiny_tokenizer, 48)
+    encoder = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48))
     whole = EncodedTable.from_pairs(encoder.encode(records))
     blocks = encode_table(encoder, records, block_rows=37)
     for name, value in whole.arrays().items():

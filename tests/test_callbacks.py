@@ -209,9 +209,8 @@ def fit(tmp_path, tokenizer, csv, guard, use_text_stats, shuffle_labels):
         for record in dm.train_records + dm.val_records:
             record.label = int(rng.choice(3, p=[0.45, 0.35, 0.2]))
     model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tokenizer), head_hidden=16,
-                             use_text_stats=use_text_stats, lr=1e-3, head_lr=1e-2, warmup_ratio=0.0)
-    model.reference = dm.validation_reference()  # as pipeline.train sets them
-    model.train_prior = dm.train_prior.tolist()
+                             use_text_stats=use_text_stats, lr=1e-3, head_lr=1e-2, warmup_ratio=0.0,
+                             reference=dm.validation_reference(), train_prior=dm.train_prior.tolist())
     logger = CSVLogger(tmp_path, name="csv")
     trainer = L.Trainer(accelerator="cpu", max_epochs=EPOCHS, limit_train_batches=BATCHES,
                         val_check_interval=CHECK_EVERY, num_sanity_val_steps=2, logger=logger,

@@ -15,7 +15,8 @@ import sys
 import pandas as pd
 import pytest
 
-from pref_lightning.records import LABEL_COLUMNS, ORACLE_COLUMNS
+from pref_lightning.metrics import CLASS_COLUMNS
+from pref_lightning.records import ORACLE_COLUMNS
 
 from .conftest import REPO, TEST_TINY_OVERRIDES, minilm_installed
 
@@ -61,14 +62,14 @@ def test_ddp_trains_and_validates_with_the_default_progress_bar(ddp_run):
 def test_ddp_prediction_of_one_row_with_the_default_progress_bar(ddp_run, tmp_path, synthetic_frame):
     """One row, two ranks: the empty rank scores a padding copy; the row is written exactly once."""
     run_dir, _ = ddp_run
-    one = synthetic_frame.drop(columns=list(LABEL_COLUMNS) + list(ORACLE_COLUMNS)).iloc[:1]
+    one = synthetic_frame.drop(columns=list(CLASS_COLUMNS) + list(ORACLE_COLUMNS)).iloc[:1]
     one.to_csv(tmp_path / "one_row.csv", index=False)
     run_ranks("predict.py", f"ckpt_path={run_dir}", f"input_path={tmp_path}/one_row.csv",
               f"output_path={tmp_path}/sub.csv", f"hydra.run.dir={tmp_path}/p", "trainer.accelerator=cpu",
               "trainer.devices=2", "trainer.strategy=ddp")
     sub = pd.read_csv(tmp_path / "sub.csv", dtype={"id": str})
     assert sub["id"].tolist() == one["id"].astype(str).tolist()
-    assert abs(sub[list(LABEL_COLUMNS)].to_numpy().sum() - 1) < 1e-5
+    assert abs(sub[list(CLASS_COLUMNS)].to_numpy().sum() - 1) < 1e-5
 
 
 def test_ddp_sigterm_with_the_default_progress_bar(tmp_path):

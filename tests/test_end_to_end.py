@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pref_lightning.records import LABEL_COLUMNS, ORACLE_COLUMNS
+from pref_lightning.metrics import CLASS_COLUMNS
+from pref_lightning.records import ORACLE_COLUMNS
 
 from .conftest import ARENA_SAMPLE, REPO, TEST_TINY_OVERRIDES, needs_shared_data
 
@@ -32,7 +33,7 @@ def check_submission(path, expected_ids):
     sub = pd.read_csv(path, dtype={"id": str})
     assert list(sub.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
     assert sub["id"].tolist() == list(expected_ids)
-    probs = sub[list(LABEL_COLUMNS)].to_numpy()
+    probs = sub[list(CLASS_COLUMNS)].to_numpy()
     assert ((probs >= 0) & (probs <= 1)).all()
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
     return probs
@@ -89,7 +90,7 @@ def test_train_writes_report(trained_run):
 
 def test_predict_in_input_order_without_labels(trained_run, tmp_path, synthetic_frame):
     run_dir, _ = trained_run
-    test = synthetic_frame.drop(columns=list(LABEL_COLUMNS) + list(ORACLE_COLUMNS)).sample(frac=1, random_state=0)
+    test = synthetic_frame.drop(columns=list(CLASS_COLUMNS) + list(ORACLE_COLUMNS)).sample(frac=1, random_state=0)
     test_path = tmp_path / "test.csv"
     test.to_csv(test_path, index=False)
     output = tmp_path / "sub" / "submission.csv"
@@ -108,7 +109,7 @@ def test_predict_in_input_order_without_labels(trained_run, tmp_path, synthetic_
 
 def test_ddp_prediction_writes_every_id_once_and_matches_single_process(trained_run, tmp_path, synthetic_frame):
     run_dir, _ = trained_run
-    test = synthetic_frame.drop(columns=list(LABEL_COLUMNS)).iloc[:203]  # odd count: uneven shards
+    test = synthetic_frame.drop(columns=list(CLASS_COLUMNS)).iloc[:203]  # odd count: uneven shards
     test_path = tmp_path / "test.csv"
     test.to_csv(test_path, index=False)
     common = [f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"input_path={test_path}",
@@ -128,7 +129,7 @@ def test_predict_real_arena_rows(trained_run, tmp_path):
     run_dir, _ = trained_run
     arena = pd.read_csv(ARENA_SAMPLE, dtype=str, keep_default_na=False)
     test_path = tmp_path / "arena_test.csv"
-    arena.drop(columns=list(LABEL_COLUMNS)).to_csv(test_path, index=False)
+    arena.drop(columns=list(CLASS_COLUMNS)).to_csv(test_path, index=False)
     output = tmp_path / "submission.csv"
     run("predict.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"input_path={test_path}",
         f"output_path={output}", f"hydra.run.dir={tmp_path}/pred", "trainer.enable_progress_bar=false",
@@ -167,7 +168,7 @@ def test_cross_layout_trains_and_predicts(tmp_path, synthetic_frame):
     run_dir = tmp_path / "cross"
     run("train.py", "data.layout=cross", "data.synthetic_rows=300", f"hydra.run.dir={run_dir}", *FAST)
     assert json.loads((run_dir / "metrics.json").read_text())["val_log_loss"] < 2.0
-    test = synthetic_frame.drop(columns=list(LABEL_COLUMNS)).iloc[:50]
+    test = synthetic_frame.drop(columns=list(CLASS_COLUMNS)).iloc[:50]
     test.to_csv(tmp_path / "test.csv", index=False)
     run("predict.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"input_path={tmp_path}/test.csv",
         f"output_path={tmp_path}/sub.csv", f"hydra.run.dir={tmp_path}/p", "trainer.enable_progress_bar=false")

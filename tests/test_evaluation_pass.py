@@ -7,7 +7,7 @@ import torch
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import PreferenceModule
-from pref_lightning.pipeline import calibrate, validate_best
+from pref_lightning.training import calibrate, validate_best
 
 from .conftest import TEST_TINY
 

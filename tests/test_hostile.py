@@ -23,12 +23,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pref_lightning.adapters import read_any, read_source
+from pref_lightning.contract import EncodingSpec
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.ensemble import softmax
+from pref_lightning.metrics import CLASS_COLUMNS
 from pref_lightning.module import PreferenceModule
 from pref_lightning.pairs import STATS_FEATURES, PairEncoder
-from pref_lightning.pipeline import gather_predictions, submission_frame, winner_frame
-from pref_lightning.records import LABEL_COLUMNS, DataError, parse_turns, read_records
+from pref_lightning.prediction import gather_predictions
+from pref_lightning.records import DataError, parse_turns, read_records
+from pref_lightning.submission import submission_frame, winner_frame
 
 from .conftest import REPO, TEST_TINY
 
@@ -102,7 +105,7 @@ def tiny_model(tiny_tokenizer):
 
 
 def predict_probs(model, tokenizer, path, fmt=None) -> tuple[list[str], np.ndarray]:
-    """The prediction data path of `pipeline.predict` (reader, encoder, length-sorted batches, gather)."""
+    """The prediction data path of `prediction.predict` (reader, encoder, length-sorted batches, gather)."""
     dm = PreferenceDataModule(predict_path=str(path), stats_norm=NEUTRAL_NORM, max_length=MAX_LENGTH,
                               eval_batch_size=3, predict_format=fmt)
     dm.attach_tokenizer(tokenizer)
@@ -137,7 +140,7 @@ def test_csv_reader_and_encoder_keep_every_row_in_order(frame, crlf, fmt, tmp_pa
     write_csv(frame, path, crlf)
     records = read_any(path, fmt)
     assert [r.id for r in records] == expected_ids(frame)
-    pairs = PairEncoder(tiny_tokenizer, MAX_LENGTH).encode(records)
+    pairs = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=MAX_LENGTH)).encode(records)
     assert [p.index for p in pairs] == list(range(len(records)))
     for p in pairs:
         assert 3 <= len(p.ids_a) <= MAX_LENGTH and 3 <= len(p.ids_b) <= MAX_LENGTH
@@ -153,7 +156,7 @@ def test_prediction_gives_one_row_per_id_in_order_csv(frame, crlf, tmp_path_fact
     assert got_ids == expected_ids(frame)
     check_probs(probs, len(frame))
     sub = submission_frame(got_ids, probs)
-    assert list(sub.columns) == ["id", *LABEL_COLUMNS] and sub["id"].tolist() == got_ids
+    assert list(sub.columns) == ["id", *CLASS_COLUMNS] and sub["id"].tolist() == got_ids
 
 
 @SETTINGS
@@ -206,7 +209,7 @@ def clean_frame(n):
     labels = np.arange(n) % 3
     return pd.DataFrame({"id": [f"r{i}" for i in range(n)], "prompt": [f'["q{i}"]' for i in range(n)], "response_a": ['["a"]'] * n,
                          "response_b": ['["b"]'] * n,
-                         **{c: (labels == j).astype(int).astype(str) for j, c in enumerate(LABEL_COLUMNS)}},
+                         **{c: (labels == j).astype(int).astype(str) for j, c in enumerate(CLASS_COLUMNS)}},
                         dtype=object)
 
 
@@ -215,7 +218,7 @@ def clean_frame(n):
 def test_malformed_label_names_file_id_and_column(n, data, tmp_path_factory):
     frame = clean_frame(n)
     row = data.draw(st.integers(0, n - 1))
-    column = data.draw(st.sampled_from(LABEL_COLUMNS))
+    column = data.draw(st.sampled_from(CLASS_COLUMNS))
     bad = data.draw(st.one_of(st.sampled_from(BAD_LABELS), text))
     assume(bad.strip() not in ("0", "1", "0.0", "1.0", "00", "01", "+0", "+1", "-0", "1.", "0."))
     try:
@@ -237,14 +240,14 @@ def test_malformed_label_names_file_id_and_column(n, data, tmp_path_factory):
 @pytest.mark.parametrize("values", [("0", "0", "0"), ("1", "1", "0"), ("1", "1", "1")])
 def test_not_exactly_one_winner_names_the_columns(values, tmp_path):
     frame = clean_frame(3)
-    for c, v in zip(LABEL_COLUMNS, values):
+    for c, v in zip(CLASS_COLUMNS, values):
         frame.loc[1, c] = v
     write_csv(frame, tmp_path / "train.csv", crlf=False)
     with pytest.raises(DataError, match=rf"{tmp_path / 'train.csv'}: row id=r1: column winner_model_a, "):
         read_records(tmp_path / "train.csv")
 
 
-@pytest.mark.parametrize("column", ["id", "prompt", "response_a", "response_b", *LABEL_COLUMNS])
+@pytest.mark.parametrize("column", ["id", "prompt", "response_a", "response_b", *CLASS_COLUMNS])
 def test_missing_column_names_file_and_column(column, tmp_path):
     clean_frame(3).drop(columns=[column]).to_csv(tmp_path / "train.csv", index=False)
     with pytest.raises(DataError, match=rf"{tmp_path / 'train.csv'}: missing column\(s\) {column}"):
@@ -287,11 +290,9 @@ def tiny_checkpoint(path, tokenizer, n_classes=3):
     from pref_lightning.backbone import tokenizer_files
 
     torch.manual_seed(0)
+    spec = EncodingSpec(max_length=MAX_LENGTH, n_classes=n_classes, stats_norm=NEUTRAL_NORM)
     model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tokenizer), head_hidden=16,
-                             n_classes=n_classes)
-    model.tokenizer_files = tokenizer_files(tokenizer)
-    model.data_settings = {"max_length": MAX_LENGTH, "prompt_fraction": 0.3, "stats_norm": NEUTRAL_NORM,
-                           "layout": "siamese", "naive_truncation": False}
+                             spec=spec, tokenizer_files=tokenizer_files(tokenizer))
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
     model.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
@@ -319,7 +320,7 @@ def test_predict_script_on_hostile_csv_and_wsdm_parquet(tmp_path, tiny_tokenizer
                 f"hydra.run.dir={tmp_path / 'p1'}")
     sub = pd.read_csv(tmp_path / "sub.csv", dtype={"id": str}, keep_default_na=False)
     assert sub["id"].tolist() == [f"id-{i}" for i in range(5)]
-    check_probs(sub[list(LABEL_COLUMNS)].to_numpy(), 5)
+    check_probs(sub[list(CLASS_COLUMNS)].to_numpy(), 5)
 
     binary = tiny_checkpoint(tmp_path / "binary.ckpt", tiny_tokenizer, n_classes=2)
     wsdm = pd.DataFrame({"id": ["b", "a", "c"], "prompt": ["¿Qué?", "[1, 2]", LONG],

@@ -45,17 +45,16 @@ def test_checkpoint_is_self_contained(tmp_path, tiny_tokenizer, synthetic_csv):
 
     dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=8)
     dm.attach_tokenizer(tiny_tokenizer)
-    module = tiny_module(tiny_tokenizer)
-    module.tokenizer_files = tokenizer_files(tiny_tokenizer, tmp_path / "tok")
-    module.data_settings = {"max_length": 32, "prompt_fraction": 0.3}
+    dm.setup("fit")  # fits the statistics' normalisation: the spec is complete
+    module = tiny_module(tiny_tokenizer, spec=dm.spec, tokenizer_files=tokenizer_files(tiny_tokenizer, tmp_path / "tok"))
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, accelerator="cpu")
     trainer.fit(module, dm)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
 
-    restored, tokenizer, settings = PreferenceModule.from_checkpoint(str(path))
-    assert settings["max_length"] == 32
+    restored, tokenizer, spec = PreferenceModule.from_checkpoint(str(path))
+    assert spec == dm.spec and spec.max_length == 32
     text = "an answer about the topic"
     assert tokenizer(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
     batch = next(iter(dm.val_dataloader()))

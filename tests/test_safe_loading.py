@@ -100,13 +100,13 @@ def predict_cfg(ckpt, input_path, output_path):
 
 
 def test_failed_prediction_never_leaves_a_half_written_submission(tmp_path, tiny_tokenizer, monkeypatch):
-    from pref_lightning import atomic, pipeline
+    from pref_lightning import atomic, prediction
 
     ckpt = tiny_checkpoint(tmp_path / "tiny.ckpt", tiny_tokenizer)
     pd.DataFrame({"id": ["1", "2"], "prompt": ['["q"]'] * 2, "response_a": ['["a"]'] * 2,
                   "response_b": ['["b"]'] * 2}).to_csv(tmp_path / "test.csv", index=False)
     output = tmp_path / "out" / "submission.csv"
-    pipeline.predict(predict_cfg(ckpt, tmp_path / "test.csv", output))
+    prediction.predict(predict_cfg(ckpt, tmp_path / "test.csv", output))
     good = output.read_text()
     assert good.splitlines()[0] == "id,winner_model_a,winner_model_b,winner_tie"
 
@@ -115,6 +115,6 @@ def test_failed_prediction_never_leaves_a_half_written_submission(tmp_path, tiny
 
     monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        pipeline.predict(predict_cfg(ckpt, tmp_path / "test.csv", output))
+        prediction.predict(predict_cfg(ckpt, tmp_path / "test.csv", output))
     assert output.read_text() == good  # the previous submission is intact
     assert sorted(p.name for p in output.parent.iterdir()) == ["submission.csv"]  # no temporary left

@@ -128,14 +128,15 @@ def test_binary_module_two_logits_and_swap(tiny_tokenizer, mix_files):
     dm.attach_tokenizer(tiny_tokenizer)
     dm.setup("fit")
     module = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer),
-                              head_hidden=16, n_classes=2)
+                              head_hidden=16, spec=dm.spec)
     batch = next(iter(dm.train_dataloader()))
     logits = module(batch, tta_swap=True)
     assert logits.shape == (6, 2) and torch.isfinite(logits).all()
     loss = module.training_step(batch, 0)
     assert torch.isfinite(loss)
+    assert module.n_classes == 2
     with pytest.raises(ValueError, match="n_classes"):
-        PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), n_classes=4)
+        PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), spec={"n_classes": 4})
 
 
 @needs_shared_data()

@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pref_lightning.metrics import competition_log_loss
-from pref_lightning.records import LABEL_COLUMNS
+from pref_lightning.metrics import CLASS_COLUMNS, competition_log_loss
 
 from .test_end_to_end import FAST, run
 
@@ -26,12 +25,12 @@ def test_kfold_multirun_combines_out_of_fold_predictions(tmp_path):
     for k in range(3):  # the assignment is the same in every run (seeded), each run validates its fold
         assert pd.read_csv(sweep / str(k) / "folds.csv", dtype={"id": str}).equals(folds)
         oof = pd.read_csv(sweep / str(k) / "oof.csv", dtype={"id": str})
-        assert list(oof.columns) == ["id", "fold", *LABEL_COLUMNS, "label"]
+        assert list(oof.columns) == ["id", "fold", *CLASS_COLUMNS, "label"]
         assert set(oof["id"]) == set(folds["id"][folds["fold"] == k]) and (oof["fold"] == k).all()
 
     combined = pd.read_csv(sweep / "oof.csv", dtype={"id": str})
     assert combined["id"].tolist() == folds["id"].tolist()  # every training id exactly once, in file order
-    probs = combined[list(LABEL_COLUMNS)].to_numpy()
+    probs = combined[list(CLASS_COLUMNS)].to_numpy()
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
     cv = json.loads((sweep / "cv_metrics.json").read_text())[0]
     expected = competition_log_loss(torch.tensor(probs), torch.tensor(combined["label"].to_numpy()))

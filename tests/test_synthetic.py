@@ -46,7 +46,7 @@ def test_columns_and_json(data: synthetic.SyntheticData) -> None:
 
 def test_exactly_one_winner_and_probabilities(data: synthetic.SyntheticData) -> None:
     frame = data.frame
-    winners = frame[list(synthetic.LABEL_COLUMNS)].to_numpy()
+    winners = frame[list(synthetic.CLASS_COLUMNS)].to_numpy()
     assert set(np.unique(winners)) <= {0, 1}
     assert (winners.sum(axis=1) == 1).all()
     proba = data.true_proba

@@ -1,0 +1,160 @@
+"""GPU check: the whole workflow stays on the GPU, in bf16 and in fp16, and each stage's cost.
+
+On a machine with CUDA it trains a deberta-v3-small-shaped model built from its config (random init,
+no download: 6 layers, hidden 768, 12 heads, 3,072 intermediate, relative positions, with a BPE
+tokenizer trained offline on the synthetic texts) on the embedded synthetic rows at
+`data.max_length=1024`, for `--steps` optimizer steps, then validates the best checkpoint, calibrates
+and predicts, through `train.py` and `predict.py` as a user runs them, once per precision:
+
+- `bf16-mixed` (when the GPU has bf16),
+- `16-mixed` (fp16 autocast with a gradient scaler: Kaggle's free T4 GPUs have no bf16, and
+  DeBERTa-v3 in fp16 is known to overflow; non-finite losses are counted and reported),
+- and, with two or more GPUs, `bf16-mixed` (or `16-mixed`) under 2-GPU DDP.
+
+A `StageProbe` callback (pref_lightning.callbacks) raises as soon as any stage runs a batch off the
+GPU, and records each stage's seconds, tokens/s and peak GPU memory; the script prints one table and
+writes `benchmarks/results/gpu_check.json`. Without CUDA it says so and exits 0.
+
+    python benchmarks/gpu_check.py              # ~5-10 minutes on one modern GPU
+    python benchmarks/gpu_check.py --steps 50   # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pref_lightning.synthetic import generate  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "gpu_check.json"
+DEBERTA_V3_SMALL = {"hidden_size": 768, "num_hidden_layers": 6, "num_attention_heads": 12,
+                    "intermediate_size": 3072, "max_position_embeddings": 512}
+# --smoke: the same commands on the CPU with a tiny shape (what the tests run, so the script cannot rot)
+SMOKE = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+         "max_position_embeddings": 128}
+
+
+def probe_overrides(probe: Path, device: str) -> list[str]:
+    return ["+callbacks.stage_probe._target_=pref_lightning.callbacks.StageProbe",
+            f"+callbacks.stage_probe.path={probe}", f"+callbacks.stage_probe.require_device={device}"]
+
+
+def overrides(run_dir: Path, probe: Path, args: argparse.Namespace) -> list[str]:
+    shape = [f"model.tiny_config.{k}={v}" for k, v in (SMOKE if args.smoke else DEBERTA_V3_SMALL).items()]
+    return [*shape, "model.lr=2e-5", "model.head_lr=1e-3", f"model.tokenizer_vocab_size={args.vocab_size}",
+            f"data.synthetic_rows={args.rows}", f"data.max_length={args.max_length}",
+            f"data.batch_size={args.batch_size}", "data.eval_batch_size=32", f"trainer.max_steps={args.steps}",
+            "trainer.max_epochs=100", f"trainer.accelerator={args.accelerator}", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", "report=false", f"hydra.run.dir={run_dir}",
+            *probe_overrides(probe, args.device)]
+
+
+def run(cmd: list[str], log: Path) -> tuple[int, float]:
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        code = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"}).returncode
+    return code, time.perf_counter() - started
+
+
+def check(name: str, precision: str, devices: int, work: Path, args: argparse.Namespace) -> dict:
+    run_dir, probe = work / name, work / f"{name}.stages.jsonl"
+    probe.unlink(missing_ok=True)
+    train = [sys.executable, "train.py", *overrides(run_dir, probe, args), f"trainer.precision={precision}",
+             f"trainer.devices={devices}"] + (["trainer.strategy=ddp"] if devices > 1 else [])
+    code, train_s = run(train, work / f"{name}.train.log")
+    result: dict = {"run": name, "precision": precision, "devices": devices, "train_rc": code,
+                    "train_wall_s": round(train_s, 1)}
+    if code == 0:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        result.update({k: metrics.get(k) for k in ("val_log_loss", "val_log_loss_calibrated", "temperature",
+                                                   "prior_log_loss", "oracle_log_loss")})
+        test_csv = work / "test.csv"
+        if not test_csv.exists():
+            generate(args.predict_rows, seed=123).frame.drop(
+                columns=["winner_model_a", "winner_model_b", "winner_tie"], errors="ignore").to_csv(test_csv, index=False)
+        predict = [sys.executable, "predict.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt",
+                   f"input_path={test_csv}", f"output_path={work / name}.submission.csv", "batch_size=64",
+                   f"trainer.accelerator={args.accelerator}", "trainer.devices=1", f"trainer.precision={precision}",
+                   "trainer.enable_progress_bar=false", *probe_overrides(probe, args.device)]
+        code, predict_s = run(predict, work / f"{name}.predict.log")
+        result.update(predict_rc=code, predict_wall_s=round(predict_s, 1))
+    stages = [json.loads(line) for line in probe.read_text().splitlines()] if probe.exists() else []
+    result["stages"] = stages
+    result["ok"] = bool(result["train_rc"] == 0 and result.get("predict_rc") == 0
+                        and all(s["devices"] == [args.device] for s in stages)
+                        and {s["stage"] for s in stages} >= {"fit", "validate", "predict"})
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| run | precision | GPUs | stage | seconds | tokens/s | peak GPU GiB | non-finite losses | on GPU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for s in r["stages"]:
+            lines.append(f"| {r['run']} | {r['precision']} | {r['devices']} | {s['stage']} | {s['seconds']} | "
+                         f"{s['tokens_per_s']:,.0f} | {s['peak_memory_gib']} | {s['non_finite_losses']} | "
+                         f"{s['devices'] == ['cuda']} |")
+    lines += ["", "| run | val log loss | calibrated | T | prior | oracle | train wall s | predict wall s | ok |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+        lines.append(f"| {r['run']} | {fmt(r.get('val_log_loss'))} | {fmt(r.get('val_log_loss_calibrated'))} | "
+                     f"{fmt(r.get('temperature'))} | {fmt(r.get('prior_log_loss'))} | {fmt(r.get('oracle_log_loss'))} | "
+                     f"{r['train_wall_s']} | {r.get('predict_wall_s', '-')} | {r['ok']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training run")
+    parser.add_argument("--rows", type=int, default=6000, help="synthetic rows (5%% held out for validation)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--predict-rows", type=int, default=2000)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=32000, help="offline BPE tokenizer size")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pref_lightning_gpu_check"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the same commands on the CPU, tiny shape, fp32 (a check of this script)")
+    args = parser.parse_args()
+    args.accelerator, args.device = ("cpu", "cpu") if args.smoke else ("gpu", "cuda")
+    if args.smoke:
+        plan = [("smoke", "32-true", 1)]
+        n_gpus, bf16 = 0, False
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA device on this machine; nothing to check (exit 0)")
+        return 0
+    else:
+        n_gpus, bf16 = torch.cuda.device_count(), torch.cuda.is_bf16_supported()
+        plan = ([("bf16", "bf16-mixed", 1)] if bf16 else []) + [("fp16", "16-mixed", 1)]
+        if n_gpus >= 2:
+            plan.append(("ddp2", "bf16-mixed" if bf16 else "16-mixed", 2))
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, precision, devices in plan:
+        print(f"gpu_check: {name} ({precision}, {devices} GPU) ...", flush=True)
+        results.append(check(name, precision, devices, args.work, args))
+    machine = {"gpu": torch.cuda.get_device_name(0) if n_gpus else "none (--smoke)", "gpus": n_gpus, "bf16": bf16, "torch": torch.__version__,
+               "steps": args.steps, "rows": args.rows, "batch_size": args.batch_size, "max_length": args.max_length}
+    print(f"\n{machine}\n\n{table(results)}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    failed = [r["run"] for r in results if not r["ok"]]
+    if failed:
+        print(f"gpu_check: FAILED {failed}; logs in {args.work}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The training recipe: config -> records -> tokenizer -> tokenized pairs -> model -> fit -> one
+validation pass of the best checkpoint -> calibration -> metrics.json, oof.csv, report.md."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from pref_lightning.anchor import anchor_log_loss
+from pref_lightning.atomic import atomic_write_text
+from pref_lightning.backbone import tokenizer_files
+from pref_lightning.calibration import TEMPERATURE_RANGE, fit_temperature
+from pref_lightning.callbacks import drop_progress_bars, exit_after_sigterm
+from pref_lightning.checkpoint import store_temperature
+from pref_lightning.compat import check_backbone_settings, check_hardware
+from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.distributed import all_ranks, hydra_job_processes
+from pref_lightning.metrics import competition_log_loss
+from pref_lightning.module import PreferenceModule
+from pref_lightning.pipeline import build_tokenizer, instantiate_list, set_runtime_defaults
+from pref_lightning.records import FLOAT_FORMAT
+from pref_lightning.report import csv_metrics_path, write_report
+from pref_lightning.resume import output_dir, resume_checkpoint
+from pref_lightning.submission import submission_frame
+
+log = logging.getLogger(__name__)
+# model-config keys that choose the tokenizer, not the model
+TOKENIZER_KEYS = ("tokenizer", "tokenizer_vocab_size", "cache_dir")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, validate the best checkpoint, write `metrics.json`; return the metrics."""
+    with hydra_job_processes():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    hardware = check_hardware(cfg)
+    set_runtime_defaults()
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = output_dir(cfg)
+
+    tokenizer = check_backbone_settings(cfg)  # settings that contradict the backbone: refused before any data is read
+    datamodule: PreferenceDataModule = instantiate(cfg.data)
+    datamodule.load_records()
+    tokenizer = tokenizer or build_tokenizer(cfg.model, datamodule)
+    datamodule.attach_tokenizer(tokenizer)
+    callbacks = drop_progress_bars(instantiate_list(cfg.get("callbacks")), cfg.trainer.get("enable_progress_bar", True))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
+                                     logger=instantiate_list(cfg.get("logger")) or False, **hardware)
+    datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (part of the spec)
+    model = build_model(cfg, datamodule, tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
+
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
+    except SIGTERMException:
+        exit_after_sigterm(trainer, run_dir)
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    results, val_logits, val_labels = validate_best(trainer, model, datamodule, best)
+    calibration = calibrate(model, val_logits, val_labels, best if trainer.is_global_zero else None,
+                            enabled=bool(cfg.get("calibrate", True)))
+    metrics = run_metrics(results, calibration, model, datamodule, trainer, cfg, best, started)
+    if trainer.is_global_zero:
+        write_outputs(run_dir, cfg, metrics, model, datamodule, trainer, val_logits, val_labels)
+    return metrics
+
+
+def model_default(name: str) -> Any:
+    """`PreferenceModule`'s default for constructor argument `name`."""
+    return inspect.signature(PreferenceModule).parameters[name].default
+
+
+def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: Any,
+                tokenizer_folder: Path | None) -> PreferenceModule:
+    """The model of `cfg.model`, given every data fact through its constructor: the encoding spec, the
+    training split's class prior, the validation references (with the anchored head, the baseline it
+    starts from), the tokenizer's files (also saved to `tokenizer_folder` when given) and, with
+    `model.anchor_head`, the statistics' regression fitted on the training split."""
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in TOKENIZER_KEYS}
+    model_class = get_class(settings.pop("_target_"))
+    anchor = datamodule.fit_anchor() if settings.get("anchor_head") else None
+    reference = datamodule.validation_reference()
+    if anchor is not None:  # the anchored model's step-0 validation loss: what training must beat
+        reference["baseline_log_loss"] = anchor_log_loss(
+            anchor, *datamodule.split_statistics("val"), bool(settings.get("tta_swap", model_default("tta_swap"))),
+            float(settings.get("prob_floor", model_default("prob_floor"))))
+    return model_class(**settings, vocab_size=len(tokenizer), spec=datamodule.spec, anchor=anchor,
+                       train_prior=datamodule.train_prior.tolist(), reference=reference,
+                       tokenizer_files=tokenizer_files(tokenizer, tokenizer_folder), augment_seed=int(cfg.seed))
+
+
+def validate_best(trainer: L.Trainer, model: PreferenceModule, datamodule: PreferenceDataModule,
+                  best: str | None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Validate the best checkpoint (`best`; None: the weights in memory) in Lightning's own loop, on the
+    run's accelerator and precision: its metrics, and the uncalibrated logits and labels of every
+    validation row (gathered from all DDP ranks, in validation-set order) that the same loop computed.
+    Every row: `trainer.limit_val_batches` (a quick check during fitting) does not apply to this pass."""
+    trainer.limit_val_batches = 1.0
+    results = trainer.validate(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)[0]
+    logits, labels, index = all_ranks(*model.validation_outputs())
+    if sorted(index.tolist()) != list(range(len(datamodule.val_set))):
+        raise RuntimeError(f"validation covered {len(index)} rows unevenly ({len(datamodule.val_set)} expected)")
+    order = torch.argsort(index)
+    return results, logits[order], labels[order]
+
+
+def calibrate(model: PreferenceModule, logits: torch.Tensor, labels: torch.Tensor, checkpoint: str | None,
+              enabled: bool = True) -> dict[str, Any]:
+    """Fit a temperature (within `TEMPERATURE_RANGE`) on the validation `logits` of `model` (the best
+    weights) and store it in `checkpoint` (rank 0 passes the path, other ranks None). Returns the log loss
+    before and after, both with the model's probability floor, as validation and prediction compute them."""
+    before = float(competition_log_loss(model.probabilities(logits), labels))
+    if not enabled:
+        return {"val_log_loss_uncalibrated": before}
+    temperature = fit_temperature(logits, labels, floor=model.hparams.prob_floor)
+    model.temperature = temperature
+    after = float(competition_log_loss(model.probabilities(logits, calibrated=True), labels))
+    if checkpoint:
+        store_temperature(checkpoint, temperature)
+    return {"temperature": temperature, "val_log_loss_uncalibrated": before, "val_log_loss_calibrated": after,
+            "temperature_at_bound": temperature in TEMPERATURE_RANGE}
+
+
+def run_metrics(results: dict[str, float], calibration: dict[str, Any], model: PreferenceModule,
+                datamodule: PreferenceDataModule, trainer: L.Trainer, cfg: DictConfig, best: str,
+                started: float) -> dict[str, Any]:
+    """What `metrics.json` holds: the validation scores, the references and the gains over each."""
+    metrics = {
+        "val_log_loss": float(results["val/log_loss"]),
+        "val_accuracy": float(results["val/accuracy"]),
+        **calibration,
+        **model.reference,
+        "train_rows": len(datamodule.train_records),
+        "val_rows": len(datamodule.val_records),
+        "data": datamodule.source_name,
+        "n_classes": datamodule.spec.n_classes,
+        "data_counts": datamodule.data_counts,  # rows read / skipped / deduplicated per file
+        "backbone": cfg.model.backbone,
+        "epochs": trainer.current_epoch,
+        "best_checkpoint": str(Path(best).resolve()) if best else None,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    for reference in ("prior", "uniform", "val_prior", "baseline"):  # gains over each reference present
+        if f"{reference}_log_loss" in metrics:
+            metrics[f"gain_over_{reference}"] = metrics[f"{reference}_log_loss"] - metrics["val_log_loss"]
+    metrics["warnings"] = health_warnings(metrics)
+    if datamodule.n_folds:
+        metrics.update(n_folds=datamodule.n_folds, fold=datamodule.fold)
+    return metrics
+
+
+def health_warnings(metrics: dict[str, Any]) -> list[str]:
+    """What validation says is wrong with the model, in words: worse than uniform or than the validation
+    rows' own class prior (then calibration flattens it towards uniform), or a temperature at its bound."""
+    warnings = []
+    loss, uniform, val_prior = metrics["val_log_loss"], metrics["uniform_log_loss"], metrics["val_prior_log_loss"]
+    if loss > uniform:
+        warnings.append(f"the model is worse than uniform on validation: log loss {loss:.4f} > ln {metrics['n_classes']}"
+                        f" = {uniform:.4f}; its predictions are harmful, not merely uninformative")
+    elif loss > val_prior:
+        warnings.append(f"the model is worse than the validation rows' own class prior: log loss {loss:.4f} > "
+                        f"{val_prior:.4f}")
+    if "baseline_log_loss" in metrics and loss > metrics["baseline_log_loss"] + 1e-4:
+        warnings.append(f"the model ended behind the statistics baseline it started from: log loss {loss:.4f} > "
+                        f"{metrics['baseline_log_loss']:.4f}; its training added nothing the text gives")
+    if metrics.get("temperature_at_bound"):
+        warnings.append(f"the calibration temperature hit its bound ({metrics['temperature']:g}, range "
+                        f"{TEMPERATURE_RANGE}): calibration cannot repair this model"
+                        + ("; it is flattened towards uniform" if metrics["temperature"] > 1 else ""))
+    return warnings
+
+
+def write_outputs(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any], model: PreferenceModule,
+                  datamodule: PreferenceDataModule, trainer: L.Trainer, val_logits: torch.Tensor,
+                  val_labels: torch.Tensor) -> None:
+    """Rank 0: metrics.json, the fold files (k-fold runs), report.md, and a summary on stdout."""
+    val_probs = model.probabilities(val_logits, calibrated=True).numpy()  # what predict.py would output
+    if datamodule.n_folds:
+        write_fold_files(run_dir, datamodule, val_probs, val_labels.numpy())
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if cfg.get("report", True):
+        report = write_report(run_dir, cfg, metrics, val_probs, val_labels.numpy(), csv_metrics_path(trainer))
+        print(f"[pref-lightning] report: {report}")
+    print(f"[pref-lightning] run folder: {run_dir}")
+    print(f"[pref-lightning] best checkpoint: {metrics['best_checkpoint']}")
+    print(f"[pref-lightning] metrics: {run_dir / 'metrics.json'}")
+    summary = {k: round(metrics[k], 4) for k in ("val_log_loss", "val_log_loss_calibrated", "prior_log_loss",
+                                                  "oracle_log_loss", "val_accuracy") if k in metrics}
+    print(f"[pref-lightning] {summary}")
+    for warning in metrics["warnings"]:
+        log.warning(warning)
+        print(f"[pref-lightning] WARNING: {warning}")
+
+
+def write_fold_files(run_dir: Path, datamodule: PreferenceDataModule, probs: np.ndarray, labels: np.ndarray) -> None:
+    """RUN/folds.csv (id, fold of every training row) and RUN/oof.csv (this fold's validation rows:
+    id, fold, the submission's probability columns, label); a multirun over all folds combines them."""
+    atomic_write_text(run_dir / "folds.csv", datamodule.fold_table().to_csv(index=False))
+    oof = submission_frame(datamodule.val_ids, probs)
+    oof.insert(1, "fold", datamodule.fold)
+    oof["label"] = labels
+    atomic_write_text(run_dir / "oof.csv", oof.to_csv(index=False, float_format=FLOAT_FORMAT))
