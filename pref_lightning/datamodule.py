@@ -642,8 +642,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 np.array([p.label for p in pairs], dtype=np.int64))
 
     def fit_anchor(self) -> dict[str, Any]:
-        """The anchored head's offset (`anchor.fit_anchor`), fitted on the training split after `setup`."""
-        return fit_anchor(*self.split_statistics("train"), n_classes=self.n_classes)
+        """The anchored head's offset (`anchor.fit_anchor`), fitted on the training split after `setup`, with the
+        network's tie-aware, weighted loss when extra sources set per-row ties / loss weights."""
+        pairs = self.train_set.pairs
+        ties = np.array([p.ties for p in pairs]) if self._train_ties is not None else None
+        weight = np.array([p.weight for p in pairs]) if self._train_ties is not None else None
+        return fit_anchor(*self.split_statistics("train"), n_classes=self.n_classes, ties=ties, weight=weight)
 
     def settings(self) -> dict:
         """What prediction needs to encode rows exactly as training did (stored in checkpoints)."""

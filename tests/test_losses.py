@@ -228,3 +228,22 @@ def test_teacher_file_checks(tmp_path):
     frame.drop(columns="winner_tie").to_csv(tmp_path / "cols.csv", index=False)
     with pytest.raises(DataError, match="cols.csv: missing column"):
         read_teacher(tmp_path / "cols.csv", ["a"])
+
+
+def test_anchor_fit_is_tie_aware():
+    """Tie-less rows fitted plainly pull P(tie) down; fitted with the conditional loss they do not."""
+    from pref_lightning.anchor import anchor_logits, fit_anchor
+
+    rng = np.random.default_rng(0)
+    n_file, n_extra = 300, 900
+    stats_a, stats_b = rng.normal(size=(n_file + n_extra, 4)), rng.normal(size=(n_file + n_extra, 4))
+    labels = np.concatenate([rng.choice(3, n_file, p=[0.35, 0.35, 0.3]), rng.choice(2, n_extra)])
+    ties = np.arange(n_file + n_extra) < n_file
+
+    def mean_tie(anchor):
+        logits = anchor_logits(anchor, stats_a[:n_file], stats_b[:n_file])
+        return float(torch.from_numpy(logits).softmax(-1)[:, 2].mean())
+
+    plain = mean_tie(fit_anchor(stats_a, stats_b, labels))
+    aware = mean_tie(fit_anchor(stats_a, stats_b, labels, ties=ties, weight=np.ones(len(labels))))
+    assert plain < 0.12 and abs(aware - (labels[:n_file] == 2).mean()) < 0.03
