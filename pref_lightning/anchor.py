@@ -31,15 +31,17 @@ def anchor_features(stats_a, stats_b):
 
 
 def fit_anchor(stats_a: np.ndarray, stats_b: np.ndarray, labels: np.ndarray, n_classes: int = 3,
-               l2: float = 1e-3) -> dict[str, Any]:
-    """Fit the offset on normalised statistics (n, n_stats) of both sides and labels (n,).
+               l2: float = 1e-3, ties: np.ndarray | None = None, weight: np.ndarray | None = None) -> dict[str, Any]:
+    """Fit the offset on normalised statistics (n, n_stats) of both sides and labels (n,), with the training
+    loss of the network (losses.py) when rows carry `ties` (n,) bool or loss `weight` (n,).
 
     Returns {"weight": (3 n_stats, K) nested list, "bias": (K,) list} acting on `anchor_features`.
     """
     swap = np.asarray(SWAP[:n_classes])
     X = np.concatenate([anchor_features(stats_a, stats_b), anchor_features(stats_b, stats_a)]).astype(np.float64)
     y = np.concatenate([labels, swap[labels]])
-    model = fit_logistic_regression(X, y, n_classes=n_classes, l2=l2)
+    ties, weight = (None if v is None else np.concatenate([v, v]) for v in (ties, weight))  # both orders
+    model = fit_logistic_regression(X, y, n_classes=n_classes, l2=l2, ties=ties, weight=weight)
     # fold the regression's own standardisation into one linear map on the features
     weight = model.weights / model.std[:, None]
     bias = model.bias - (model.mean / model.std) @ model.weights

@@ -14,7 +14,9 @@ class PairCollator:
     """Stack sides A and B of a batch into one (2B, L) tensor so the encoder runs once per batch.
 
     Rows 0..B-1 are the A sides, rows B..2B-1 the B sides (cross layout: B rows, one per pair);
-    `stats` stays (2B, F) in both layouts. L is the longest sequence in the batch,
+    `stats` stays (2B, F) in both layouts.
+    Training batches may also hold `ties` (B,) bool and `weight` (B,) float32 (only when some row is
+    tie-less or weighted) and `targets` (B, K) float32 (when the rows carry teacher targets): see losses.py. L is the longest sequence in the batch,
     rounded up to `pad_to_multiple_of` (8 suits tensor cores on GPUs). A batch holding padding rows
     (DDP evaluation, see `sampler.py`) also has `valid`: False for those rows; other batches have none.
     """
@@ -43,6 +45,12 @@ class PairCollator:
         }
         if any(item.padding for item in items):
             batch["valid"] = torch.tensor([not item.padding for item in items], dtype=torch.bool)
+        if not all(item.ties for item in items):
+            batch["ties"] = torch.tensor([item.ties for item in items], dtype=torch.bool)
+        if any(item.weight != 1.0 for item in items):
+            batch["weight"] = torch.tensor([item.weight for item in items], dtype=torch.float32)
+        if items[0].target is not None:
+            batch["targets"] = torch.from_numpy(np.stack([item.target for item in items]).astype(np.float32))
         if items[0].stats_a is not None:
             stats = np.stack([item.stats_a for item in items] + [item.stats_b for item in items])
             batch["stats"] = torch.from_numpy(stats)

@@ -222,6 +222,10 @@ class PreferenceDataModule(L.LightningDataModule):
         on_bad_rows: str = "raise",
         train_format: str | None = None,
         predict_format: str | None = None,
+        teacher_path: str | None = None,
+        teacher_weight: float = 0.5,
+        teacher_temperature: float = 1.0,
+        teacher_missing: str = "error",
         spec: EncodingSpec | Mapping[str, Any] | None = None,
         **encoding: Any,
     ) -> None:
@@ -260,6 +264,25 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_format = train_format
         self.predict_format = predict_format
         self.data_counts: dict = {}  # rows read / skipped / deduplicated per file (into metrics.json)
+        # soft targets of the training rows: a teacher's probabilities joined by id (pref_lightning.teacher),
+        # mixed with the hard label by teacher_weight; rows the file lacks: an error, or hard labels only
+        from pref_lightning.losses import TEACHER_MISSING
+
+        if teacher_missing not in TEACHER_MISSING:
+            raise UserError(f"data.teacher_missing={teacher_missing!r}; choose from {', '.join(TEACHER_MISSING)}")
+        if not 0.0 <= teacher_weight <= 1.0:
+            raise UserError(f"data.teacher_weight={teacher_weight} must lie in [0, 1]")
+        if not teacher_temperature > 0:
+            raise UserError(f"data.teacher_temperature={teacher_temperature} must be > 0")
+        self.teacher_path = teacher_path
+        self.teacher_weight = float(teacher_weight)
+        self.teacher_temperature = float(teacher_temperature)
+        self.teacher_missing = teacher_missing
+        # per training row (train_records order): may its source say "tie", its loss weight (None: all
+        # True / 1, as for a training file without extra sources); see losses.py
+        self._train_ties: np.ndarray | None = None
+        self._train_loss_weights: np.ndarray | None = None
+        self._targets_attached = False
         self._files: dict[tuple[str, bool], CachedFile] = {}
         # with the cache: (file, row positions) of each split
         self._train_rows: tuple[CachedFile, np.ndarray] | None = None
@@ -337,7 +360,8 @@ class PreferenceDataModule(L.LightningDataModule):
     def _count_plain_file(self, rows_read: int) -> None:
         """`data_counts` of a run on one strictly read file (nothing skipped, no extra sources)."""
         self.data_counts = {"train_file": {"path": self.source_name, "rows_read": rows_read, "skipped_bad_rows": 0,
-                                           "train_rows": len(self.train_records), "val_rows": len(self.val_records)}}
+                                           "train_rows": len(self.train_records), "val_rows": len(self.val_records),
+                                           "class_prior": self.train_prior.round(6).tolist()}}
 
     def _split(self, keys: Sequence[str], labels: np.ndarray) -> tuple[list[int], list[int]]:
         """(train, validation) row indices of the training file: fold `fold`, or a val_fraction split."""
@@ -403,9 +427,16 @@ class PreferenceDataModule(L.LightningDataModule):
             self.train_records = [records[i] for i in train_idx]
             self.val_records = [records[i] for i in val_idx]
             known = records
-        file_counts.update(train_rows=len(self.train_records), val_rows=len(self.val_records))
+        file_counts.update(train_rows=len(self.train_records), val_rows=len(self.val_records),
+                           class_prior=class_prior(label_array(self.train_records), self.spec.n_classes).round(6).tolist())
         extra, source_counts = mix_sources(known, self.sources, prompt_key=prompt_key, seed=self.split_seed,
                                            on_bad_rows=self.on_bad_rows, n_classes=self.spec.n_classes)
+        # the training file's rows can tie and weigh 1; each source's rows follow in order
+        self._train_ties = np.concatenate([np.ones(len(self.train_records), bool)]
+                                          + [np.full(c["added_to_train"], c["ties"]) for c in source_counts])
+        self._train_loss_weights = np.concatenate([np.ones(len(self.train_records))]
+                                                  + [np.full(c["added_to_train"], c["loss_weight"])
+                                                     for c in source_counts])
         self.train_records = self.train_records + extra
         self.data_counts = {"train_file": file_counts, "sources": source_counts,
                             "train_rows": len(self.train_records), "val_rows": len(self.val_records)}
@@ -438,7 +469,47 @@ class PreferenceDataModule(L.LightningDataModule):
 
     @property
     def train_prior(self) -> np.ndarray:
-        return class_prior(self.train_labels, self.spec.n_classes)
+        """Class frequencies (K,) of the training split. With tie-less rows (`ties` False), the prior the
+        tie-aware loss fits: P(tie) from the rows that can tie, P(A) : P(B) from every row."""
+        labels = self.train_labels
+        ties = self._train_ties
+        if ties is None or ties.all() or self.spec.n_classes < 3 or not ties.any():
+            return class_prior(labels, self.spec.n_classes)
+        p_tie = float((labels[ties] == 2).mean())
+        wins = np.bincount(labels[labels < 2], minlength=2).astype(np.float64)
+        return np.array([*(1.0 - p_tie) * wins / max(wins.sum(), 1.0), p_tie])
+
+    @property
+    def train_ids(self) -> list[str]:
+        """Row ids of the training split, in training order (extra sources' rows last)."""
+        self.load_records()
+        if self._train_rows is not None:
+            source, rows = self._train_rows
+            ids = source.rows().ids
+            if ids is not None:
+                return [ids[i] for i in rows]
+        return [r.id for r in self.train_records]
+
+    def _attach_row_targets(self, pairs: list[EncodedPair]) -> None:
+        """Per training pair: its `ties` flag and loss `weight` (extra sources), and its target probabilities
+        (a teacher: `teacher_path`) or, without a teacher, none (the hard label)."""
+        if self._train_ties is not None:
+            for pair, ties, weight in zip(pairs, self._train_ties, self._train_loss_weights):
+                pair.ties, pair.weight = bool(ties), float(weight)
+        if not self.teacher_path:
+            return
+        from pref_lightning.losses import mix_targets
+        from pref_lightning.teacher import read_teacher
+
+        soft, counts = read_teacher(self.teacher_path, self.train_ids, self.spec.n_classes, self.teacher_temperature,
+                                    self.teacher_missing)
+        labels = np.array([p.label for p in pairs], dtype=np.int64)
+        ties = np.array([p.ties for p in pairs], dtype=bool)
+        for pair, target in zip(pairs, mix_targets(labels, soft, self.teacher_weight, ties)):
+            pair.target = target
+        self.data_counts["teacher"] = {**counts, "weight": self.teacher_weight, "missing": self.teacher_missing}
+        log.info("teacher %s: %d of %d training rows matched by id (weight %g, temperature %g)", self.teacher_path,
+                 counts["training_rows_matched"], len(pairs), self.teacher_weight, self.teacher_temperature)
 
     def validation_reference(self) -> dict[str, float]:
         """Log losses to judge the model by on the validation split: the train prior and the oracle."""
@@ -455,7 +526,9 @@ class PreferenceDataModule(L.LightningDataModule):
                 probs = np.array([r.oracle for r in self.val_records], dtype=np.float64)
         # references, all scored on the validation rows: the train split's class prior, uniform, and the
         # validation rows' own class frequencies (the best constant prediction; an optimistic reference)
-        out = {"prior_log_loss": prior_log_loss(self.train_labels, val_labels, self.spec.n_classes),
+        # (train_prior: with tie-less extra rows, the tie-aware prior; else the plain class frequencies)
+        prior = np.broadcast_to(self.train_prior, (len(val_labels), self.spec.n_classes))
+        out = {"prior_log_loss": log_loss(prior, val_labels),
                "uniform_log_loss": float(np.log(self.spec.n_classes)),
                "val_prior_log_loss": prior_log_loss(val_labels, val_labels, self.spec.n_classes)}
         if probs is not None:
@@ -521,6 +594,9 @@ class PreferenceDataModule(L.LightningDataModule):
             for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
                 if not len(dataset):
                     raise UserError(f"{self.source_name}: no {name} rows")
+            if not self._targets_attached:
+                self._attach_row_targets(self.train_set.pairs)
+                self._targets_attached = True
         if stage in (None, "predict") and self.predict_path and self.predict_set is None:
             if self.spec.stats_norm is None:
                 raise RuntimeError("prediction needs stats_norm (it travels in the checkpoint)")
@@ -545,8 +621,13 @@ class PreferenceDataModule(L.LightningDataModule):
                 np.array([p.label for p in pairs], dtype=np.int64))
 
     def fit_anchor(self) -> dict[str, Any]:
-        """The anchored head's offset (`anchor.fit_anchor`), fitted on the training split after `setup`."""
-        return fit_anchor(*self.split_statistics("train"), n_classes=self.spec.n_classes)
+        """The anchored head's offset (`anchor.fit_anchor`), fitted on the training split after `setup`, with the
+        network's tie-aware, weighted loss when extra sources set per-row ties / loss weights."""
+        pairs = self.train_set.pairs
+        ties = np.array([p.ties for p in pairs]) if self._train_ties is not None else None
+        weight = np.array([p.weight for p in pairs]) if self._train_ties is not None else None
+        return fit_anchor(*self.split_statistics("train"), n_classes=self.spec.n_classes, ties=ties, weight=weight)
+
 
     # ---- loaders ------------------------------------------------------------------------------
     def _replicas(self) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from pref_lightning.checkpoint import CHECKPOINT_KEY, load_checkpoint, payload, 
 from pref_lightning.contract import EncodingSpec
 from pref_lightning.errors import UserError
 from pref_lightning.head import CrossHead, PairHead, output_layers, pool, pooled_size
+from pref_lightning.losses import batch_loss
 from pref_lightning.metrics import (
     PROB_FLOOR,
     SWAP,
@@ -91,6 +92,7 @@ class PreferenceModule(L.LightningModule):
         train_prior: Sequence[float] | None = None,
         reference: Mapping[str, float] | None = None,
         tokenizer_files: Mapping[str, bytes] | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if swap_augment not in SWAP_MODES:
@@ -100,6 +102,8 @@ class PreferenceModule(L.LightningModule):
         self.spec = spec if isinstance(spec, EncodingSpec) else EncodingSpec.from_dict(spec or {}, where="model spec")
         n_classes, layout = self.spec.n_classes, self.spec.layout
         check_floor(prob_floor, n_classes)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"model.label_smoothing={label_smoothing} must lie in [0, 1)")
         # train_prior: class frequencies of the training split (PriorGuard); reference: reference log
         # losses on the validation rows (logged beside val/log_loss)
         self.train_prior = [float(p) for p in (train_prior or [])]
@@ -251,11 +255,12 @@ class PreferenceModule(L.LightningModule):
 
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        labels = batch["labels"]
+        labels, targets = batch["labels"], batch.get("targets")
         self.train_padding.update(batch["attention_mask"])  # tensor sums, no host sync
         self.log("train/padding_efficiency", self.train_padding, on_step=False, on_epoch=True)
         if self.is_cross:
-            return self._log_train(self.cross_logits(batch), labels)
+            logits = self.cross_logits(batch)
+            return self._log_train(logits, labels, self._loss(logits, labels, batch, targets))
         a, b, stats_a, stats_b = self.side_vectors(batch)
         swap = torch.tensor(self.swap_index, device=labels.device)
         mode = self.hparams.swap_augment
@@ -267,11 +272,19 @@ class PreferenceModule(L.LightningModule):
             if stats_a is not None:
                 stats_a, stats_b = torch.where(col, stats_b, stats_a), torch.where(col, stats_a, stats_b)
             labels = torch.where(flip, swap[labels], labels)
+            if targets is not None:
+                targets = torch.where(col, targets[:, swap], targets)
         logits = self.pair_logits(a, b, stats_a, stats_b)
-        loss = F.cross_entropy(logits, labels)
+        loss = self._loss(logits, labels, batch, targets)
         if mode == "full":  # both orders in the same step
-            loss = 0.5 * (loss + F.cross_entropy(self.pair_logits(b, a, stats_b, stats_a), swap[labels]))
+            swapped = None if targets is None else targets[:, swap]
+            loss = 0.5 * (loss + self._loss(self.pair_logits(b, a, stats_b, stats_a), swap[labels], batch, swapped))
         return self._log_train(logits, labels, loss)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: Mapping[str, torch.Tensor],
+              targets: torch.Tensor | None) -> torch.Tensor:
+        """Training loss (losses.py): tie-less rows conditional on "not a tie", per-row weights, soft targets."""
+        return batch_loss(logits, labels, batch, targets, self.hparams.label_smoothing)
 
     def _augment_generator(self, batch_idx: int) -> torch.Generator:
         """Swap coins drawn from (seed, epoch, batch, rank), not from the global RNG: a run resumed

@@ -30,6 +30,11 @@ class EncodedPair:
     stats_a: np.ndarray | None = None  # float32 STATS_FEATURES of side A (normalised by the datamodule)
     stats_b: np.ndarray | None = None
     padding: bool = False  # a copy filling an evaluation batch under DDP: scored, never counted
+    # training only (set by the datamodule, see losses.py): may the row's source say "tie", its loss
+    # weight, and its target probabilities (K,) float32 when a teacher is used (None: the hard label)
+    ties: bool = True
+    weight: float = 1.0
+    target: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids_a) if self.ids_b is None else max(len(self.ids_a), len(self.ids_b))

@@ -1,7 +1,7 @@
 """Extra training data mixed into the training split (`data.sources`).
 
-`data.sources` is a list of files, each a path or `{path, format (optional), weight (optional), name
-(optional)}`. The main `data.train_path` is still the only file split for validation; extra rows go
+`data.sources` is a list of files, each a path or `{path, format, weight, loss_weight, ties, name}` (all but
+`path` optional). The main `data.train_path` is still the only file split for validation; extra rows go
 into the training split only, after removing
 
 - rows whose normalised prompt (`datamodule.prompt_key`) occurs anywhere in the training file (its train
@@ -11,6 +11,13 @@ into the training split only, after removing
 
 `weight` then resamples the kept rows, seeded: 0.5 keeps a random half, 2 repeats every row twice,
 1.5 keeps every row once plus a random half again. Every count is logged and returned.
+
+`loss_weight` (default 1) multiplies the training loss of the source's rows (losses.py), without
+changing how many there are. `ties` says whether the source's labels can say "tie": null (default)
+detects it from the labels (a source with no tie row is tie-less), false declares it (a tie row is then
+an error), true keeps the full three-class loss. A tie-less source's rows train with the conditional
+likelihood of the winner given "not a tie", so they teach which answer is better and nothing about how
+often answers tie.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ class SourceSpec:
     format: str | None = None
     weight: float = 1.0
     name: str | None = None
+    loss_weight: float = 1.0
+    ties: bool | None = None  # None: detected from the labels
 
     @property
     def label(self) -> str:
@@ -47,17 +56,45 @@ def parse_sources(raw: Iterable[object] | None) -> list[SourceSpec]:
         if isinstance(item, (str, Path)):
             spec = SourceSpec(str(item))
         elif isinstance(item, Mapping):
-            unknown = set(item) - {"path", "format", "weight", "name"}
+            unknown = set(item) - {"path", "format", "weight", "name", "loss_weight", "ties"}
             if unknown or "path" not in item:
-                raise UserError(f"data.sources[{i}]={dict(item)}: needs path; may have format, weight, name")
+                raise UserError(f"data.sources[{i}]={dict(item)}: needs path; may have format, weight, "
+                                "loss_weight, ties, name")
+            ties = item.get("ties")
+            if ties is not None and not isinstance(ties, bool):
+                raise UserError(f"data.sources[{i}].ties={ties!r}; choose true, false or null (detect)")
             spec = SourceSpec(str(item["path"]), item.get("format"),
-                              float(1.0 if item.get("weight") is None else item["weight"]), item.get("name"))
+                              float(1.0 if item.get("weight") is None else item["weight"]), item.get("name"),
+                              float(1.0 if item.get("loss_weight") is None else item["loss_weight"]), ties)
         else:
             raise UserError(f"data.sources[{i}]={item!r}: give a path or {{path, format, weight}}")
         if not spec.weight >= 0:
             raise UserError(f"data.sources[{i}].weight={spec.weight} must be >= 0")
+        if not spec.loss_weight >= 0:
+            raise UserError(f"data.sources[{i}].loss_weight={spec.loss_weight} must be >= 0")
         specs.append(spec)
     return specs
+
+
+def source_ties(spec: SourceSpec, records: Sequence[PairRecord], n_classes: int) -> bool:
+    """Whether a source's labels can say "tie": `spec.ties`, else whether any row is a tie (a binary task
+    has no ties). UserError when `ties: false` is declared but a row is a tie, naming the source and row."""
+    tie_rows = [r.id for r in records if r.label == 2]
+    if spec.ties is False and tie_rows:
+        raise UserError(f"{spec.path}: data.sources entry {spec.label} has ties: false, but {len(tie_rows)} rows are "
+                        f"ties (first id={tie_rows[0]}, column winner_tie)")
+    if n_classes < 3:
+        return False
+    return bool(tie_rows) if spec.ties is None else spec.ties
+
+
+def prior_of(records: Sequence[PairRecord], n_classes: int) -> list[float]:
+    """Class frequencies (K,) of the records' labels (zeros when there are none)."""
+    counts = [0] * n_classes
+    for record in records:
+        counts[record.label] += 1
+    total = sum(counts)
+    return [round(c / total, 6) if total else 0.0 for c in counts]
 
 
 def _row_key(record: PairRecord) -> tuple:
@@ -79,7 +116,9 @@ def mix_sources(training_file: Sequence[PairRecord], specs: Sequence[SourceSpec]
                 on_bad_rows: str = "raise", n_classes: int = 3) -> tuple[list[PairRecord], list[dict]]:
     """Read, deduplicate and weight the extra sources against the whole training file.
 
-    Returns the extra training rows and one count dictionary per source.
+    Returns the extra training rows and one count dictionary per source, which also holds the source's
+    `ties` (declared or detected: `ties_from` config or labels), `loss_weight` and the class prior of its
+    added rows; its rows are the next `added_to_train` of the returned list, in source order.
     """
     train_prompts = {prompt_key(r) for r in training_file}
     seen_rows = {_row_key(r) for r in training_file}
@@ -89,6 +128,7 @@ def mix_sources(training_file: Sequence[PairRecord], specs: Sequence[SourceSpec]
     for index, spec in enumerate(specs):
         data = read_source(spec.path, spec.format, require_labels=True, on_bad_rows=on_bad_rows,
                            n_classes=n_classes, seed=seed, name=spec.label)
+        ties = source_ties(spec, data.records, n_classes)
         kept: list[PairRecord] = []
         prompt_dups = exact_dups = renamed = 0
         for record in data.records:
@@ -108,11 +148,15 @@ def mix_sources(training_file: Sequence[PairRecord], specs: Sequence[SourceSpec]
         count = {"source": spec.label, "path": str(spec.path), "format": data.format, "weight": spec.weight,
                  "rows_read": data.rows_read, "skipped_bad_rows": len(data.skipped),
                  "removed_prompt_in_train_file": prompt_dups, "removed_exact_duplicates": exact_dups,
-                 "kept": len(kept), "ids_suffixed": renamed, "added_to_train": len(weighted)}
+                 "kept": len(kept), "ids_suffixed": renamed, "added_to_train": len(weighted),
+                 "ties": ties, "ties_from": "labels" if spec.ties is None else "config",
+                 "loss_weight": spec.loss_weight, "class_prior": prior_of(weighted, n_classes)}
         log.info("extra source %s (%s): read %d rows, skipped %d bad, removed %d whose prompt is in the training "
                  "file and %d exact duplicates, kept %d, weight %g -> %d training rows", spec.label, data.format,
                  data.rows_read, len(data.skipped), prompt_dups, exact_dups, len(kept), spec.weight,
                  len(weighted))
+        if not ties and n_classes == 3:
+            log.info("extra source %s has no ties: its rows train on P(winner | not a tie)", spec.label)
         counts.append(count)
         extra.extend(weighted)
     return extra, counts

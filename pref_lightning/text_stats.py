@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pref_lightning.losses import preference_loss
 from pref_lightning.metrics import log_loss
 
 __all__ = [
@@ -158,10 +159,14 @@ def fit_logistic_regression(
     l2: float = 1e-3,
     max_iter: int = 200,
     tol: float = 1e-9,
+    ties: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
 ) -> LogisticModel:
     """Multinomial logistic regression on standardised X, fitted full-batch with LBFGS in float64.
 
-    Objective: mean cross-entropy + l2 * ||weights||^2 (bias unpenalised). Starts from zeros with a
+    Objective: mean cross-entropy + l2 * ||weights||^2 (bias unpenalised); with `ties` (n,) bool and
+    `weight` (n,) the training loss of `losses.preference_loss` instead (tie-less rows conditional on
+    "not a tie", rows weighted). Starts from zeros with a
     deterministic single-threaded optimiser, so the same inputs give the same model.
     """
     X = np.asarray(X, dtype=np.float64)
@@ -173,6 +178,8 @@ def fit_logistic_regression(
     mean, std = _standardise(X)
     xs = torch.from_numpy((X - mean) / std)
     yt = torch.from_numpy(y)
+    ties_t = None if ties is None else torch.from_numpy(np.asarray(ties, dtype=bool))
+    weight_t = None if weight is None else torch.from_numpy(np.asarray(weight, dtype=np.float64))
     w = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -187,7 +194,10 @@ def fit_logistic_regression(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xs @ w + b, yt) + l2 * (w * w).sum()
+        logits = xs @ w + b
+        fit = torch.nn.functional.cross_entropy(logits, yt) if ties is None and weight is None \
+            else preference_loss(logits, yt, ties_t, weight_t)
+        loss = fit + l2 * (w * w).sum()
         loss.backward()
         return loss
 

@@ -60,3 +60,11 @@ def test_predict_config_composes():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="predict", overrides=["ckpt_path=a.ckpt", "input_path=t.csv"])
     assert cfg.output_path == "submission.csv" and cfg.trainer.devices == 1
+
+
+def test_arena_small_composes():
+    cfg = compose_train(["experiment=arena_small"])
+    assert cfg.model.backbone == "minilm" and cfg.model.anchor_head and cfg.trainer.precision == "32-true"
+    assert cfg.data.train_path.endswith("lmsys_arena_sample.csv") and cfg.data.n_folds == 5
+    assert [s.path.rsplit("/", 1)[1] for s in cfg.data.sources] == [
+        "hh_rlhf_test.csv", "autoj_pairwise_test.csv", "pandalm_testset_v1.csv", "hhh_alignment.csv"]
