@@ -21,6 +21,16 @@ from pref_lightning.anchor import AnchorOffset
 from pref_lightning.backbone import UNUSED_LAYERS, build_backbone, tokenizer_from_files
 from pref_lightning.errors import MissingFileError, UserError
 from pref_lightning.head import CrossHead, PairHead, output_layers, pool, pooled_size
+from pref_lightning.lora import (
+    apply_lora,
+    base_identity,
+    check_base,
+    lora_settings,
+    quantization_config,
+    trainable_summary,
+    with_base_weights,
+    without_base_weights,
+)
 from pref_lightning.metrics import PROB_FLOOR, LogLoss, PaddingEfficiency, check_floor, class_probabilities
 from pref_lightning.pairs import STATS_FEATURES
 
@@ -121,6 +131,9 @@ class PreferenceModule(L.LightningModule):
         anchor_head: bool = False,
         anchor_trainable: bool = False,
         anchor: Mapping[str, Any] | None = None,
+        lora: Mapping[str, Any] | None = None,
+        attn_implementation: str | None = None,
+        backbone_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if swap_augment not in SWAP_MODES:
@@ -130,8 +143,18 @@ class PreferenceModule(L.LightningModule):
         check_floor(prob_floor, n_classes)
         self.save_hyperparameters(ignore=["backbone_config"])  # n_classes travels in every checkpoint
         self.swap_index = SWAP[:n_classes]
+        lora_config = lora_settings(lora)
+        if lora_config is not None and (backbone == "tiny" or backbone_config is not None):
+            raise UserError("model.lora needs a pretrained backbone: model.backbone=/path/to/model or a hub name")
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
-                                       config_dict=backbone_config, dropout=backbone_dropout)
+                                       config_dict=backbone_config, dropout=backbone_dropout,
+                                       attn_implementation=attn_implementation, dtype=backbone_dtype,
+                                       quantization=quantization_config(lora_config))
+        # LoRA: the base stays frozen and out of checkpoints, which store its identity instead (lora.py)
+        self.base_model: dict[str, str] | None = None
+        if lora_config is not None:
+            self.backbone = apply_lora(self.backbone, lora_config, gradient_checkpointing)
+            self.base_model = base_identity(backbone)
         self.backbone.train()  # from_pretrained returns eval mode (dropout off, Lightning's warning)
         if gradient_checkpointing:
             # transformers 5 renamed it; the old name is deprecated
@@ -189,6 +212,8 @@ class PreferenceModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._flush_denormals()
+        if self.base_model is not None and self.trainer.is_global_zero:
+            print(f"[pref-lightning] {trainable_summary(self)}", flush=True)
 
     def on_train_epoch_start(self) -> None:
         self._flush_denormals()
@@ -390,19 +415,36 @@ class PreferenceModule(L.LightningModule):
             "temperature": float(self.temperature),
             "train_prior": list(self.train_prior),
         }
+        if self.base_model is not None:  # adapter and head only; the base is named, not stored
+            checkpoint["state_dict"] = without_base_weights(checkpoint["state_dict"])
+            checkpoint[CHECKPOINT_KEY]["base_model"] = dict(self.base_model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming or validating a LoRA checkpoint: the base weights come from the loaded base model,
+        which must be the one the checkpoint names (UserError otherwise)."""
+        stored = checkpoint.get(CHECKPOINT_KEY, {}).get("base_model")
+        if stored and self.base_model is not None:
+            check_base(stored, self.base_model["folder"])
+            checkpoint["state_dict"] = with_base_weights(checkpoint["state_dict"], self)
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: str = "cpu",
-                        compile: bool = False) -> tuple[PreferenceModule, Any, dict[str, Any]]:
+    def from_checkpoint(cls, path: str, map_location: str = "cpu", compile: bool = False,
+                        backbone: str | None = None) -> tuple[PreferenceModule, Any, dict[str, Any]]:
         """Rebuild (module, tokenizer, data settings) from one checkpoint file, offline.
 
         `compile` replaces the training run's setting: compiling pays off for long prediction jobs only.
+        A checkpoint without base weights (LoRA, or a merged export) loads them from `backbone` (a folder;
+        default: the one it names); MissingFileError when absent, UserError when it is another model.
         """
         checkpoint = load_checkpoint(path, map_location)
         payload = checkpoint[CHECKPOINT_KEY]
         hparams = {**checkpoint["hyper_parameters"], "compile": compile}
-        module = cls(**hparams, backbone_config=payload["backbone_config"])
-        module.load_state_dict(without_unused_weights(checkpoint["state_dict"], module))
+        if payload.get("base_model"):
+            module = cls(**{**hparams, "backbone": check_base(payload["base_model"], backbone)})
+            module.load_state_dict(with_base_weights(checkpoint["state_dict"], module))
+        else:
+            module = cls(**hparams, backbone_config=payload["backbone_config"])
+            module.load_state_dict(without_unused_weights(checkpoint["state_dict"], module))
         module.tokenizer_files = dict(payload["tokenizer_files"])
         module.data_settings = dict(payload["data_settings"])
         module.reference = dict(payload["reference"])
