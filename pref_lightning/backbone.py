@@ -191,9 +191,9 @@ def build_backbone(
     config = AutoConfig.from_pretrained(backbone, trust_remote_code=TRUST_REMOTE_CODE, **dropout_kwargs)
     load_kwargs.update(attention_kwargs(config, attn_implementation))
     if quantization is not None:
-        import torch
-
-        load_kwargs.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()})
+        # quantized weights are placed by transformers, on this process's GPU (DDP ranks build the model
+        # before Lightning sets their device, so the rank's LOCAL_RANK says which)
+        load_kwargs.update(quantization_config=quantization, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
     kwargs = {**no_pooler_kwargs(config), **load_kwargs}
     if kwargs:
         # the checkpoint's pooler weights are left out on purpose: say nothing about them
