@@ -114,7 +114,33 @@ def load_tokenizer(name_or_path: str):
         raise MissingFileError(
             f"{path}: no tokenizer_config.json; save the tokenizer there with tokenizer.save_pretrained()"
         )
-    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=TRUST_REMOTE_CODE)
+    return with_pad_token(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=TRUST_REMOTE_CODE))
+
+
+def with_pad_token(tokenizer):
+    """A decoder LLM's tokenizer often has no pad token (Llama, Mistral): padding then uses the eos token.
+    Padded positions are masked out and pooling reads the attention mask, never the ids, so a real eos
+    at the end of a sequence is still read."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def weight_dtype(name: str | None):
+    """torch dtype of the backbone's weights for `model.backbone_dtype`: null or float32 keep float32;
+    `auto` is bfloat16 when a CUDA GPU is visible, else float32 (CPU kernels are slow in bf16)."""
+    import torch
+
+    if name is None or name == "float32":
+        return None
+    if name not in DTYPES:
+        raise UserError(f"model.backbone_dtype={name!r}; choose from {', '.join(DTYPES)} or null")
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else None
+    return getattr(torch, name)
 
 
 def tiny_config(vocab_size: int, overrides: Mapping[str, Any] | None = None) -> DebertaV2Config:
@@ -128,18 +154,31 @@ def build_backbone(
     tiny_overrides: Mapping[str, Any] | None = None,
     config_dict: Mapping[str, Any] | None = None,
     dropout: float | None = None,
+    attn_implementation: str | None = None,
+    dtype: str | None = None,
+    quantization: Any = None,
 ) -> PreTrainedModel:
-    """Build the encoder.
+    """Build the encoder: an encoder (DeBERTa, BERT...) or a decoder LLM (Llama, Gemma2, Qwen2, Mistral),
+    whose `AutoModel` returns the last hidden states (batch, length, hidden). A sequence-classification
+    reward model's folder gives its base model (its score head is not loaded).
 
     `config_dict` (from a checkpoint) builds the architecture without weights, which the checkpoint's
     state dict then fills: prediction needs neither the hub nor the original folder.
     `dropout=0.0` switches the backbone's dropout off, which helps regression-like fine-tuning.
+    `attn_implementation` (sdpa, eager, flash_attention_2) and `dtype` (`weight_dtype`) go to transformers;
+    `quantization` is a transformers `BitsAndBytesConfig` (lora.quantization_config), GPU only.
+    Raises UserError for an unknown `dtype`.
     """
     dropout_kwargs = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    load_kwargs: dict[str, Any] = {}
+    torch_dtype = weight_dtype(dtype)
+    if torch_dtype is not None:
+        load_kwargs["dtype"] = torch_dtype
     if config_dict is not None:
         config = AutoConfig.for_model(**dict(config_dict))
-        return without_unused_layers(AutoModel.from_config(config, trust_remote_code=TRUST_REMOTE_CODE,
-                                                           **no_pooler_kwargs(config)))
+        load_kwargs.update(attention_kwargs(config, attn_implementation))
+        return without_cache(without_unused_layers(AutoModel.from_config(
+            config, trust_remote_code=TRUST_REMOTE_CODE, **no_pooler_kwargs(config), **load_kwargs)))
     if backbone == TINY:
         if vocab_size is None:
             raise ValueError("model.backbone=tiny needs the tokenizer's vocab_size")
@@ -150,7 +189,12 @@ def build_backbone(
                                                            **no_pooler_kwargs(config)))
     backbone = resolve_backbone(backbone)
     config = AutoConfig.from_pretrained(backbone, trust_remote_code=TRUST_REMOTE_CODE, **dropout_kwargs)
-    kwargs = no_pooler_kwargs(config)
+    load_kwargs.update(attention_kwargs(config, attn_implementation))
+    if quantization is not None:
+        # quantized weights are placed by transformers, on this process's GPU (DDP ranks build the model
+        # before Lightning sets their device, so the rank's LOCAL_RANK says which)
+        load_kwargs.update(quantization_config=quantization, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
+    kwargs = {**no_pooler_kwargs(config), **load_kwargs}
     if kwargs:
         # the checkpoint's pooler weights are left out on purpose: say nothing about them
         from transformers.utils import logging as hf_logging
@@ -163,7 +207,42 @@ def build_backbone(
             hf_logging.set_verbosity(verbosity)
     else:
         model = AutoModel.from_pretrained(backbone, config=config, trust_remote_code=TRUST_REMOTE_CODE)
-    return without_unused_layers(model)
+    return without_cache(without_unused_layers(model))
+
+
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+def attention_kwargs(config, requested: str | None) -> dict[str, str]:
+    """`attn_implementation` for transformers: `requested`, except that `sdpa` on a model class without it
+    (Gemma-2, whose logit soft-capping needs eager attention) is eager. Raises UserError for an unknown
+    name, and for flash_attention_2 without the flash-attn package or a CUDA GPU."""
+    if not requested:
+        return {}
+    if requested not in ATTENTION:
+        raise UserError(f"model.attn_implementation={requested!r}; choose from {', '.join(ATTENTION)}")
+    if requested == "flash_attention_2":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
+                            "package; use sdpa")
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    model_class = MODEL_MAPPING.get(type(config), None)
+    if requested == "sdpa" and model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        requested = "eager"
+    return {"attn_implementation": requested}
+
+
+def without_cache(model: PreTrainedModel) -> PreTrainedModel:
+    """A decoder LLM keeps no key/value cache: every forward reads whole sequences once, and a cache
+    would only hold memory (and conflicts with gradient checkpointing)."""
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False
+    return model
 
 
 # Layers the head never uses must not be built: DDP (find_unused_parameters=False, the fast default)

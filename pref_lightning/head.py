@@ -17,18 +17,37 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) states of each row's last non-padding token (the position of the last 1 in `mask`),
+    exact for right and left padding alike: what a causal decoder has read the whole sequence at.
+    `hidden` (batch, length, hidden), `mask` (batch, length); a row without tokens gives position 0."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask.bool(), positions, 0).amax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+POOLINGS = ("mean", "cls", "mean_cls", "last", "last_mean")
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
+    """(batch, hidden) vectors (twice as wide for `mean_cls`, `last_mean`) of `hidden` (batch, length,
+    hidden) under `mask` (batch, length). `cls` suits encoders; `last` suits causal decoder LLMs, whose
+    first token has seen nothing. Raises UserError for an unknown `method`."""
     if method == "mean":
         return mean_pool(hidden, mask)
     if method == "cls":
         return hidden[:, 0]
     if method == "mean_cls":
         return torch.cat([mean_pool(hidden, mask), hidden[:, 0]], dim=-1)
-    raise UserError(f"model.pooling={method!r}; choose mean, cls or mean_cls")
+    if method == "last":
+        return last_token_pool(hidden, mask)
+    if method == "last_mean":
+        return torch.cat([last_token_pool(hidden, mask), mean_pool(hidden, mask)], dim=-1)
+    raise UserError(f"model.pooling={method!r}; choose from {', '.join(POOLINGS)}")
 
 
 def pooled_size(hidden_size: int, method: str) -> int:
-    return 2 * hidden_size if method == "mean_cls" else hidden_size
+    return 2 * hidden_size if method in ("mean_cls", "last_mean") else hidden_size
 
 
 def mlp(in_size: int, hidden: int, out_size: int, dropout: float) -> nn.Sequential:

@@ -20,6 +20,16 @@ from pref_lightning.checkpoint import CHECKPOINT_KEY, load_checkpoint, payload, 
 from pref_lightning.contract import EncodingSpec
 from pref_lightning.errors import UserError
 from pref_lightning.head import CrossHead, PairHead, output_layers, pool, pooled_size
+from pref_lightning.lora import (
+    apply_lora,
+    base_identity,
+    check_base,
+    lora_settings,
+    quantization_config,
+    trainable_summary,
+    with_base_weights,
+    without_base_weights,
+)
 from pref_lightning.losses import batch_loss
 from pref_lightning.metrics import (
     PROB_FLOOR,
@@ -93,6 +103,9 @@ class PreferenceModule(L.LightningModule):
         reference: Mapping[str, float] | None = None,
         tokenizer_files: Mapping[str, bytes] | None = None,
         label_smoothing: float = 0.0,
+        lora: Mapping[str, Any] | None = None,
+        attn_implementation: str | None = None,
+        backbone_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if swap_augment not in SWAP_MODES:
@@ -114,8 +127,18 @@ class PreferenceModule(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone_config", "tokenizer_files"])
         self.tokenizer_files = dict(tokenizer_files or {})
         self.swap_index = SWAP[:n_classes]
+        lora_config = lora_settings(lora)
+        if lora_config is not None and (backbone == "tiny" or backbone_config is not None):
+            raise UserError("model.lora needs a pretrained backbone: model.backbone=/path/to/model or a hub name")
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
-                                       config_dict=backbone_config, dropout=backbone_dropout)
+                                       config_dict=backbone_config, dropout=backbone_dropout,
+                                       attn_implementation=attn_implementation, dtype=backbone_dtype,
+                                       quantization=quantization_config(lora_config))
+        # LoRA: the base stays frozen and out of checkpoints, which store its identity instead (lora.py)
+        self.base_model: dict[str, str] | None = None
+        if lora_config is not None:
+            self.backbone = apply_lora(self.backbone, lora_config, gradient_checkpointing)
+            self.base_model = base_identity(backbone)
         self.backbone.train()  # from_pretrained returns eval mode (dropout off, Lightning's warning)
         if gradient_checkpointing:
             # transformers 5 renamed it; the old name is deprecated
@@ -168,6 +191,8 @@ class PreferenceModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._flush_denormals()
+        if self.base_model is not None and self.trainer.is_global_zero:
+            print(f"[pref-lightning] {trainable_summary(self)}", flush=True)
 
     def on_train_epoch_start(self) -> None:
         self._flush_denormals()
@@ -374,19 +399,37 @@ class PreferenceModule(L.LightningModule):
     # ---- self-contained checkpoints -----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = payload(self.backbone.config.to_dict(), self.tokenizer_files, self.temperature)
+        if self.base_model is not None:  # adapter and head only; the base is named, not stored
+            checkpoint["state_dict"] = without_base_weights(checkpoint["state_dict"])
+            checkpoint[CHECKPOINT_KEY]["base_model"] = dict(self.base_model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming or validating a LoRA checkpoint: the base weights come from the loaded base model,
+        which must be the one the checkpoint names (UserError otherwise)."""
+        stored = checkpoint.get(CHECKPOINT_KEY, {}).get("base_model")
+        if stored and self.base_model is not None:
+            check_base(stored, self.base_model["folder"])
+            checkpoint["state_dict"] = with_base_weights(checkpoint["state_dict"], self)
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: str = "cpu",
-                        compile: bool = False) -> tuple[PreferenceModule, Any, EncodingSpec]:
+    def from_checkpoint(cls, path: str, map_location: str = "cpu", compile: bool = False,
+                        backbone: str | None = None) -> tuple[PreferenceModule, Any, EncodingSpec]:
         """Rebuild (module, tokenizer, encoding spec) from one checkpoint file, offline.
 
         `compile` replaces the training run's setting: compiling pays off for long prediction jobs only.
+        A checkpoint without base weights (LoRA, or a merged export) loads them from `backbone` (a folder;
+        default: the one it names): MissingFileError when absent, UserError when it is another model.
         Raises `UserError` naming the file when it is not a pref-lightning checkpoint of a readable format.
         """
         checkpoint = load_checkpoint(path, map_location)
         stored = checkpoint[CHECKPOINT_KEY]
         hparams = {**checkpoint["hyper_parameters"], "compile": compile}
-        module = cls(**hparams, backbone_config=stored["backbone_config"], tokenizer_files=stored["tokenizer_files"])
-        module.load_state_dict(without_unused_weights(checkpoint["state_dict"], module))
+        if stored.get("base_model"):
+            module = cls(**{**hparams, "backbone": check_base(stored["base_model"], backbone)},
+                         tokenizer_files=stored["tokenizer_files"])
+            module.load_state_dict(with_base_weights(checkpoint["state_dict"], module))
+        else:
+            module = cls(**hparams, backbone_config=stored["backbone_config"], tokenizer_files=stored["tokenizer_files"])
+            module.load_state_dict(without_unused_weights(checkpoint["state_dict"], module))
         module.temperature = float(stored.get("temperature", 1.0))
         return module, tokenizer_from_files(stored["tokenizer_files"]), module.spec

@@ -104,7 +104,8 @@ class PairEncoder:
         self.spec = spec or EncodingSpec()
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # texts per tokenizer call
-        self.cls_id = _special_id(tokenizer, "cls_token_id", "bos_token_id")
+        # decoder LLM tokenizers: bos / eos mark the segments (eos also starts a row when there is no bos, Qwen2)
+        self.cls_id = _special_id(tokenizer, "cls_token_id", "bos_token_id", "eos_token_id")
         self.sep_id = _special_id(tokenizer, "sep_token_id", "eos_token_id")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 

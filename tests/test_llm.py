@@ -1,0 +1,259 @@
+"""Decoder-LLM backbones with LoRA, offline: tiny random Llama / Qwen2 / Gemma-2 models built from config and
+saved like hub downloads, with a byte-level BPE tokenizer trained here (pad / eos tokens, a chat template)."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+
+from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.errors import MissingFileError, UserError
+from pref_lightning.module import PreferenceModule
+
+from .conftest import REPO
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def datamodule(tokenizer, csv, batch_size=8):
+    dm = PreferenceDataModule(train_path=str(csv), max_length=48, batch_size=batch_size, eval_batch_size=16)
+    dm.attach_tokenizer(tokenizer)
+    dm.setup("fit")
+    return dm
+
+
+def lora_module(folder, tokenizer, **kwargs):
+    return PreferenceModule(backbone=str(folder), vocab_size=len(tokenizer), pooling="last", head_hidden=16,
+                            lr=1e-3, lora=LORA, attn_implementation="sdpa", backbone_dtype="auto", **kwargs)
+
+
+def trainer(steps, **kwargs):
+    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, accelerator="cpu", **kwargs)
+
+
+def logits_of(module, batch):
+    module.eval()
+    with torch.no_grad():
+        return module(batch, tta_swap=True)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, llm_dirs, synthetic_csv):
+    """A LoRA model on the tiny Llama trained 3 steps, saved with its optimizer state; the adapter's B
+    matrices are then randomised (saved as `perturbed.ckpt`) so that merging changes the weights visibly."""
+    from pref_lightning.backbone import load_tokenizer, tokenizer_files
+
+    folder = llm_dirs["llama"]
+    tokenizer = load_tokenizer(str(folder))
+    dm = datamodule(tokenizer, synthetic_csv)
+    module = lora_module(folder, tokenizer, gradient_checkpointing=True, spec=dm.spec,
+                         tokenizer_files=tokenizer_files(tokenizer))
+    fit = trainer(3)
+    fit.fit(module, dm)
+    out = tmp_path_factory.mktemp("lora_run")
+    fit.save_checkpoint(out / "last.ckpt")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in module.backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    fit.save_checkpoint(out / "perturbed.ckpt", weights_only=True)
+    return {"folder": folder, "tokenizer": tokenizer, "dm": dm, "module": module, "dir": out,
+            "batch": next(iter(dm.val_dataloader()))}
+
+
+# ---- backbones and pooling ------------------------------------------------------------------------
+def test_last_token_pooling_is_exact_for_right_and_left_padding(llm_dirs):
+    from pref_lightning.backbone import build_backbone
+    from pref_lightning.head import pool
+
+    model = build_backbone(str(llm_dirs["llama"]), attn_implementation="sdpa").eval()
+    lengths = [6, 3, 5]
+    rows = [torch.randint(3, 300, (n,)) for n in lengths]
+    width = max(lengths)
+    for side in ("right", "left"):
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+            ids[i, span], mask[i, span] = row, 1
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = [len(r) - 1 if side == "right" else width - 1 for r in rows]
+        expected = torch.stack([hidden[i, j] for i, j in enumerate(last)])
+        assert torch.equal(pool(hidden, mask, "last"), expected), side
+        assert pool(hidden, mask, "last_mean").shape == (3, 64)
+        # and the padding changes nothing: each row's last state is that of the row run alone
+        with torch.no_grad():
+            alone = torch.stack([model(input_ids=r[None]).last_hidden_state[0, -1] for r in rows])
+        assert torch.allclose(pool(hidden, mask, "last"), alone, atol=1e-5), side
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2"])
+def test_decoder_backbones_encode_pairs_and_every_adapter_weight_learns(kind, llm_dirs, synthetic_csv):
+    from pref_lightning.backbone import load_tokenizer
+
+    tokenizer = load_tokenizer(str(llm_dirs[kind]))
+    assert tokenizer.pad_token is not None  # llama ships none: pad = eos
+    if kind == "llama":
+        assert tokenizer.pad_token == tokenizer.eos_token
+    batch = next(iter(datamodule(tokenizer, synthetic_csv, batch_size=4).train_dataloader()))
+    module = lora_module(llm_dirs[kind], tokenizer)
+    assert module.backbone.config.use_cache is False
+    # sdpa where the model has it; Gemma-2 has only eager attention (its logit soft-capping)
+    assert module.backbone.config._attn_implementation == ("eager" if kind == "gemma2" else "sdpa")
+    assert next(module.backbone.parameters()).dtype == torch.float32  # auto: bf16 on GPUs only
+    module.train()
+    module.training_step(batch, 0).backward()
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n) or not n.startswith("backbone.") for n in trainable)
+    # lora_A gets no gradient while lora_B is still zero (peft's init); every B and head weight does
+    missing = [n for n, p in trainable.items() if "lora_A" not in n and (p.grad is None or not p.grad.any())]
+    assert not missing, missing[:5]
+
+
+def test_reward_model_folder_gives_its_base_model_hidden_states(llm_dirs):
+    from transformers import LlamaForSequenceClassification
+
+    from pref_lightning.backbone import build_backbone
+
+    backbone = build_backbone(str(llm_dirs["reward"])).eval()
+    full = LlamaForSequenceClassification.from_pretrained(llm_dirs["reward"]).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 2]])
+    with torch.no_grad():
+        expected = full.model(input_ids=ids).last_hidden_state
+        assert torch.allclose(backbone(input_ids=ids).last_hidden_state, expected, atol=1e-6)
+
+
+def test_bad_lora_settings_are_one_line_user_errors(llm_dirs):
+    from pref_lightning.lora import lora_settings, quantization_config
+
+    with pytest.raises(UserError, match="unknown key 'rank'"):
+        lora_settings({"rank": 8})
+    with pytest.raises(UserError, match="model.lora.r="):
+        lora_settings({"r": 0})
+    with pytest.raises(UserError, match="model.lora.load_in="):
+        lora_settings({"load_in": "2bit"})
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"model.lora.load_in=4bit .*needs a CUDA GPU") as err:
+            quantization_config(lora_settings({"load_in": "4bit"}))
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="model.lora needs a pretrained backbone"):
+        PreferenceModule(backbone="tiny", vocab_size=100, lora=LORA)
+    with pytest.raises(UserError, match="model.backbone_dtype="):
+        PreferenceModule(backbone=str(llm_dirs["llama"]), backbone_dtype="fp8")
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def test_lora_checkpoint_holds_adapter_and_head_not_base_weights(lora_run):
+    from pref_lightning.lora import base_identity
+
+    state = torch.load(lora_run["dir"] / "last.ckpt", weights_only=True)
+    keys = list(state["state_dict"])
+    backbone_keys = [k for k in keys if k.startswith("backbone.")]
+    assert backbone_keys and all("lora_" in k for k in backbone_keys)
+    assert any(k.startswith("head.") for k in keys)
+    assert state["pref_lightning"]["base_model"] == base_identity(str(lora_run["folder"]))
+    stored = sum(v.numel() for k, v in state["state_dict"].items() if k.startswith("backbone."))
+    base = sum(p.numel() for n, p in lora_run["module"].backbone.named_parameters() if "lora_" not in n)
+    assert stored < 0.2 * base
+    # the file, optimizer state included, is smaller than the base weights alone
+    weights = (lora_run["folder"] / "model.safetensors").stat().st_size
+    assert (lora_run["dir"] / "perturbed.ckpt").stat().st_size < weights
+    assert state["optimizer_states"] and state["global_step"] == 3
+
+
+def test_lora_checkpoint_predicts_the_same_and_resumes(lora_run):
+    module, batch = lora_run["module"], lora_run["batch"]
+    restored, tokenizer, spec = PreferenceModule.from_checkpoint(str(lora_run["dir"] / "perturbed.ckpt"))
+    assert spec.max_length == 48 and len(tokenizer) == len(lora_run["tokenizer"])
+    assert torch.allclose(logits_of(module, batch), logits_of(restored, batch), atol=1e-6)
+
+    resumed = lora_module(lora_run["folder"], lora_run["tokenizer"], spec=lora_run["dm"].spec)
+    fit = trainer(5)
+    fit.fit(resumed, lora_run["dm"], ckpt_path=str(lora_run["dir"] / "last.ckpt"))
+    assert fit.global_step == 5
+    moments = fit.optimizers[0].state_dict()["state"]
+    assert moments and all(int(s["step"]) == 5 for s in moments.values())  # restored, then 2 more steps
+
+
+def test_a_mismatching_or_missing_base_is_refused(lora_run, llm_dirs, tmp_path):
+    path = str(lora_run["dir"] / "last.ckpt")
+    with pytest.raises(UserError, match="is not the base model this checkpoint was trained on.*weight files differ"):
+        PreferenceModule.from_checkpoint(path, backbone=str(llm_dirs["other_llama"]))
+    with pytest.raises(UserError, match="config.json and weight files differ"):
+        PreferenceModule.from_checkpoint(path, backbone=str(llm_dirs["qwen2"]))
+    with pytest.raises(MissingFileError, match="model.backbone=/path/to/base"):
+        PreferenceModule.from_checkpoint(path, backbone=str(tmp_path / "nowhere"))
+    # resuming on another base is refused too
+    other = lora_module(llm_dirs["other_llama"], lora_run["tokenizer"])
+    with pytest.raises(UserError, match="not the base model"):
+        trainer(5).fit(other, lora_run["dm"], ckpt_path=path)
+
+
+def test_merged_export_predicts_as_adapter_plus_base(lora_run, tmp_path):
+    from pref_lightning.lora import export_merged
+
+    module, batch = lora_run["module"], lora_run["batch"]
+    with module.backbone.disable_adapter():
+        base_only = logits_of(module, batch)
+    adapted = logits_of(module, batch)
+    assert (adapted - base_only).abs().max() > 1e-3  # the adapter matters
+    ckpt = export_merged(lora_run["dir"] / "perturbed.ckpt", tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+    merged, _, _ = PreferenceModule.from_checkpoint(str(ckpt))
+    assert merged.hparams.lora is None
+    assert (logits_of(merged, batch) - adapted).abs().max() < 1e-4
+
+
+def test_averaged_adapters_are_the_mean_of_the_folds(lora_run, tmp_path):
+    from pref_lightning.lora import average_adapters
+
+    first, second = lora_run["dir"] / "last.ckpt", lora_run["dir"] / "perturbed.ckpt"
+    out = average_adapters([first, second], tmp_path / "mean.ckpt")
+    a, b, mean = (torch.load(p, weights_only=True)["state_dict"] for p in (first, second, out))
+    assert set(mean) == set(a)
+    for key in mean:
+        assert torch.allclose(mean[key], (a[key] + b[key]) / 2, atol=1e-6), key
+    batch = lora_run["batch"]
+    same = average_adapters([second, second], tmp_path / "same.ckpt")
+    restored, _, _ = PreferenceModule.from_checkpoint(str(same))
+    assert torch.allclose(logits_of(restored, batch), logits_of(lora_run["module"], batch), atol=1e-6)
+    with pytest.raises(UserError, match="at least two"):
+        average_adapters([first], tmp_path / "x.ckpt")
+
+
+# ---- the user's commands ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_experiment_llm_lora_trains_and_predicts_on_cpu(llm_dirs, synthetic_csv, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from .test_end_to_end import run
+
+    run_dir = tmp_path / "run"
+    out = run("train.py", "experiment=llm_lora", f"model.backbone={llm_dirs['llama']}", "data.synthetic_rows=200",
+              "data.max_length=48", "data.batch_size=8", "trainer.accumulate_grad_batches=1",
+              "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "report=false",
+              "model.lora.r=4", "model.head_hidden=16", f"hydra.run.dir={run_dir}")
+    assert "LoRA: " in out and "parameters trainable" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val_rows"] > 0 and metrics["val_log_loss"] < 2.0
+    best = run_dir / "checkpoints" / "best.ckpt"
+    assert best.stat().st_size < (llm_dirs["llama"] / "model.safetensors").stat().st_size
+
+    sub = tmp_path / "sub.csv"
+    run("predict.py", f"ckpt_path={best}", f"input_path={synthetic_csv}", f"output_path={sub}", "batch_size=32",
+        f"model.backbone={llm_dirs['llama']}")
+    assert len(pd.read_csv(sub)) == len(pd.read_csv(synthetic_csv))
+    refused = subprocess.run([sys.executable, "predict.py", f"ckpt_path={best}", f"input_path={synthetic_csv}",
+                              f"output_path={tmp_path / 'x.csv'}", f"model.backbone={llm_dirs['other_llama']}"],
+                             cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: model.backbone=")
