@@ -50,6 +50,8 @@ from pref_lightning.stats_norm import apply_stats_norm, fit_stats_norm_array
 from pref_lightning.synthetic import generate
 
 log = logging.getLogger(__name__)
+EVAL_BUDGET_FACTOR = 4  # default eval_max_tokens = 4 * max_tokens: no activations are kept for backward
+MAX_EPOCH_HORIZON = 100  # token budgets: epochs over which the training batch count is made constant
 
 
 def prompt_key(record: PairRecord) -> str:
@@ -208,6 +210,8 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
+        max_tokens: int | None = None,
+        eval_max_tokens: int | None = None,
         num_workers: int = 0,
         pad_to_multiple_of: int | None = None,
         synthetic_rows: int = 10_000,
@@ -241,6 +245,14 @@ class PreferenceDataModule(L.LightningDataModule):
         self.spec = EncodingSpec.from_dict({**base, **encoding}, where="data")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 2 * batch_size
+        # token budgets (sampler.py): padded tokens per batch instead of rows; evaluation keeps no
+        # activations, so its default budget is EVAL_BUDGET_FACTOR times the training one
+        for key, value in (("max_tokens", max_tokens), ("eval_max_tokens", eval_max_tokens)):
+            if value is not None and int(value) < 1:
+                raise UserError(f"data.{key}={value} must be a positive number of tokens (or null: use batch sizes)")
+        self.max_tokens = int(max_tokens) if max_tokens else None
+        self.eval_max_tokens = int(eval_max_tokens) if eval_max_tokens else (
+            EVAL_BUDGET_FACTOR * self.max_tokens if self.max_tokens else None)
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
         self.synthetic_rows = synthetic_rows
@@ -636,22 +648,34 @@ class PreferenceDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
-    def _loader(self, dataset: PairDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _epochs(self) -> int:
+        """Epochs the trainer will run (for a constant batch count under token budgets), capped."""
+        epochs = getattr(getattr(self, "trainer", None), "max_epochs", None)
+        return min(int(epochs), MAX_EPOCH_HORIZON) if epochs and epochs > 0 else 1
+
+    def _loader(self, dataset: PairDataset, batch_size: int, shuffle: bool, max_tokens: int | None = None) -> DataLoader:
+        """Training (`shuffle`) or evaluation loader of `batch_size` rows or `max_tokens` padded tokens per batch."""
         collate = PairCollator(self.encoder.pad_id, self.pad_to_multiple_of)
         common = {"num_workers": self.num_workers, "collate_fn": collate,
                   "persistent_workers": self.num_workers > 0}
         replicas, rank = self._replicas()
-        if not self.length_grouped and shuffle:
+        if not self.length_grouped and shuffle and max_tokens is None:
             # the trainer runs with use_distributed_sampler=false, so sharding is done here
             sampler = DistributedSampler(dataset, replicas, rank, shuffle=shuffle, seed=self.split_seed) \
                 if replicas > 1 else None
             return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                               sampler=sampler, **common)
         # evaluation without length grouping: equal lengths keep the input order, rows dealt out as below
-        lengths = [len(p) for p in dataset.pairs] if self.length_grouped else [0] * len(dataset)
+        # (token budgets need the lengths whatever length_grouped says)
+        lengths = [len(p) for p in dataset.pairs] if self.length_grouped or max_tokens else [0] * len(dataset)
+        if max_tokens and self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            lengths = [-(-n // m) * m for n in lengths]
         sampler = LengthGroupedSampler(lengths, batch_size, shuffle=shuffle,
                                        mega_batch_mult=self.mega_batch_mult, seed=self.split_seed,
-                                       num_replicas=replicas, rank=rank)
+                                       num_replicas=replicas, rank=rank, max_tokens=max_tokens,
+                                       sequences_per_row=2 if self.spec.layout == "siamese" else 1,
+                                       epochs=self._epochs())
         if not shuffle:
             return DataLoader(dataset, batch_sampler=sampler, **common)
         self._train_sampler = sampler
@@ -688,10 +712,10 @@ class PreferenceDataModule(L.LightningDataModule):
             self.load_train_position(state_dict["train_position"])
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, max_tokens=self.max_tokens)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False, max_tokens=self.eval_max_tokens)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.predict_set, self.eval_batch_size, shuffle=False, max_tokens=self.eval_max_tokens)

@@ -91,6 +91,7 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
         spec = spec.replace(max_length=int(cfg.max_length))
         check_max_length(model.backbone.config, spec.max_length, key="max_length", backbone=str(ckpt_path))
     datamodule = PreferenceDataModule(predict_path=cfg.input_path, eval_batch_size=cfg.batch_size, spec=spec,
+                                      eval_max_tokens=cfg.get("max_tokens"),
                                       cache_dir=cfg.get("cache_dir"), predict_format=cfg.get("input_format"))
     datamodule.attach_tokenizer(tokenizer)
     datamodule.setup("predict")
