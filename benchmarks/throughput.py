@@ -5,7 +5,7 @@ the same machine, with the same synthetic rows (`pref_lightning.synthetic.genera
 long-tailed lengths), the same tiny tokenizer (trained once on the rows' texts, vocabulary 8,000),
 the same tiny DeBERTa-v3 (`build_backbone("tiny")`: hidden 128, 2 layers, 4 heads, intermediate 512,
 max_position_embeddings >= max length, dropout off), the same max length (1,024), batch size and
-precision (bf16 autocast on CPU), no DataLoader workers and no padding to a multiple:
+precision (fp32 by default, `--precision bf16` for bf16 autocast), no DataLoader workers and no padding to a multiple:
 
   (a) hf_cross    the public notebooks' recipe: `transformers.Trainer` (bf16=True, use_cpu=True),
                   `DataCollatorWithPadding`, its random sampler, the text `prompt [A] a [B] b` (turns
@@ -17,7 +17,12 @@ precision (bf16 autocast on CPU), no DataLoader workers and no padding to a mult
                   `lightning.Trainer(precision="bf16-mixed")` (no logger, no checkpointing, no progress
                   bar), `Trainer.predict` on the length-sorted predict loader;
   (c) pl_siamese  the same with the default siamese layout (each row = 2 sequences, prompt+A and
-                  prompt+B, each up to max length; swap augmentation and swap TTA on, as by default).
+                  prompt+B, each up to max length; swap augmentation and swap TTA on, as by default),
+                  run as one (2B, L) backbone call (`model.side_groups=1`, the path before issue 15);
+  (d) pl_siamese_grouped  the same with the batch's 2B sides in up to 4 length groups, each padded to its
+                  own longest side (`model.side_groups=4`, the default); it also predicts the same rows
+                  again with prediction's token budget (`--predict-max-tokens`, predict.py's default
+                  65,536 padded tokens per batch) instead of batch-size rows.
 
 Each (setup, batch size) runs in its own subprocess (the parent only writes the data and trains the
 tokenizer, then collects one JSON result per child), so that peak RSS
@@ -82,13 +87,18 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "throughput.json"
-SETUPS = ("hf_cross", "pl_cross", "pl_siamese")
+SETUPS = ("hf_cross", "pl_cross", "pl_siamese", "pl_siamese_grouped")
 LABELS = {"hf_cross": "(a) HF Trainer, cross, random batches",
           "pl_cross": "(b) project, cross, length-grouped",
-          "pl_siamese": "(c) project, siamese, length-grouped"}
+          "pl_siamese": "(c) project, siamese, one (2B, L) call",
+          "pl_siamese_grouped": "(d) project, siamese, sides in length groups"}
+SIDE_GROUPS = {"pl_siamese": 1, "pl_siamese_grouped": 4}  # model.side_groups (4: the default)
+PREDICT_MAX_TOKENS = 65536  # predict.py's default token budget
 # the project's default tiny backbone (conf/model/tiny.yaml); max_position_embeddings is raised to the max length
 TINY = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512}
-TARGETS = {"padding_efficiency": 0.95, "train_speedup_cross": 1.8, "fraction_of_bound": 0.90, "predict_speedup": 2.0}
+TARGETS = {"padding_efficiency": 0.95, "train_speedup_cross": 1.8, "fraction_of_bound": 0.90, "predict_speedup": 2.0,
+           "train_speedup_siamese": 3.0, "predict_speedup_token_budget": 5.0,
+           "train_speedup_siamese_vs_best_baseline": 1.5}
 BUSY_PATTERN = "train.py|learning.py"
 
 
@@ -116,6 +126,19 @@ def side_batches(side_lengths: list[list[int]], index_batches) -> list[tuple[int
     for batch in index_batches:
         lengths = [n for i in batch for n in side_lengths[i]]
         out.append((sum(lengths), max(lengths) * len(lengths)))
+    return out
+
+
+def grouped_side_batches(side_lengths: list[list[int]], index_batches, groups: int) -> list[tuple[int, int]]:
+    """(real, processed) of each batch when its sequences run in up to `groups` length groups, each padded to
+    its own longest (`model.side_groups`, `collate.side_groups`)."""
+    from pref_lightning.collate import side_groups
+
+    out = []
+    for batch in index_batches:
+        lengths = [n for i in batch for n in side_lengths[i]]
+        parts = side_groups(lengths, groups)
+        out.append((sum(lengths), sum(len(g) * max(lengths[i] for i in g) for g in parts)))
     return out
 
 
@@ -251,7 +274,7 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
         output_dir=str(Path(spec["work_dir"]) / f"hf_{batch_size}"),
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
         max_steps=warmup + steps, learning_rate=1e-3, weight_decay=0.01, max_grad_norm=1.0,
-        lr_scheduler_type="linear", warmup_steps=0, bf16=True, use_cpu=True,
+        lr_scheduler_type="linear", warmup_steps=0, bf16=spec["precision"] == "bf16", use_cpu=True,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, seed=spec["seed"], data_seed=spec["seed"],
     )
@@ -319,9 +342,10 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
         datamodule.setup("predict")
     L.seed_everything(spec["seed"], verbose=False)
     siamese = layout == "siamese"
+    groups = spec.get("side_groups", 1)
     model = PreferenceModule(backbone="tiny", tiny_config=tiny_overrides(max_length), vocab_size=len(tokenizer),
                              backbone_dropout=0.0, lr=1e-3, head_lr=1e-3, spec=datamodule.spec,
-                             swap_augment="random" if siamese else "none", tta_swap=siamese)
+                             swap_augment="random" if siamese else "none", tta_swap=siamese, side_groups=groups)
 
     class StepTimer(L.Callback):
         def __init__(self):
@@ -337,16 +361,18 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.ends.append(time.perf_counter())
-            self.tokens.append(mask_tokens(batch["attention_mask"]))
+            # processed: what the backbone really ran over (grouped sides: less than the mask's size)
+            self.tokens.append((int(batch["attention_mask"].sum()), pl_module.last_processed_tokens))
             self.rows.append(len(batch["labels"]))
 
         def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            self.predict_tokens.append(mask_tokens(batch["attention_mask"]))
+            self.predict_tokens.append((int(batch["attention_mask"].sum()), pl_module.last_processed_tokens))
             self.predict_ends.append(time.perf_counter())
 
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=warmup + steps, max_epochs=-1,
+        accelerator="cpu", devices=1, precision="bf16-mixed" if spec["precision"] == "bf16" else "32-true",
+        max_steps=warmup + steps, max_epochs=-1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, use_distributed_sampler=False,
         log_every_n_steps=10_000, callbacks=[timer],
@@ -361,13 +387,17 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
 
     def epoch_efficiency(mult: int) -> float:
         sampler = LengthGroupedSampler(row_lengths, batch_size, shuffle=True, mega_batch_mult=mult, seed=spec["seed"])
-        return efficiency(side_batches(sides, sampler.training_batches()))
+        batches = sampler.training_batches()
+        if groups > 1:
+            return efficiency(grouped_side_batches(sides, batches, groups))
+        return efficiency(side_batches(sides, batches))
 
     mults = sorted({spec["mega_batch_mult"], 10, 25, 50, 100, 200, -(-len(pairs) // batch_size)})
     out = {
         **train,
         "setup_s": setup_s,
         "sequences_per_row": 2 if siamese else 1,
+        "side_groups": groups,
         "mega_batch_mult": spec["mega_batch_mult"],
         "mega_batch_rows": batch_size * spec["mega_batch_mult"],
         "padding_efficiency_epoch": epoch_efficiency(spec["mega_batch_mult"]),
@@ -390,6 +420,22 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
                    predict_padding_efficiency=efficiency(timer.predict_tokens),
                    predict_batch_s=np.diff([t0, *timer.predict_ends]).round(3).tolist(),
                    predict_batch_tokens=timer.predict_tokens)
+        if spec.get("predict_max_tokens"):
+            # the same rows again with prediction's token budget (predict.py max_tokens) instead of batch rows
+            from pref_lightning.prediction import gather_predictions
+
+            by_rows = gather_predictions(outputs, n)
+            datamodule.eval_max_tokens = spec["predict_max_tokens"]
+            timer.predict_tokens.clear()
+            timer.predict_ends.clear()
+            t0 = time.perf_counter()
+            outputs = trainer.predict(model, datamodule=datamodule)
+            budget_s = time.perf_counter() - t0
+            by_tokens = gather_predictions(outputs, n)
+            out.update(predict_token_budget=spec["predict_max_tokens"], predict_token_budget_s=budget_s,
+                       predict_token_budget_rows_per_s=n / budget_s, predict_token_budget_batches=len(outputs),
+                       predict_token_budget_padding_efficiency=efficiency(timer.predict_tokens),
+                       predict_token_budget_max_abs_logit_diff=float(np.abs(by_rows - by_tokens).max()))
     return out
 
 
@@ -555,7 +601,7 @@ def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
 
 def summarise(results: dict[str, dict[int, dict[str, Any]]], primary: int) -> dict[str, Any]:
     """Ratios to (a), the padding bound and the targets, at the primary batch size."""
-    a, b, c = (results[s][primary] for s in SETUPS)
+    a, b, c, d = (results[s][primary] for s in SETUPS)
     bound = 1.0 / a["padding_efficiency"]
     speed_b = b["train_rows_per_s"] / a["train_rows_per_s"]
     speed_c = c["train_rows_per_s"] / a["train_rows_per_s"]
@@ -574,9 +620,17 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]], primary: int) -> di
         "best_train_speedup_cross_vs_best_baseline": results["pl_cross"][best_bs_b]["train_rows_per_s"] / best_a,
         "project_cross_best_batch_size": best_bs_b,
         "train_speedup_cross": speed_b,
-        "train_speedup_siamese": speed_c,
+        # siamese: the default path (d), sides in length groups; (c) the one-call path it replaces
+        "train_speedup_siamese": d["train_rows_per_s"] / a["train_rows_per_s"],
+        "train_speedup_siamese_one_call": speed_c,
+        "train_speedup_siamese_vs_best_baseline": d["train_rows_per_s"] / best_a,
+        "siamese_grouped_vs_one_call_by_batch": {
+            str(bs): results["pl_siamese_grouped"][bs]["train_rows_per_s"] / results["pl_siamese"][bs]["train_rows_per_s"]
+            for bs in results["pl_siamese"]},
         "padding_efficiency": b["padding_efficiency"],
-        "padding_efficiency_siamese": c["padding_efficiency"],
+        "padding_efficiency_siamese": d["padding_efficiency"],
+        "padding_efficiency_siamese_one_call": c["padding_efficiency"],
+        "predict_speedup_token_budget": d.get("predict_token_budget_rows_per_s", math.nan) / a["predict_rows_per_s"],
         "baseline_padding_efficiency": a["padding_efficiency"],
         "padding_efficiency_epoch": b["padding_efficiency_epoch"],
         "baseline_padding_efficiency_epoch": a["padding_efficiency_epoch"],
@@ -586,8 +640,9 @@ def summarise(results: dict[str, dict[int, dict[str, Any]]], primary: int) -> di
         "fraction_of_real_token_bound": speed_b / token_bound,
         "predict_speedup": predict_b,
         "predict_speedup_siamese": predict_c,
+        "predict_speedup_siamese_grouped": d["predict_rows_per_s"] / a["predict_rows_per_s"],
         "real_token_throughput_ratio_cross": b["real_tokens_per_s"] / a["real_tokens_per_s"],
-        "real_token_throughput_ratio_siamese": c["real_tokens_per_s"] / a["real_tokens_per_s"],
+        "real_token_throughput_ratio_siamese": d["real_tokens_per_s"] / a["real_tokens_per_s"],
     }
 
 
@@ -602,6 +657,16 @@ def target_rows(summary: dict[str, Any]) -> list[tuple[str, float, float, bool]]
          summary["fraction_of_bound"] >= TARGETS["fraction_of_bound"]),
         ("(b)/(a) predict rows/s >= 2x", summary["predict_speedup"], TARGETS["predict_speedup"],
          summary["predict_speedup"] >= TARGETS["predict_speedup"]),
+        ("padding efficiency (d) siamese, timed batches >= 0.95", summary["padding_efficiency_siamese"],
+         TARGETS["padding_efficiency"], summary["padding_efficiency_siamese"] >= TARGETS["padding_efficiency"]),
+        ("(d)/(a) train rows/s >= 3x", summary["train_speedup_siamese"], TARGETS["train_speedup_siamese"],
+         summary["train_speedup_siamese"] >= TARGETS["train_speedup_siamese"]),
+        ("(d) token-budget predict / (a) predict rows/s >= 5x", summary["predict_speedup_token_budget"],
+         TARGETS["predict_speedup_token_budget"],
+         summary["predict_speedup_token_budget"] >= TARGETS["predict_speedup_token_budget"]),
+        (f"(d)/(a at its best batch {summary['baseline_best_batch_size']}) train rows/s >= 1.5x",
+         summary["train_speedup_siamese_vs_best_baseline"], TARGETS["train_speedup_siamese_vs_best_baseline"],
+         summary["train_speedup_siamese_vs_best_baseline"] >= TARGETS["train_speedup_siamese_vs_best_baseline"]),
     ]
 
 
@@ -623,7 +688,7 @@ def per_token_by_length(r: dict[str, Any], split: int) -> tuple[float | None, fl
 def diagnoses(results: dict[str, dict[int, dict[str, Any]]], summary: dict[str, Any], primary: int,
               contended: bool) -> list[str]:
     """What limits the ratios, in words, from the measured numbers."""
-    a, b, c = (results[s][primary] for s in SETUPS)
+    a, b, c, d = (results[s][primary] for s in SETUPS)
     notes = []
     if contended:
         shares = {f"{s} bs{bs}": round(r["foreign_cpu_share"] or 0.0, 2) for s in SETUPS
@@ -651,12 +716,23 @@ def diagnoses(results: dict[str, dict[int, dict[str, Any]]], summary: dict[str, 
                      "the collator pads both sides of a pair to one length in a single (2B, L) tensor and the sampler "
                      "groups pairs by max(len A, len B), so the shorter answer of every pair is padded to the longer; "
                      f"no grouping of whole pairs can exceed {c['padding_efficiency_pair_bound']:.3f} on these rows "
-                     "(lifting it needs the 2B sides length-sorted independently, e.g. two encoder calls per batch)")
-    for name, r in (("(a)", a), ("(b)", b), ("(c)", c)):
+                     "(model.side_groups=1; (d) runs the 2B sides in length groups instead)")
+    if d["padding_efficiency"] < TARGETS["padding_efficiency"]:
+        notes.append(f"siamese (d) padding efficiency {d['padding_efficiency']:.3f} (epoch {d['padding_efficiency_epoch']:.3f}) "
+                     f"with up to {d['side_groups']} length groups of the batch's sides")
+    notes.append("siamese (d) vs (c) train rows/s by batch size: "
+                 + ", ".join(f"batch {bs}: {v:.2f}x" for bs, v in summary["siamese_grouped_vs_one_call_by_batch"].items()))
+    if "predict_token_budget_rows_per_s" in d:
+        notes.append(f"token-budget prediction ({d['predict_token_budget']} tokens per batch, "
+                     f"{d['predict_token_budget_batches']} batches, padding efficiency "
+                     f"{d['predict_token_budget_padding_efficiency']:.3f}): {d['predict_token_budget_rows_per_s']:.2f} "
+                     f"rows/s vs {d['predict_rows_per_s']:.2f} at batch {primary}; largest logit difference to the "
+                     f"batch-{primary} predictions {d['predict_token_budget_max_abs_logit_diff']:.1e}")
+    for name, r in (("(a)", a), ("(b)", b), ("(c)", c), ("(d)", d)):
         if r["between_steps_share"] > 0.05:
             notes.append(f"{name}: {100 * r['between_steps_share']:.0f}% of the train window is spent between steps "
                          "(loader, collation, framework bookkeeping)")
-    for name, r in (("(a)", a), ("(b)", b), ("(c)", c)):
+    for name, r in (("(a)", a), ("(b)", b), ("(c)", c), ("(d)", d)):
         drift = r["real_tokens_per_row"] / r["mean_real_tokens_per_row_all"]
         if abs(drift - 1) > 0.05:
             notes.append(f"{name}: the timed batches hold {r['real_tokens_per_row']:.0f} real tokens per row vs "
@@ -710,7 +786,8 @@ def markdown(report: dict[str, Any]) -> str:
     res = report["results"]
     lines = [
         f"Throughput on {report['machine']['cpu_model']} ({report['machine']['cpus_usable']} cores, "
-        f"torch {report['machine']['torch']}, {report['machine']['torch_threads']} threads), bf16 autocast; "
+        f"torch {report['machine']['torch']}, {report['machine']['torch_threads']} threads), "
+        f"{'bf16 autocast' if cfg.get('precision') == 'bf16' else 'fp32'}; "
         f"{cfg['rows']} synthetic rows (median answer {report['data']['median_answer_chars']:.0f} chars), "
         f"max length {cfg['max_length']}, tiny DeBERTa {TINY['hidden_size']}x{TINY['num_hidden_layers']}, "
         f"{cfg['warmup']} warm-up + {cfg['steps']} timed steps at batch {primary}, "
@@ -764,6 +841,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma list; the first is the one the targets and JSON keys use (default 8,2)")
     parser.add_argument("--mega-batch-mult", type=int, default=50, help="project length grouping (default 50)")
     parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="all setups: fp32 (default; CPUs without native bf16) or bf16 autocast")
+    parser.add_argument("--predict-max-tokens", type=int, default=PREDICT_MAX_TOKENS,
+                        help=f"token budget of the (d) token-budget prediction row (default {PREDICT_MAX_TOKENS}, predict.py's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
     parser.add_argument("--retries", type=int, default=2,
@@ -799,7 +880,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for bs in args.batch_sizes:
             steps = args.steps if bs == primary else steps_for(bs, args.steps, primary)
             for setup in SETUPS:
-                spec = {"setup": setup, "layout": "siamese" if setup == "pl_siamese" else "cross",
+                spec = {"setup": setup, "layout": "siamese" if setup in SIDE_GROUPS else "cross",
+                        "side_groups": SIDE_GROUPS.get(setup, 1), "precision": args.precision,
+                        "predict_max_tokens": args.predict_max_tokens if setup == "pl_siamese_grouped" else None,
                         "batch_size": bs, "steps": steps, "warmup": args.warmup, "max_length": args.max_length,
                         "mega_batch_mult": args.mega_batch_mult, "seed": args.seed, "threads": args.threads,
                         "predict": bs == primary, "work_dir": str(work), "tokenizer_dir": str(work / "tokenizer"),
@@ -815,14 +898,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     contended = bool(busy) if max_foreign is None else max_foreign > args.max_foreign
     report = {
         **{k: summary[k] for k in ("train_speedup_cross", "train_speedup_siamese", "padding_efficiency",
-                                   "baseline_padding_efficiency", "predict_speedup")},
+                                   "baseline_padding_efficiency", "predict_speedup", "padding_efficiency_siamese",
+                                   "predict_speedup_token_budget", "train_speedup_siamese_vs_best_baseline")},
         "summary": summary,
         "targets": [{"name": n, "measured": m, "target": t, "met": ok} for n, m, t, ok in target_rows(summary)],
         "results": {s: {str(bs): r for bs, r in by_bs.items()} for s, by_bs in results.items()},
         "config": {"rows": args.rows, "steps": args.steps, "warmup": args.warmup, "predict_rows": args.predict_rows,
                    "max_length": args.max_length, "batch_sizes": args.batch_sizes,
                    "mega_batch_mult": args.mega_batch_mult, "vocab_size": args.vocab_size, "seed": args.seed,
-                   "quick": args.quick, "tiny_config": tiny_overrides(args.max_length), "precision": "bf16 autocast",
+                   "quick": args.quick, "tiny_config": tiny_overrides(args.max_length), "precision": args.precision,
+                   "predict_max_tokens": args.predict_max_tokens,
                    "num_workers": 0, "dropout": 0.0},
         "data": data,
         "machine": machine(),

@@ -105,9 +105,10 @@ class PaddingEfficiency(Metric):
         self.add_state("real", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("processed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, attention_mask: torch.Tensor) -> None:
+    def update(self, attention_mask: torch.Tensor, processed: int | None = None) -> None:
+        """`processed`: token positions really run (default: the mask's size, one padded call)."""
         self.real += attention_mask.sum()
-        self.processed += attention_mask.numel()
+        self.processed += attention_mask.numel() if processed is None else int(processed)
 
     def compute(self) -> torch.Tensor:
         return (self.real / self.processed.clamp(min=1)).float()

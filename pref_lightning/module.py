@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from pref_lightning.anchor import AnchorOffset
 from pref_lightning.backbone import build_backbone, tokenizer_from_files
 from pref_lightning.checkpoint import CHECKPOINT_KEY, load_checkpoint, payload, without_unused_weights
+from pref_lightning.collate import side_groups as group_sides
 from pref_lightning.contract import EncodingSpec
 from pref_lightning.errors import UserError
 from pref_lightning.head import CrossHead, PairHead, output_layers, pool, pooled_size
@@ -106,8 +107,11 @@ class PreferenceModule(L.LightningModule):
         lora: Mapping[str, Any] | None = None,
         attn_implementation: str | None = None,
         backbone_dtype: str | None = None,
+        side_groups: int = 4,
     ) -> None:
         super().__init__()
+        if int(side_groups) < 1:
+            raise UserError(f"model.side_groups={side_groups} must be >= 1 (1: one (2B, L) backbone call)")
         if swap_augment not in SWAP_MODES:
             raise UserError(f"model.swap_augment={swap_augment!r}; choose from {', '.join(SWAP_MODES)}")
         # the data side's contract (layout, classes, statistics...): a plain dict in hparams, so every
@@ -180,6 +184,7 @@ class PreferenceModule(L.LightningModule):
         self.train_log_loss = LogLoss()
         # real / processed tokens of the epoch: a summed metric that Lightning syncs with the others
         self.train_padding = PaddingEfficiency()
+        self.last_processed_tokens = 0  # token positions the backbone ran over in the last forward pass
         self.temperature: float = 1.0  # fitted on validation logits after training (calibration)
         self.apply_temperature = True
 
@@ -227,8 +232,30 @@ class PreferenceModule(L.LightningModule):
 
     # ---- forward ------------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(n, pooled) vectors of `input_ids` / `attention_mask` (n, L), in one backbone call."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        self.last_processed_tokens = attention_mask.numel()
         return pool(hidden, attention_mask, self.hparams.pooling)
+
+    def encode_grouped(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`encode` of right-padded rows (n, L), run as up to `side_groups` backbone calls over rows of
+        similar length (`collate.side_groups`), each cut to its own longest row, so that a short side is not
+        padded to the longest one of the batch; (n, pooled) vectors back in row order. Padding positions
+        are masked, so the result equals one call over (n, L) up to float rounding; every pooling
+        (`last` included) reads each row's own mask. `last_processed_tokens`: what the calls really ran."""
+        groups = int(getattr(self.hparams, "side_groups", 1))
+        if groups <= 1 or input_ids.shape[0] <= 1:
+            return self.encode(input_ids, attention_mask)
+        lengths = attention_mask.sum(1).tolist()  # one host sync per step
+        parts, rows, processed = [], [], 0
+        for group in group_sides(lengths, groups):
+            width = max(1, max(int(lengths[i]) for i in group))
+            index = torch.tensor(group, device=input_ids.device)
+            parts.append(self.encode(input_ids[index, :width], attention_mask[index, :width]))
+            rows.append(index)
+            processed += len(group) * width
+        self.last_processed_tokens = processed
+        return torch.cat(parts)[torch.argsort(torch.cat(rows))]
 
     @property
     def is_cross(self) -> bool:
@@ -255,8 +282,9 @@ class PreferenceModule(L.LightningModule):
         return logits if self.anchor is None else logits + self.anchor(stats_a, stats_b)
 
     def side_vectors(self, batch: Mapping[str, torch.Tensor]):
-        """Pooled vectors and statistics of sides A and B (the backbone runs once for both)."""
-        pooled = self.encode(batch["input_ids"], batch["attention_mask"]).float()
+        """Pooled vectors (B, pooled) and statistics (B, n_stats) of sides A and B from the batch's (2B, L)
+        sides: one backbone call, or (`side_groups` > 1) calls over sides grouped by their own lengths."""
+        pooled = self.encode_grouped(batch["input_ids"], batch["attention_mask"]).float()
         n = pooled.shape[0] // 2
         stats = batch.get("stats")
         stats_a, stats_b = (None, None) if stats is None else (stats[:n].float(), stats[n:].float())
@@ -281,12 +309,12 @@ class PreferenceModule(L.LightningModule):
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         labels, targets = batch["labels"], batch.get("targets")
-        self.train_padding.update(batch["attention_mask"])  # tensor sums, no host sync
-        self.log("train/padding_efficiency", self.train_padding, on_step=False, on_epoch=True)
         if self.is_cross:
             logits = self.cross_logits(batch)
+            self._log_padding(batch)
             return self._log_train(logits, labels, self._loss(logits, labels, batch, targets))
         a, b, stats_a, stats_b = self.side_vectors(batch)
+        self._log_padding(batch)
         swap = torch.tensor(self.swap_index, device=labels.device)
         mode = self.hparams.swap_augment
         if mode == "random":
@@ -305,6 +333,11 @@ class PreferenceModule(L.LightningModule):
             swapped = None if targets is None else targets[:, swap]
             loss = 0.5 * (loss + self._loss(self.pair_logits(b, a, stats_b, stats_a), swap[labels], batch, swapped))
         return self._log_train(logits, labels, loss)
+
+    def _log_padding(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Real tokens / token positions the backbone really ran over (grouped sides: less than the mask)."""
+        self.train_padding.update(batch["attention_mask"], processed=self.last_processed_tokens)
+        self.log("train/padding_efficiency", self.train_padding, on_step=False, on_epoch=True)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: Mapping[str, torch.Tensor],
               targets: torch.Tensor | None) -> torch.Tensor:

@@ -100,3 +100,23 @@ def test_evaluation_loaders_give_every_rank_the_same_batches_and_each_row_once(t
                 valid = batch.get("valid", torch.ones(len(batch["index"]), dtype=torch.bool))
                 seen += batch["index"][valid].tolist()
         assert batches == {1} and sorted(seen) == [0, 1]
+
+
+def test_token_budget_training_loader_resumes_mid_epoch(tiny_tokenizer, synthetic_csv):
+    """data.max_tokens: a loader restored at (epoch 1, 3 batches) yields the uninterrupted run's remaining batches."""
+
+    def loader(position=None):
+        dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=48, max_tokens=800)
+        dm.attach_tokenizer(tiny_tokenizer)
+        dm.setup("fit")
+        if position is not None:
+            dm.load_state_dict({"train_position": position})
+        return dm, dm.train_dataloader()
+
+    dm, straight = loader()
+    straight.batch_sampler.set_epoch(1)
+    expected = [b["index"].tolist() for b in straight]
+    assert len({len(b) for b in expected}) > 1 and len(expected) == len(straight)
+    assert all(dm.train_set.pairs[i] is not None for b in expected for i in b)
+    _, resumed = loader({"epoch": 1, "batches": 3})
+    assert [b["index"].tolist() for b in resumed] == expected[3:]

@@ -1,4 +1,6 @@
 import lightning as L
+import numpy as np
+import pytest
 import torch
 
 from pref_lightning.datamodule import PreferenceDataModule
@@ -113,8 +115,6 @@ def test_layer_lr_decay_scales_lower_layers(tiny_tokenizer, synthetic_csv):
 
 
 def test_swap_augment_mode_is_validated(tiny_tokenizer):
-    import pytest
-
     with pytest.raises(ValueError, match="swap_augment"):
         tiny_module(tiny_tokenizer, swap_augment="sometimes")
 
@@ -179,3 +179,118 @@ def test_ddp_padding_rows_are_left_out_of_metrics_and_predictions(tiny_tokenizer
         assert logits.shape == (2, 3) and int(module.val_log_loss.count) == 2
         out = module.predict_step(padded, 0)
     assert out["index"].tolist() == [p.index for p in real] and out["logits"].shape == (2, 3)
+
+
+# ---- siamese sides grouped by their own lengths (model.side_groups) --------------------------------
+def test_side_groups_split_minimises_processed_tokens():
+    from itertools import combinations
+
+    from pref_lightning.collate import side_groups
+
+    lengths = [5, 100, 7, 90, 30, 31, 64, 2]
+    assert side_groups(lengths, 1) == [[1, 3, 6, 5, 4, 2, 0, 7]]
+    groups = side_groups(lengths, 3)
+    assert sorted(i for g in groups for i in g) == list(range(8)) and len(groups) <= 3
+    cost = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    order = sorted(range(8), key=lambda i: -lengths[i])
+    best = min(sum(len(p) * lengths[p[0]] for p in (order[a:b] for a, b in zip((0, *cuts), (*cuts, 8))))
+               for k in range(3) for cuts in combinations(range(1, 8), k))
+    assert cost == best
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last_mean"])
+def test_grouped_sides_give_the_old_paths_logits(tiny_tokenizer, synthetic_csv, pooling):
+    """Same rows, fp32, eval mode: side_groups=4 (sides run in length groups) = side_groups=1 (one (2B, L) call)."""
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=128, batch_size=8)
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    old = tiny_module(tiny_tokenizer, pooling=pooling, side_groups=1, spec=dm.spec).eval()
+    new = tiny_module(tiny_tokenizer, pooling=pooling, side_groups=4, spec=dm.spec).eval()
+    new.load_state_dict(old.state_dict())
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.max() > lengths.min()  # the batch does have padding to save
+    with torch.no_grad():
+        for tta in (False, True):
+            assert torch.allclose(old(batch, tta_swap=tta), new(batch, tta_swap=tta), atol=1e-5, rtol=1e-4)
+    assert old.last_processed_tokens == batch["attention_mask"].numel()
+    assert lengths.sum() <= new.last_processed_tokens < old.last_processed_tokens
+
+
+def test_grouped_sides_train_and_count_processed_tokens(tiny_tokenizer, synthetic_csv):
+    """train/padding_efficiency counts the token positions the backbone really ran over."""
+
+    class Tokens(L.Callback):
+        def __init__(self):
+            self.real = self.processed = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.real += int(batch["attention_mask"].sum())
+            self.processed += pl_module.last_processed_tokens
+            # the metric's running sums (reset each epoch) are what was just added up
+            assert int(pl_module.train_padding.real) == self.real
+            assert int(pl_module.train_padding.processed) == self.processed
+
+    efficiency = {}
+    for groups in (1, 4):
+        dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=128, batch_size=8)
+        dm.attach_tokenizer(tiny_tokenizer)
+        module = tiny_module(tiny_tokenizer, side_groups=groups)
+        tokens = Tokens()
+        trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, accelerator="cpu", callbacks=[tokens])
+        trainer.fit(module, dm)
+        assert trainer.global_step == 3
+        efficiency[groups] = tokens.real / tokens.processed
+    assert efficiency[1] < efficiency[4] <= 1.0
+
+
+def test_side_groups_is_validated(tiny_tokenizer):
+    with pytest.raises(ValueError, match="side_groups"):
+        tiny_module(tiny_tokenizer, side_groups=0)
+
+
+def test_token_budget_training_schedule_counts_the_real_steps(tiny_tokenizer, synthetic_csv):
+    """data.max_tokens: variable rows per batch, and the LR schedule's length is the steps really taken."""
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=48, max_tokens=600)
+    dm.attach_tokenizer(tiny_tokenizer)
+    module = tiny_module(tiny_tokenizer)
+    rows = []
+
+    class Rows(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rows.append(len(batch["labels"]))
+            assert batch["attention_mask"].numel() <= 600 or len(batch["labels"]) == 1
+
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", callbacks=[Rows()])
+    trainer.fit(module, dm)
+    assert trainer.global_step == trainer.estimated_stepping_batches == len(rows)
+    assert len(set(rows)) > 1 and sum(rows) == 2 * len(dm.train_set)
+
+
+def test_predictions_with_a_token_budget_equal_those_with_a_batch_size(tiny_tokenizer, synthetic_csv):
+    from pref_lightning.prediction import gather_predictions
+
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=48, batch_size=8)
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")
+    module = tiny_module(tiny_tokenizer, spec=dm.spec).eval()
+    out = {}
+    for key, kwargs in (("rows", {"eval_batch_size": 7}), ("tokens", {"eval_max_tokens": 2000})):
+        predict = PreferenceDataModule(predict_path=str(synthetic_csv), spec=dm.spec, **kwargs)
+        predict.attach_tokenizer(tiny_tokenizer)
+        predict.setup("predict")
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
+        outputs = trainer.predict(module, datamodule=predict)
+        out[key] = (gather_predictions(outputs, len(predict.predict_set)), len(outputs))
+    assert out["tokens"][1] != out["rows"][1]  # other batches
+    assert np.allclose(out["rows"][0], out["tokens"][0], atol=1e-5)
+
+
+def test_bad_token_budget_is_a_user_error():
+    from pref_lightning.errors import UserError
+
+    with pytest.raises(UserError, match="data.max_tokens"):
+        PreferenceDataModule(max_tokens=-5)
