@@ -53,8 +53,9 @@ def overrides(run_dir: Path, probe: Path, args: argparse.Namespace) -> list[str]
     shape = [f"model.tiny_config.{k}={v}" for k, v in (SMOKE if args.smoke else DEBERTA_V3_SMALL).items()]
     return [*shape, "model.lr=2e-5", "model.head_lr=1e-3", f"model.tokenizer_vocab_size={args.vocab_size}",
             f"data.synthetic_rows={args.rows}", f"data.max_length={args.max_length}",
-            f"data.batch_size={args.batch_size}", "data.eval_batch_size=32", f"trainer.max_steps={args.steps}",
-            "trainer.max_epochs=100", f"trainer.accelerator={args.accelerator}", "trainer.enable_progress_bar=false",
+            f"data.batch_size={args.batch_size}", "data.eval_batch_size=32",
+            # one epoch of `steps` batches: validation and best.ckpt at its end
+            f"trainer.limit_train_batches={args.steps}", "trainer.max_epochs=1", f"trainer.accelerator={args.accelerator}", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "report=false", f"hydra.run.dir={run_dir}",
             *probe_overrides(probe, args.device)]
 
@@ -118,7 +119,7 @@ def table(results: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training run")
-    parser.add_argument("--rows", type=int, default=6000, help="synthetic rows (5%% held out for validation)")
+    parser.add_argument("--rows", type=int, default=6000, help="synthetic rows (data.val_fraction of them held out)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--predict-rows", type=int, default=2000)
     parser.add_argument("--max-length", type=int, default=1024)

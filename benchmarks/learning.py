@@ -29,7 +29,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pref_lightning.datamodule import grouped_split  # noqa: E402
+from pref_lightning.folds import grouped_split  # noqa: E402
 from pref_lightning.metrics import CLASS_COLUMNS, class_prior, log_loss, prior_log_loss  # noqa: E402
 from pref_lightning.records import label_array, read_records  # noqa: E402
 from pref_lightning.text_stats import fit_logistic_regression, pair_stats_matrix, predict_proba  # noqa: E402

@@ -7,7 +7,6 @@ With `cache_dir` set, a data file's tokenized pairs (and what its split needs) a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ from pref_lightning.cache import (
 from pref_lightning.collate import PairCollator
 from pref_lightning.contract import EncodingSpec
 from pref_lightning.errors import UserError
-from pref_lightning.folds import assign_folds, fold_split
+from pref_lightning.folds import assign_folds, fold_split, grouped_split_keys, prompt_key
 from pref_lightning.metrics import class_prior, log_loss, prior_log_loss
 from pref_lightning.pairs import EncodedPair, PairEncoder
 from pref_lightning.records import (
@@ -52,42 +51,6 @@ from pref_lightning.synthetic import generate
 log = logging.getLogger(__name__)
 EVAL_BUDGET_FACTOR = 4  # default eval_max_tokens = 4 * max_tokens: no activations are kept for backward
 MAX_EPOCH_HORIZON = 100  # token budgets: epochs over which the training batch count is made constant
-
-
-def prompt_key(record: PairRecord) -> str:
-    """Normalised prompt text: rows sharing it must fall on the same side of a split."""
-    return " ".join(" ".join(record.prompt).lower().split())
-
-
-def grouped_split(records: Sequence[PairRecord], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (train, val) with whole prompt groups in validation, chosen by a seeded hash order.
-
-    Hashing the group key (rather than shuffling positions) makes the split independent of row order.
-    """
-    return grouped_split_keys([prompt_key(record) for record in records], val_fraction, seed)
-
-
-def grouped_split_keys(keys: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """`grouped_split` from the rows' prompt keys alone (what the data cache stores)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
-    groups: dict[str, list[int]] = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    order = sorted(groups, key=lambda k: hashlib.sha1(f"{seed}\0{k}".encode()).hexdigest())
-    target = val_fraction * len(keys)
-    val: list[int] = []
-    for key in order:
-        if len(val) >= target:
-            break
-        val.extend(groups[key])
-    if len(val) == len(keys) or not val:
-        raise UserError(
-            f"cannot hold out data.val_fraction={val_fraction} of {len(keys)} rows "
-            f"({len(groups)} distinct prompts)"
-        )
-    val_set = set(val)
-    return [i for i in range(len(keys)) if i not in val_set], sorted(val)
 
 
 def fit_stats_norm(pairs: Sequence[EncodedPair]) -> dict[str, Any]:
@@ -349,17 +312,16 @@ class PreferenceDataModule(L.LightningDataModule):
             log.info("%s: %d train rows, %d validation rows", self.source_name, len(self.train_records),
                      len(self.val_records))
             return
-        if self.train_path and self._uses_adapters:
+        if self.train_path:  # every other file, format and policy: through the adapters
             self._load_records_adapted()
             return
-        if self.train_path:
-            records = read_records(Path(self.train_path), require_labels=True)
-        else:
-            frame = generate(self.synthetic_rows, seed=self.synthetic_seed).frame
-            records = records_from_frame(frame, self.source_name, require_labels=True)
+        # the embedded synthetic set, generated in memory (a val_path replaces its held-out split)
+        records = records_from_frame(generate(self.synthetic_rows, seed=self.synthetic_seed).frame, self.source_name,
+                                     require_labels=True)
         if self.val_path:
             self.train_records = records
-            self.val_records = read_records(Path(self.val_path), require_labels=True)
+            self.val_records = read_source(self.val_path, self.train_format, require_labels=True,
+                                           n_classes=self.spec.n_classes, seed=self.split_seed).records
         else:
             self._row_ids = [r.id for r in records]
             train_idx, val_idx = self._split([prompt_key(r) for r in records], label_array(records))

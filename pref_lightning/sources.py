@@ -4,7 +4,7 @@
 `path` optional). The main `data.train_path` is still the only file split for validation; extra rows go
 into the training split only, after removing
 
-- rows whose normalised prompt (`datamodule.prompt_key`) occurs anywhere in the training file (its train
+- rows whose normalised prompt (`folds.prompt_key`) occurs anywhere in the training file (its train
   *and* validation part: an extra copy of a validation prompt would leak it into training), and
 - exact duplicate rows (same prompt, answers and label, or the same pair with A and B exchanged) of a
   training-file row or of an extra row already kept.

@@ -17,10 +17,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pref_lightning import cli
-from pref_lightning.callbacks import LogProgress, advice
+from pref_lightning.callbacks import LogProgress
 from pref_lightning.checkpoint import load_checkpoint
 from pref_lightning.compat import check_hardware
 from pref_lightning.errors import MissingFileError, UserError
+from pref_lightning.prior_guard import advice
 from pref_lightning.records import FLOAT_FORMAT, DataError
 from pref_lightning.resume import resume_checkpoint, same_config_runs
 from pref_lightning.submission import submission_frame

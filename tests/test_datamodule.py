@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pref_lightning.datamodule import PreferenceDataModule, grouped_split, prompt_key
+from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.folds import grouped_split, prompt_key
 from pref_lightning.records import PairRecord
 
 

@@ -62,8 +62,9 @@ def test_train_writes_checkpoint_and_metrics(trained_run):
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     payload = best["pref_lightning"]
     assert payload["temperature"] == metrics["temperature"]
-    assert len(payload["data_settings"]["stats_norm"]["mean"]) == 13
-    assert payload["data_settings"]["stats_norm"]["version"] == 2  # bounded statistics
+    spec = best["hyper_parameters"]["spec"]  # the encoding contract travels in the hyperparameters
+    assert len(spec["stats_norm"]["mean"]) == len(spec["stats_features"]) == 13
+    assert spec["stats_norm"]["version"] == 2  # bounded statistics
     assert metrics["val_log_loss_uncalibrated"] == pytest.approx(metrics["val_log_loss"], abs=1e-5)  # one pass
     # best.ckpt is the prediction artifact (no optimizer state); last.ckpt the full state to resume from
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

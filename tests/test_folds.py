@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pref_lightning.datamodule import PreferenceDataModule, prompt_key
-from pref_lightning.folds import assign_folds, fold_split
+from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.folds import assign_folds, fold_split, prompt_key
 from pref_lightning.records import label_array, read_records
 
 

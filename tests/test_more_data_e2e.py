@@ -67,7 +67,7 @@ def test_wsdm_binary_train_and_predict(tmp_path, synthetic_frame):
     assert metrics["n_classes"] == 2 and 0 <= metrics["val_accuracy"] <= 1 and metrics["val_log_loss"] < 5
     assert metrics["data_counts"]["train_file"]["format"] == "wsdm"
     ckpt = run_dir / "checkpoints" / "best.ckpt"
-    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["n_classes"] == 2
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["spec"]["n_classes"] == 2
     test = wsdm_frame(synthetic_frame, 40, with_winner=False).iloc[::-1]
     test.to_parquet(tmp_path / "test.parquet")
     run("predict.py", f"ckpt_path={ckpt}", f"input_path={tmp_path / 'test.parquet'}",

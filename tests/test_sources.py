@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pref_lightning.datamodule import PreferenceDataModule, prompt_key
+from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.folds import prompt_key
 from pref_lightning.records import DataError, PairRecord
 from pref_lightning.sources import mix_sources, parse_sources, resample
 
