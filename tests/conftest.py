@@ -53,6 +53,26 @@ def synthetic_csv(tmp_path_factory, synthetic_frame) -> Path:
 
 
 @pytest.fixture(scope="session")
+def varied_csv(tmp_path_factory, synthetic_frame) -> Path:
+    """The synthetic rows with each answer cut to a seeded random number of words (1-12): sides of
+    many lengths below `max_length`, so that batches really carry padding (length groups, token budgets)."""
+    import json
+
+    import numpy as np
+
+    from pref_lightning.synthetic import write_csv
+
+    rng = np.random.default_rng(11)
+    frame = synthetic_frame.copy()
+    for column in ("response_a", "response_b"):
+        frame[column] = [json.dumps([" ".join(" ".join(t or "" for t in json.loads(turns)).split()[: int(rng.integers(1, 13))])])
+                         for turns in frame[column]]
+    path = tmp_path_factory.mktemp("varied") / "train.csv"
+    write_csv(frame, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory, synthetic_frame):
     from pref_lightning.backbone import cached_trained_tokenizer
     from pref_lightning.records import records_from_frame

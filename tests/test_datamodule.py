@@ -103,11 +103,11 @@ def test_evaluation_loaders_give_every_rank_the_same_batches_and_each_row_once(t
         assert batches == {1} and sorted(seen) == [0, 1]
 
 
-def test_token_budget_training_loader_resumes_mid_epoch(tiny_tokenizer, synthetic_csv):
+def test_token_budget_training_loader_resumes_mid_epoch(tiny_tokenizer, varied_csv):
     """data.max_tokens: a loader restored at (epoch 1, 3 batches) yields the uninterrupted run's remaining batches."""
 
     def loader(position=None):
-        dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=48, max_tokens=800)
+        dm = PreferenceDataModule(train_path=str(varied_csv), max_length=48, max_tokens=800)
         dm.attach_tokenizer(tiny_tokenizer)
         dm.setup("fit")
         if position is not None:

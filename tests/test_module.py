@@ -204,7 +204,13 @@ def test_grouped_sides_give_the_old_paths_logits(tiny_tokenizer, synthetic_csv, 
     dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=128, batch_size=8)
     dm.attach_tokenizer(tiny_tokenizer)
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    batch = dict(next(iter(dm.train_dataloader())))
+    # right-padded sides of varied lengths (the synthetic answers all fill max_length)
+    ids, mask = batch["input_ids"].clone(), batch["attention_mask"].clone()
+    for i in range(0, len(ids), 3):
+        keep = 12 + 7 * i
+        ids[i, keep:], mask[i, keep:] = dm.encoder.pad_id, 0
+    batch.update(input_ids=ids, attention_mask=mask)
     torch.manual_seed(0)
     old = tiny_module(tiny_tokenizer, pooling=pooling, side_groups=1, spec=dm.spec).eval()
     new = tiny_module(tiny_tokenizer, pooling=pooling, side_groups=4, spec=dm.spec).eval()
@@ -218,7 +224,7 @@ def test_grouped_sides_give_the_old_paths_logits(tiny_tokenizer, synthetic_csv, 
     assert lengths.sum() <= new.last_processed_tokens < old.last_processed_tokens
 
 
-def test_grouped_sides_train_and_count_processed_tokens(tiny_tokenizer, synthetic_csv):
+def test_grouped_sides_train_and_count_processed_tokens(tiny_tokenizer, varied_csv):
     """train/padding_efficiency counts the token positions the backbone really ran over."""
 
     class Tokens(L.Callback):
@@ -234,7 +240,7 @@ def test_grouped_sides_train_and_count_processed_tokens(tiny_tokenizer, syntheti
 
     efficiency = {}
     for groups in (1, 4):
-        dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=128, batch_size=8)
+        dm = PreferenceDataModule(train_path=str(varied_csv), max_length=128, batch_size=8)
         dm.attach_tokenizer(tiny_tokenizer)
         module = tiny_module(tiny_tokenizer, side_groups=groups)
         tokens = Tokens()
@@ -251,9 +257,9 @@ def test_side_groups_is_validated(tiny_tokenizer):
         tiny_module(tiny_tokenizer, side_groups=0)
 
 
-def test_token_budget_training_schedule_counts_the_real_steps(tiny_tokenizer, synthetic_csv):
+def test_token_budget_training_schedule_counts_the_real_steps(tiny_tokenizer, varied_csv):
     """data.max_tokens: variable rows per batch, and the LR schedule's length is the steps really taken."""
-    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=48, max_tokens=600)
+    dm = PreferenceDataModule(train_path=str(varied_csv), max_length=48, max_tokens=600)
     dm.attach_tokenizer(tiny_tokenizer)
     module = tiny_module(tiny_tokenizer)
     rows = []
