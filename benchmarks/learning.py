@@ -8,9 +8,10 @@ Prints a table and writes benchmarks/results/learning.json. Parts (all on CPU, o
              `experiment=arena_small` (the other arena rows plus the extra shared sets) with parts of it
              switched off in turn (--variants), beside baselines fitted here on the same folds: the class
              prior, the text-statistics logistic regression, LightGBM on the statistics (`bench` extra;
-             skipped when not installed). Writes results/learning_real.json. The full grid (5 folds x 6
-             variants, ~24 min per MiniLM epoch on 2 cores) is ~12 hours; --folds, --variants,
-             --max-train-batches and --quick cut it down, --overrides makes it tiny (tests)
+             skipped when not installed). Writes results/learning_real.json. The full grid (5 folds x 5
+             variants, ~24 min per MiniLM epoch on 2 cores, ~5 min for arena rows only) is ~8.5 hours;
+             --folds, --variants, --max-train-batches and --quick cut it down, --overrides makes it tiny
+             (tests); runs of the same setting accumulate in the JSON, so the grid can be filled in parts
   real_split the older single split: MiniLM trained on the real rows of ../shared/data, validated on 400
              prompt-grouped arena rows, against the class prior and the statistics LR on that split
   recipe     the public notebooks' failing recipe (pretrained encoder, lr 2e-5 for backbone and head, fp16
