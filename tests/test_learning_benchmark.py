@@ -1,0 +1,86 @@
+"""benchmarks/learning.py --parts real: the 5-fold real-data benchmark's plumbing, on a tiny configuration.
+
+It measures nothing here (a tiny backbone trained for two batches); it checks that the variants' overrides
+compose, that every fold run validates on exactly the fold the baselines are scored on, and that the OOF
+totals are the row-weighted means of the folds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from .conftest import REPO, SHARED_DATA, TEST_TINY_OVERRIDES, needs_shared_data
+
+SCRIPT = REPO / "benchmarks" / "learning.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_overrides_compose():
+    bench = load_script()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        forced = compose(config_name="train", overrides=[
+            "experiment=arena_small", *bench.variant_overrides("ties_forced", SHARED_DATA, {})])
+        plain = compose(config_name="train", overrides=["experiment=arena_small", f"paths.data_dir={SHARED_DATA}"])
+        tiny = compose(config_name="train", overrides=["experiment=arena_small", "model=tiny"])
+    # the recipe's sources, unchanged but for ties: true
+    assert [dict(s) for s in forced.data.sources] == [{**s, "ties": True} for s in plain.data.sources]
+    assert bench.variant_overrides("no_anchor", SHARED_DATA, {}) == ["model.anchor_head=false"]
+    assert bench.variant_overrides("mine", SHARED_DATA, {"mine": ["model.lr=1e-4"]}) == ["model.lr=1e-4"]
+    assert tiny.model.backbone == "tiny" and tiny.model.anchor_head  # model=tiny replaces MiniLM, keeps the rest
+    with pytest.raises(SystemExit, match="unknown variant"):
+        bench.variant_overrides("nope", SHARED_DATA, {})
+
+
+def test_oof_total_is_row_weighted():
+    bench = load_script()
+    assert bench.oof_total({"0": (1.0, 100), "1": (2.0, 300)}) == pytest.approx(1.75)
+    assert bench.oof_total({"0": ({"x": 1.0}, 1), "1": ({"x": None}, 1)}, "x") is None
+
+
+@pytest.mark.slow
+@needs_shared_data()
+def test_real_part_on_two_folds_with_a_tiny_model(tmp_path):
+    bench = load_script()
+    out = tmp_path / "learning_real.json"
+    tiny = ["model=tiny", *TEST_TINY_OVERRIDES, "data.max_length=32", "data.eval_batch_size=64"]
+    argv = ["--parts", "real", "--folds", "0,1", "--variants", "recipe,ties_forced", "--max-train-batches", "2",
+            "--add-variant", "no_anchor_tiny:model.anchor_head=false", "--overrides", " ".join(tiny),
+            "--real-out", str(out), "--work", str(tmp_path / "runs")]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())["real"]
+    assert result["setting"]["max_train_batches"] == 2 and result["setting"]["overrides"] == tiny
+    rows = result["fold_rows"]
+    assert set(rows) == {"0", "1"} and 150 < rows["0"] < 250
+    for name in ("class_prior", "stats_lr"):
+        baseline = result["baselines"][name]
+        assert set(baseline["per_fold"]) == {"0", "1"}
+        expected = sum(baseline["per_fold"][k] * rows[k] for k in rows) / sum(rows.values())
+        assert baseline["oof"] == pytest.approx(expected)
+    assert 1.0 < result["baselines"]["class_prior"]["oof"] < 1.2
+    for name in ("recipe", "ties_forced", "no_anchor_tiny"):
+        entry = result["variants"][name]
+        assert entry["folds"] == ["0", "1"], entry
+        for k, fold in entry["per_fold"].items():
+            assert fold["val_rows"] == rows[k] and math.isfinite(fold["val_log_loss"])
+        expected = sum(entry["per_fold"][k]["val_log_loss"] * rows[k] for k in rows) / sum(rows.values())
+        assert entry["oof"] == pytest.approx(expected)
+        assert entry["oof_stats_lr_same_folds"] == pytest.approx(result["baselines"]["stats_lr"]["oof"])
+    # anchored runs report the statistics baseline they start from; the unanchored one does not
+    assert result["variants"]["recipe"]["per_fold"]["0"]["baseline_log_loss"] is not None
+    assert result["variants"]["no_anchor_tiny"]["per_fold"]["0"]["baseline_log_loss"] is None
+    assert "ties:true" in " ".join(result["variants"]["ties_forced"]["overrides"])
+    # a second call with the same setting adds folds to the stored result instead of replacing it
+    bench.main(["--parts", "real", "--folds", "0", "--variants", "", "--max-train-batches", "2",
+                "--overrides", " ".join(tiny), "--real-out", str(out), "--work", str(tmp_path / "runs2")])
+    again = json.loads(out.read_text())["real"]
+    assert again["variants"]["recipe"]["folds"] == ["0", "1"] and set(again["fold_rows"]) == {"0", "1"}
