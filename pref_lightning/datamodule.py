@@ -351,16 +351,22 @@ class PreferenceDataModule(L.LightningDataModule):
             return None
         return pd.DataFrame({"id": self._row_ids, "fold": self.folds})
 
+    @staticmethod
+    def _split_ids(cached: tuple[CachedFile, np.ndarray] | None, records: Sequence[PairRecord]) -> list[str]:
+        """Row ids of a split: from the cached row table when the split came from it (no JSON parsing),
+        else from its records."""
+        if cached is not None:
+            source, rows = cached
+            ids = source.rows().ids
+            if ids is not None:
+                return [ids[i] for i in rows]
+        return [r.id for r in records]
+
     @property
     def val_ids(self) -> list[str]:
         """Row ids of the validation split, in validation order."""
         self.load_records()
-        if self._val_rows is not None:
-            source, rows = self._val_rows
-            ids = source.rows().ids
-            if ids is not None:
-                return [ids[i] for i in rows]
-        return [r.id for r in self.val_records]
+        return self._split_ids(self._val_rows, self.val_records)
 
     @property
     def _uses_adapters(self) -> bool:
@@ -457,12 +463,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_ids(self) -> list[str]:
         """Row ids of the training split, in training order (extra sources' rows last)."""
         self.load_records()
-        if self._train_rows is not None:
-            source, rows = self._train_rows
-            ids = source.rows().ids
-            if ids is not None:
-                return [ids[i] for i in rows]
-        return [r.id for r in self.train_records]
+        return self._split_ids(self._train_rows, self.train_records)
 
     def _attach_row_targets(self, pairs: list[EncodedPair]) -> None:
         """Per training pair: its `ties` flag and loss `weight` (extra sources), and its target probabilities

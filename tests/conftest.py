@@ -25,6 +25,16 @@ TEST_TINY_OVERRIDES = [
 ]
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def needs_shared_data() -> pytest.MarkDecorator:
     """Skip only when the shared data folder is truly absent (CI always has it)."""
     return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")

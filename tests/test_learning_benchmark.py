@@ -6,23 +6,17 @@ totals are the row-weighted means of the folds."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from .conftest import REPO, SHARED_DATA, TEST_TINY_OVERRIDES, needs_shared_data
-
-SCRIPT = REPO / "benchmarks" / "learning.py"
+from .conftest import REPO, SHARED_DATA, TEST_TINY_OVERRIDES, load_benchmark, needs_shared_data
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("learning")
 
 
 def test_variant_overrides_compose():
