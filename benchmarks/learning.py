@@ -200,14 +200,20 @@ def real_baselines(arena: list, labels: np.ndarray, folds: np.ndarray, fold_list
     except ImportError:
         lightgbm = None
         print("real: lightgbm not installed (pip install -e '.[bench]'): no LightGBM baseline", flush=True)
-    out: dict[str, dict[int, float]] = {"class_prior": {}, "stats_lr": {}}
+    out: dict[str, dict[int, float]] = {"class_prior": {}, "stats_lr": {}, "stats_lr_cv": {}}
     if lightgbm is not None:
         out["stats_lightgbm"] = {}
+    keys = [prompt_key(r) for r in arena]
     for k in fold_list:
         tr, va = fold_split(folds, k)
         out["class_prior"][k] = prior_log_loss(labels[tr], labels[va])
         lr = fit_logistic_regression(X[tr], labels[tr], l2=1e-2)
         out["stats_lr"][k] = log_loss(predict_proba(lr, X[va]), labels[va])
+        # the same regression with its penalty chosen by 5-fold CV on the training rows (grouped by prompt),
+        # as the anchored head chooses its own: a baseline at its best, not at a fixed 1e-2
+        l2 = choose_lr_penalty(X[tr], labels[tr], [keys[i] for i in tr])
+        out["stats_lr_cv"][k] = log_loss(predict_proba(fit_logistic_regression(X[tr], labels[tr], l2=l2), X[va]),
+                                         labels[va])
         if lightgbm is not None:
             # fixed, conservative settings (no tuning on the folds scored here)
             gbm = lightgbm.LGBMClassifier(objective="multiclass", n_estimators=200, learning_rate=0.03,
@@ -216,6 +222,45 @@ def real_baselines(arena: list, labels: np.ndarray, folds: np.ndarray, fold_list
                                           verbose=-1)
             gbm.fit(X[tr], labels[tr])
             out["stats_lightgbm"][k] = log_loss(gbm.predict_proba(X[va]), labels[va])
+    return out
+
+
+def choose_lr_penalty(X: np.ndarray, y: np.ndarray, groups: list[str], grid=(0.01, 0.03, 0.1, 0.3, 1.0)) -> float:
+    """The L2 penalty of `grid` with the lowest 5-fold log loss (folds grouped by `groups`, stratified)."""
+    inner = assign_folds(groups, y, N_FOLDS, 0)
+    losses = {}
+    for l2 in grid:
+        total = 0.0
+        for k in range(N_FOLDS):
+            tr, va = fold_split(inner, k)
+            total += log_loss(predict_proba(fit_logistic_regression(X[tr], y[tr], l2=l2), X[va]), y[va]) * len(va)
+        losses[l2] = total
+    best = min(losses.values())
+    return max(l2 for l2, loss in losses.items() if loss <= best + 1e-9)
+
+
+def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length: int = 256) -> dict[int, float]:
+    """The recipe's model at step 0 per fold: its anchored head's statistics regression alone (the project's
+    statistics and normalisation, penalty by inner CV, fitted on the fold's training arena rows), scored on
+    the fold with swap TTA and the probability floor, as the step-0 validation pass scores it. Tokens are
+    counted with the recipe's tokenizer (MiniLM when installed, else a tokenizer trained on the rows)."""
+    from pref_lightning.anchor import anchor_log_loss
+    from pref_lightning.backbone import cached_trained_tokenizer, load_tokenizer, resolve_backbone
+    from pref_lightning.datamodule import PreferenceDataModule
+    from pref_lightning.errors import UserError
+
+    try:
+        tokenizer = load_tokenizer(resolve_backbone("minilm"))
+    except UserError:
+        texts = [t for r in read_records(data_dir / ARENA) for t in (*r.prompt, *r.response_a, *r.response_b)]
+        tokenizer = cached_trained_tokenizer(texts, 8000)
+    out = {}
+    for k in fold_list:
+        dm = PreferenceDataModule(train_path=str(data_dir / ARENA), n_folds=N_FOLDS, fold=k, split_seed=seed,
+                                  max_length=max_length, batch_size=16, num_workers=0)
+        dm.attach_tokenizer(tokenizer)
+        dm.setup("fit")
+        out[k] = anchor_log_loss(dm.fit_anchor(), *dm.split_statistics("val"), True, 0.002)
     return out
 
 
@@ -265,7 +310,9 @@ def part_real(work: Path, data_dir: Path, fold_list: list[int], variants: list[s
     result.setdefault("variants", {})
     for k in fold_list:
         result["fold_rows"][str(k)] = int((folds == k).sum())
-    for name, scores in real_baselines(arena, labels, folds, fold_list).items():
+    baselines = real_baselines(arena, labels, folds, fold_list)
+    baselines["anchor_step0"] = anchor_baseline(data_dir, fold_list, seed)
+    for name, scores in baselines.items():
         result["baselines"].setdefault(name, {"per_fold": {}})["per_fold"].update({str(k): v for k, v in scores.items()})
         print(f"real: {name} {scores}", flush=True)
     for name in variants:

@@ -362,11 +362,12 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.ends.append(time.perf_counter())
             # processed: what the backbone really ran over (grouped sides: less than the mask's size)
-            self.tokens.append((int(batch["attention_mask"].sum()), pl_module.last_processed_tokens))
+            # (the cross layout's batch also holds the rows with A and B exchanged, run only under swap TTA)
+            self.tokens.append((int(pl_module.last_real_tokens), pl_module.last_processed_tokens))
             self.rows.append(len(batch["labels"]))
 
         def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            self.predict_tokens.append((int(batch["attention_mask"].sum()), pl_module.last_processed_tokens))
+            self.predict_tokens.append((int(pl_module.last_real_tokens), pl_module.last_processed_tokens))
             self.predict_ends.append(time.perf_counter())
 
     timer = StepTimer()
@@ -382,7 +383,7 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
     train = window_stats(timer.starts, timer.ends, timer.tokens, warmup, steps, batch_size, timer.rows)
 
     pairs = datamodule.train_set.pairs
-    sides = [[len(p.ids_a)] if p.ids_b is None else [len(p.ids_a), len(p.ids_b)] for p in pairs]
+    sides = [[len(p.ids_a), len(p.ids_b)] if siamese else [len(p.ids_a)] for p in pairs]
     row_lengths = [len(p) for p in pairs]
 
     def epoch_efficiency(mult: int) -> float:

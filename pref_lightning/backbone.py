@@ -298,3 +298,51 @@ def tokenizer_from_files(files: Mapping[str, bytes], folder: str | Path | None =
     for name, data in files.items():
         (target / Path(name).name).write_bytes(data)
     return AutoTokenizer.from_pretrained(target, trust_remote_code=TRUST_REMOTE_CODE)
+
+
+SCORE_KEYS = ("score.weight", "classifier.weight")  # a reward model's score head (Llama/Gemma2/Qwen2/Mistral: score)
+
+
+def reward_score_weight(backbone: str):
+    """(1, hidden) weight of a sequence-classification reward model's score head (one label: the reward),
+    read from its folder or hub cache (safetensors, sharded or not, or pytorch_model.bin) without loading
+    the rest. Raises UserError when `backbone` has no one-label score head."""
+    import json
+
+    import torch
+    from transformers.utils import cached_file
+
+    name = resolve_backbone(backbone)
+    where = f"model.reward_score=true: {name}"
+
+    def find(filename: str) -> str | None:
+        return cached_file(name, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+
+    weight = None
+    index = find("model.safetensors.index.json")
+    if index is not None:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        key = next((k for k in SCORE_KEYS if k in weight_map), None)
+        if key is not None:
+            from safetensors import safe_open
+
+            with safe_open(find(weight_map[key]), framework="pt") as shard:
+                weight = shard.get_tensor(key)
+    elif (single := find("model.safetensors")) is not None:
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as handle:
+            key = next((k for k in SCORE_KEYS if k in handle.keys()), None)
+            weight = None if key is None else handle.get_tensor(key)
+    elif (binary := find("pytorch_model.bin")) is not None:
+        state = torch.load(binary, map_location="cpu", weights_only=True)
+        weight = next((state[k] for k in SCORE_KEYS if k in state), None)
+    else:
+        raise UserError(f"{where} has no weight file (model.safetensors, its index, or pytorch_model.bin)")
+    if weight is None:
+        raise UserError(f"{where} has no score head ({' / '.join(SCORE_KEYS)}): not a sequence-classification "
+                        "reward model")
+    if weight.ndim != 2 or weight.shape[0] != 1:
+        raise UserError(f"{where}: its score head has {weight.shape[0]} labels; a reward model has one")
+    return weight.float()

@@ -201,7 +201,7 @@ class EncodedTable:
     offsets_a: np.ndarray  # int64 (n + 1,)
     ids_b: np.ndarray | None  # None in the cross layout
     offsets_b: np.ndarray | None
-    stats_a: np.ndarray  # float32 (n, len(STATS_FEATURES)), raw (normalisation is fitted per split)
+    stats_a: np.ndarray  # float32 (n, statistics of the spec), raw (normalisation is fitted per split)
     stats_b: np.ndarray
     labels: np.ndarray  # int64, -1 where unknown
     rows: np.ndarray  # int64 row position in the file (0..n-1: the whole file, in order)
@@ -220,7 +220,7 @@ class EncodedTable:
         ids_a, offsets_a = flat([p.ids_a for p in pairs])
         cross = bool(pairs) and pairs[0].ids_b is None
         ids_b, offsets_b = (None, None) if cross else flat([p.ids_b for p in pairs])
-        width = len(STATS_FEATURES)
+        width = len(STATS_FEATURES)  # of an empty table only: the spec's statistics otherwise
         stats_a = np.stack([p.stats_a for p in pairs]).astype(np.float32) if pairs else np.zeros((0, width), np.float32)
         stats_b = np.stack([p.stats_b for p in pairs]).astype(np.float32) if pairs else np.zeros((0, width), np.float32)
         return cls(ids_a, offsets_a, ids_b, offsets_b, stats_a, stats_b,
@@ -266,8 +266,8 @@ class EncodedTable:
                 raise ValueError("inconsistent token ids / offsets")
         if (ids_b is None) != (offsets_b is None):
             raise ValueError("side B has ids without offsets or the reverse")
-        width = len(STATS_FEATURES)
-        if stats_a.shape != (n, width) or stats_b.shape != (n, width) or stats_a.dtype != np.float32:
+        width = stats_a.shape[1] if stats_a.ndim == 2 else -1  # the spec's statistics (part of the cache key)
+        if width < 1 or stats_a.shape != (n, width) or stats_b.shape != (n, width) or stats_a.dtype != np.float32:
             raise ValueError(f"stats have shape {stats_a.shape} / {stats_b.shape}, expected ({n}, {width})")
         if not np.array_equal(rows, np.arange(n)):
             raise ValueError("row positions are not 0..n-1")

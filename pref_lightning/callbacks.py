@@ -206,9 +206,14 @@ class StageProbe(L.Callback):
             raise RuntimeError(f"StageProbe: the {self._stage.get('stage')} stage ran a batch on {device}, "
                                f"not {self.require_device}")
         self._stage["devices"].add(device)
-        self._stage["tokens"] += int(batch["attention_mask"].sum())
         self._stage["rows"] += int(batch["labels"].numel())
         self._stage["batches"] += 1
+
+    def _count_tokens(self, pl_module: L.LightningModule) -> None:
+        # the real tokens the backbone read: a cross-layout batch also holds the exchanged rows, which only
+        # swap TTA runs
+        if self._stage:
+            self._stage["tokens"] += int(getattr(pl_module, "last_real_tokens", 0))
 
     def _end(self, trainer: L.Trainer) -> None:
         if not self._stage:
@@ -233,6 +238,7 @@ class StageProbe(L.Callback):
         self._batch(pl_module, batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._count_tokens(pl_module)
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
         if loss is not None and not torch.isfinite(loss).all():
             self._stage["non_finite_losses"] += 1
@@ -248,6 +254,10 @@ class StageProbe(L.Callback):
         if trainer.state.fn != TrainerFn.FITTING:
             self._batch(pl_module, batch)
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._count_tokens(pl_module)
+
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn != TrainerFn.FITTING:
             self._end(trainer)
@@ -257,6 +267,9 @@ class StageProbe(L.Callback):
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch(pl_module, batch)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._count_tokens(pl_module)
 
     def on_predict_end(self, trainer, pl_module):
         self._end(trainer)

@@ -25,6 +25,7 @@ import torch
 
 from pref_lightning.atomic import atomic_path
 from pref_lightning.backbone import UNUSED_LAYERS
+from pref_lightning.contract import LEGACY_STATS_FEATURES
 from pref_lightning.errors import MissingFileError, UserError
 
 CHECKPOINT_KEY = "pref_lightning"
@@ -72,6 +73,7 @@ def upgrade(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
         settings = dict(payload.pop("data_settings"))
         settings["layout"] = hparams.pop("layout", settings.get("layout", "siamese"))
         settings["n_classes"] = hparams.pop("n_classes", 3)
+        settings.setdefault("stats_features", list(LEGACY_STATS_FEATURES))  # format 1 had these, unnamed
         hparams["spec"] = settings  # the remaining keys had the names EncodingSpec gives them
         hparams["train_prior"] = list(payload.pop("train_prior", []))
         hparams["reference"] = dict(payload.pop("reference", {}))

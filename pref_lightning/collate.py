@@ -13,8 +13,8 @@ from pref_lightning.pairs import EncodedPair
 class PairCollator:
     """Stack sides A and B of a batch into one (2B, L) tensor so the encoder runs once per batch.
 
-    Rows 0..B-1 are the A sides, rows B..2B-1 the B sides (cross layout: B rows, one per pair);
-    `stats` stays (2B, F) in both layouts.
+    Rows 0..B-1 are the A sides, rows B..2B-1 the B sides (cross layout: rows 0..B-1 the pairs in order
+    (A, B), rows B..2B-1 the same pairs with the answers exchanged); `stats` is (2B, F): A's, then B's.
     Training batches may also hold `ties` (B,) bool and `weight` (B,) float32 (only when some row is
     tie-less or weighted) and `targets` (B, K) float32 (when the rows carry teacher targets): see losses.py. L is the longest sequence in the batch,
     rounded up to `pad_to_multiple_of` (8 suits tensor cores on GPUs). A batch holding padding rows
@@ -27,7 +27,7 @@ class PairCollator:
 
     def __call__(self, items: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
         sides = [item.ids_a for item in items]
-        if items[0].ids_b is not None:  # cross layout: one sequence per row
+        if items[0].ids_b is not None:
             sides += [item.ids_b for item in items]
         length = max(len(s) for s in sides)
         if self.pad_to_multiple_of:

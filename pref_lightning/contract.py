@@ -16,9 +16,14 @@ from typing import Any
 from pref_lightning.errors import UserError
 from pref_lightning.text_stats import SIDE_FEATURES
 
-# the side statistics the head receives: text statistics of one side, then its token counts
-STATS_FEATURES: tuple[str, ...] = (*SIDE_FEATURES, "tokens", "prompt_chars", "prompt_turns", "prompt_tokens")
+# the side statistics the head receives: text statistics of one side, its token counts, the prompt's, then
+# whether the side refuses and how alike the two answers are (the same value on both sides)
+LEGACY_STATS_FEATURES: tuple[str, ...] = (*SIDE_FEATURES, "tokens", "prompt_chars", "prompt_turns", "prompt_tokens")
+STATS_FEATURES: tuple[str, ...] = (*LEGACY_STATS_FEATURES, "refusal", "overlap", "identical")
 LAYOUTS = ("siamese", "cross")
+# cross-layout templates: `plain` [CLS] prompt [SEP] A [SEP] B [SEP] (encoders); `verdict` text markers and a
+# closing question, the layout of the LMSYS / WSDM Cup winners' decoder LLMs (see pairs.VERDICT_MARKERS)
+TEMPLATES = ("plain", "verdict")
 CLASS_COUNTS = (2, 3)  # binary (A wins, B wins: WSDM Cup) or the competition's A / B / tie
 
 
@@ -32,6 +37,9 @@ class EncodingSpec:
     - `prompt_fraction`: the largest share of a sequence the prompt may take; `head_fraction`: the
       share of a truncated turn kept from its start (the rest from its end).
     - `naive_truncation`: cross layout only, the public notebooks' first-`max_length`-tokens cut.
+    - `template`: cross layout only, `plain` (special tokens between the segments) or `verdict` ("# Prompt",
+      "# Response A", "# Response B" markers and a closing "which response is better" question, so a
+      decoder's last token has read the question: last-token pooling).
     - `n_classes`: 3 (A wins, B wins, tie) or 2 (A wins, B wins).
     - `stats_features`: names of the per-side statistics (`stats` columns of a batch);
       `stats_norm`: their normalisation fitted on the training split (`stats_norm.py`), None before
@@ -45,6 +53,7 @@ class EncodingSpec:
     prompt_fraction: float = 0.3
     head_fraction: float = 0.5
     naive_truncation: bool = False
+    template: str = "plain"
     n_classes: int = 3
     stats_features: tuple[str, ...] = STATS_FEATURES
     stats_norm: Mapping[str, Any] | None = field(default=None, compare=True, hash=False)
@@ -59,12 +68,20 @@ class EncodingSpec:
             object.__setattr__(self, "stats_norm", _plain(self.stats_norm))
         if self.layout not in LAYOUTS:
             raise UserError(f"data.layout={self.layout!r}; choose from {', '.join(LAYOUTS)}")
+        if self.template not in TEMPLATES:
+            raise UserError(f"data.template={self.template!r}; choose from {', '.join(TEMPLATES)}")
+        if self.template != "plain" and self.layout != "cross":
+            raise UserError(f"data.template={self.template!r} needs data.layout=cross (the siamese layout has no template)")
         if self.max_length < 8:
             raise UserError(f"data.max_length={self.max_length} is too small; use at least 8")
         if not 0.0 < self.prompt_fraction < 1.0:
             raise UserError(f"data.prompt_fraction={self.prompt_fraction} must lie in (0, 1)")
         if not 0.0 <= self.head_fraction <= 1.0:
             raise UserError(f"data.head_fraction={self.head_fraction} must lie in [0, 1]")
+        unknown = [name for name in self.stats_features if name not in STATS_FEATURES]
+        if unknown or not self.stats_features:
+            raise UserError(f"data.stats_features: unknown statistic(s) {', '.join(unknown) or '(none given)'}; "
+                            f"known: {', '.join(STATS_FEATURES)}")
         if self.n_classes not in CLASS_COUNTS:
             raise UserError(f"data.n_classes={self.n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
 

@@ -256,6 +256,7 @@ class PreferenceDataModule(L.LightningDataModule):
         # per training row (train_records order): may its source say "tie", its loss weight (None: all
         # True / 1, as for a training file without extra sources); see losses.py
         self._train_ties: np.ndarray | None = None
+        self._train_file_keys: list[str] | None = None  # prompt keys of the training file's training rows
         self._train_loss_weights: np.ndarray | None = None
         self._targets_attached = False
         self._files: dict[tuple[str, bool], CachedFile] = {}
@@ -340,9 +341,12 @@ class PreferenceDataModule(L.LightningDataModule):
     def _split(self, keys: Sequence[str], labels: np.ndarray) -> tuple[list[int], list[int]]:
         """(train, validation) row indices of the training file: fold `fold`, or a val_fraction split."""
         if not self.n_folds:
-            return grouped_split_keys(keys, self.val_fraction, self.split_seed)
-        self.folds = assign_folds(keys, labels, self.n_folds, self.split_seed)
-        return fold_split(self.folds, self.fold)
+            train, val = grouped_split_keys(keys, self.val_fraction, self.split_seed)
+        else:
+            self.folds = assign_folds(keys, labels, self.n_folds, self.split_seed)
+            train, val = fold_split(self.folds, self.fold)
+        self._train_file_keys = [keys[i] for i in train]  # the anchor's inner CV groups by prompt
+        return train, val
 
     def fold_table(self) -> pd.DataFrame | None:
         """id and fold of every row of the training file (k-fold runs only; written as RUN/folds.csv)."""
@@ -595,13 +599,35 @@ class PreferenceDataModule(L.LightningDataModule):
         return (np.stack([p.stats_a for p in pairs]), np.stack([p.stats_b for p in pairs]),
                 np.array([p.label for p in pairs], dtype=np.int64))
 
-    def fit_anchor(self) -> dict[str, Any]:
-        """The anchored head's offset (`anchor.fit_anchor`), fitted on the training split after `setup`, with the
-        network's tie-aware, weighted loss when extra sources set per-row ties / loss weights."""
+    def fit_anchor(self, l2: float | None = None, rows: str = "train_file") -> dict[str, Any]:
+        """The anchored head's offset (`anchor.fit_anchor`), fitted after `setup` on the training split's rows
+        of the training file (`rows="train_file"`: the distribution validation and test rows come from; on
+        the arena folds, adding the extra sets' rows costs 0.02 nats OOF) or on every training row (`all`,
+        with the network's tie-aware, weighted loss), its L2 penalty chosen by CV grouped by prompt unless
+        `l2` is given. The returned dict also records `rows`. Raises UserError for another `rows`."""
+        if rows not in ("train_file", "all"):
+            raise UserError(f"model.anchor_rows={rows!r}; choose train_file or all")
+        stats_a, stats_b, labels = self.split_statistics("train")
         pairs = self.train_set.pairs
-        ties = np.array([p.ties for p in pairs]) if self._train_ties is not None else None
-        weight = np.array([p.weight for p in pairs]) if self._train_ties is not None else None
-        return fit_anchor(*self.split_statistics("train"), n_classes=self.spec.n_classes, ties=ties, weight=weight)
+        n = len(pairs)
+        ties = weight = None
+        if self._train_ties is not None:
+            ties = np.array([p.ties for p in pairs])
+            weight = np.array([p.weight for p in pairs])
+        if rows == "train_file" and self.sources:
+            n = len(pairs) - sum(c["added_to_train"] for c in self.data_counts["sources"])
+            ties = weight = None  # the training file's rows all can tie and weigh 1
+        keys = self._train_file_keys
+        if keys is None or len(keys) != n:  # an explicit val_path (no split), or every row with the sources'
+            keys = [prompt_key(r) for r in self.train_records[:n]]
+        anchor = fit_anchor(stats_a[:n], stats_b[:n], labels[:n], n_classes=self.spec.n_classes, l2=l2,
+                            ties=None if ties is None else ties[:n], weight=None if weight is None else weight[:n],
+                            groups=keys[:n])
+        log.info("anchored head: statistics regression on %d %s rows, L2 %.3g%s", n,
+                 "training-file" if rows == "train_file" else "training", anchor["l2"],
+                 "" if not anchor["cv_log_loss"] else " (inner CV log loss " + ", ".join(
+                     f"{k}: {v:.4f}" for k, v in anchor["cv_log_loss"].items()) + ")")
+        return {**anchor, "rows": rows}
 
 
     # ---- loaders ------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,12 +14,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pref_lightning.anchor import AnchorOffset
-from pref_lightning.backbone import build_backbone, tokenizer_from_files
+from pref_lightning.backbone import build_backbone, reward_score_weight, tokenizer_from_files
 from pref_lightning.checkpoint import CHECKPOINT_KEY, load_checkpoint, payload, without_unused_weights
 from pref_lightning.collate import side_groups as group_sides
 from pref_lightning.contract import EncodingSpec
 from pref_lightning.errors import UserError
-from pref_lightning.head import CrossHead, PairHead, output_layers, pool, pooled_size
+from pref_lightning.head import CrossHead, PairHead, last_token_pool, output_layers, pool, pooled_size
 from pref_lightning.lora import (
     apply_lora,
     base_identity,
@@ -41,7 +40,6 @@ from pref_lightning.metrics import (
     class_probabilities,
 )
 
-log = logging.getLogger(__name__)
 SWAP_MODES = ("none", "random", "full")
 
 
@@ -108,6 +106,7 @@ class PreferenceModule(L.LightningModule):
         attn_implementation: str | None = None,
         backbone_dtype: str | None = None,
         side_groups: int = 4,
+        reward_score: bool = False,
     ) -> None:
         super().__init__()
         if int(side_groups) < 1:
@@ -157,10 +156,22 @@ class PreferenceModule(L.LightningModule):
             self.backbone.compile(backend=compile_backend, dynamic=True)
         hidden = self.backbone.config.hidden_size
         stats_size = self.spec.n_stats if use_text_stats else 0
+        # a reward model's own score of each answer, beside the side statistics (frozen: its head, read
+        # at the last real token as the reward model reads it)
+        self.reward_head: nn.Linear | None = None
+        if reward_score:
+            if layout != "siamese":
+                raise UserError("model.reward_score=true scores each answer on its own: it needs data.layout=siamese")
+            if backbone == "tiny":
+                raise UserError("model.reward_score=true needs a reward model: model.backbone=/path/to/reward-model")
+            self.reward_head = nn.Linear(hidden, 1, bias=False)
+            # from a checkpoint (backbone_config set) the state dict fills it
+            weight = reward_score_weight(backbone) if backbone_config is None else torch.zeros(1, hidden)
+            with torch.no_grad():
+                self.reward_head.weight.copy_(weight)
+            self.reward_head.requires_grad_(False)
+            stats_size += 1
         if layout == "cross":
-            if swap_augment != "none" or tta_swap:
-                # a swapped cross-encoder row is a different token sequence: it needs its own pass
-                log.warning("layout=cross: swap augmentation and swap TTA are not applied")
             self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size,
                                   n_classes=n_classes)
         elif layout == "siamese":
@@ -185,6 +196,7 @@ class PreferenceModule(L.LightningModule):
         # real / processed tokens of the epoch: a summed metric that Lightning syncs with the others
         self.train_padding = PaddingEfficiency()
         self.last_processed_tokens = 0  # token positions the backbone ran over in the last forward pass
+        self.last_real_tokens: torch.Tensor | int = 0  # real (unmasked) tokens among them
         self.temperature: float = 1.0  # fitted on validation logits after training (calibration)
         self.apply_temperature = True
 
@@ -235,7 +247,12 @@ class PreferenceModule(L.LightningModule):
         """(n, pooled) vectors of `input_ids` / `attention_mask` (n, L), in one backbone call."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         self.last_processed_tokens = attention_mask.numel()
-        return pool(hidden, attention_mask, self.hparams.pooling)
+        self.last_real_tokens = attention_mask.sum()  # a tensor: read (one host sync) only by who needs it
+        pooled = pool(hidden, attention_mask, self.hparams.pooling)
+        if self.reward_head is not None:  # the reward as one more column, split off in side_vectors
+            score = self.reward_head(last_token_pool(hidden, attention_mask).float())
+            pooled = torch.cat([pooled, score.to(pooled.dtype)], -1)
+        return pooled
 
     def encode_grouped(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`encode` of right-padded rows (n, L), run as up to `side_groups` backbone calls over rows of
@@ -255,6 +272,7 @@ class PreferenceModule(L.LightningModule):
             rows.append(index)
             processed += len(group) * width
         self.last_processed_tokens = processed
+        self.last_real_tokens = attention_mask.sum()
         return torch.cat(parts)[torch.argsort(torch.cat(rows))]
 
     @property
@@ -265,12 +283,17 @@ class PreferenceModule(L.LightningModule):
     def n_classes(self) -> int:
         return self.spec.n_classes
 
-    def cross_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        pooled = self.encode(batch["input_ids"], batch["attention_mask"]).float()
+    def cross_logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), K) logits of cross-layout rows: `batch` holds (2B, L) rows, row i < B showing pair i
+        as (A, B) and row B + i as (B, A); the logits of an exchanged row are in its own order's classes
+        (its "A wins" means B wins). Statistics follow the same order: (2B, F), side A's then side B's."""
+        pooled = self.encode_grouped(batch["input_ids"][rows], batch["attention_mask"][rows]).float()
         stats = batch.get("stats")
-        n = pooled.shape[0]
-        stats_a, stats_b = (None, None) if stats is None else (stats[:n].float(), stats[n:].float())
-        return self.anchored(self.head(pooled, stats_a, stats_b), stats_a, stats_b)
+        if stats is None:
+            return self.anchored(self.head(pooled), None, None)
+        stats = stats.float()
+        first, second = stats[rows], stats[(rows + len(stats) // 2) % len(stats)]
+        return self.anchored(self.head(pooled, first, second), first, second)
 
     def pair_logits(self, a: torch.Tensor, b: torch.Tensor, stats_a: torch.Tensor | None,
                     stats_b: torch.Tensor | None) -> torch.Tensor:
@@ -279,7 +302,10 @@ class PreferenceModule(L.LightningModule):
 
     def anchored(self, logits: torch.Tensor, stats_a: torch.Tensor | None, stats_b: torch.Tensor | None) -> torch.Tensor:
         """`logits` plus the anchor's offset (anchored head), else unchanged."""
-        return logits if self.anchor is None else logits + self.anchor(stats_a, stats_b)
+        if self.anchor is None:
+            return logits
+        k = self.spec.n_stats  # the anchor regresses on the side statistics only (not the reward)
+        return logits + self.anchor(stats_a[..., :k], stats_b[..., :k])
 
     def side_vectors(self, batch: Mapping[str, torch.Tensor]):
         """Pooled vectors (B, pooled) and statistics (B, n_stats) of sides A and B from the batch's (2B, L)
@@ -287,13 +313,19 @@ class PreferenceModule(L.LightningModule):
         pooled = self.encode_grouped(batch["input_ids"], batch["attention_mask"]).float()
         n = pooled.shape[0] // 2
         stats = batch.get("stats")
+        if self.reward_head is not None:  # each side's reward: one more statistic for the head
+            pooled, score = pooled[:, :-1], pooled[:, -1:]
+            stats = score if stats is None else torch.cat([stats.float(), score], -1)
         stats_a, stats_b = (None, None) if stats is None else (stats[:n].float(), stats[n:].float())
         return pooled[:n], pooled[n:], stats_a, stats_b
 
     def forward(self, batch: Mapping[str, torch.Tensor], tta_swap: bool = False) -> torch.Tensor:
         """Logits (A wins, B wins, tie); `tta_swap` also scores B-vs-A and averages the two views."""
         if self.is_cross:
-            return self.cross_logits(batch)
+            n = len(batch["labels"])
+            rows = torch.arange(2 * n if tta_swap else n, device=batch["input_ids"].device)
+            logits = self.cross_logits(batch, rows)  # both orders in one call under TTA
+            return 0.5 * (logits[:n] + logits[n:][:, self.swap_index]) if tta_swap else logits
         a, b, stats_a, stats_b = self.side_vectors(batch)
         logits = self.pair_logits(a, b, stats_a, stats_b)
         if tta_swap:
@@ -309,14 +341,12 @@ class PreferenceModule(L.LightningModule):
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         labels, targets = batch["labels"], batch.get("targets")
-        if self.is_cross:
-            logits = self.cross_logits(batch)
-            self._log_padding(batch)
-            return self._log_train(logits, labels, self._loss(logits, labels, batch, targets))
-        a, b, stats_a, stats_b = self.side_vectors(batch)
-        self._log_padding(batch)
         swap = torch.tensor(self.swap_index, device=labels.device)
         mode = self.hparams.swap_augment
+        if self.is_cross:
+            return self._cross_training_step(batch, batch_idx, labels, targets, swap, mode)
+        a, b, stats_a, stats_b = self.side_vectors(batch)
+        self._log_padding(batch["attention_mask"])
         if mode == "random":
             # each pair is seen as (A, B) or (B, A) with labels exchanged; the backbone pass is shared
             flip = (torch.rand(len(labels), generator=self._augment_generator(batch_idx)) < 0.5).to(labels.device)
@@ -334,9 +364,32 @@ class PreferenceModule(L.LightningModule):
             loss = 0.5 * (loss + self._loss(self.pair_logits(b, a, stats_b, stats_a), swap[labels], batch, swapped))
         return self._log_train(logits, labels, loss)
 
-    def _log_padding(self, batch: Mapping[str, torch.Tensor]) -> None:
+    def _cross_training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, labels: torch.Tensor,
+                             targets: torch.Tensor | None, swap: torch.Tensor, mode: str) -> torch.Tensor:
+        """Cross layout: `random` runs each pair in one order drawn by a coin (B rows), `full` in both (2B
+        rows, mean of both losses), `none` as (A, B): the exchanged row is another sequence, its own pass."""
+        n = len(labels)
+        device = batch["input_ids"].device
+        if mode == "random":
+            flip = (torch.rand(n, generator=self._augment_generator(batch_idx)) < 0.5).to(device)
+            rows = torch.arange(n, device=device) + n * flip.long()
+            labels = torch.where(flip.to(labels.device), swap[labels], labels)
+            if targets is not None:
+                targets = torch.where(flip.unsqueeze(1).to(targets.device), targets[:, swap], targets)
+        else:
+            rows = torch.arange(2 * n if mode == "full" else n, device=device)
+        logits = self.cross_logits(batch, rows)
+        self._log_padding(batch["attention_mask"][rows])
+        if mode != "full":
+            return self._log_train(logits, labels, self._loss(logits, labels, batch, targets))
+        swapped = None if targets is None else targets[:, swap]
+        loss = 0.5 * (self._loss(logits[:n], labels, batch, targets)
+                      + self._loss(logits[n:], swap[labels], batch, swapped))
+        return self._log_train(logits[:n], labels, loss)
+
+    def _log_padding(self, attention_mask: torch.Tensor) -> None:
         """Real tokens / token positions the backbone really ran over (grouped sides: less than the mask)."""
-        self.train_padding.update(batch["attention_mask"], processed=self.last_processed_tokens)
+        self.train_padding.update(attention_mask, processed=self.last_processed_tokens)
         self.log("train/padding_efficiency", self.train_padding, on_step=False, on_epoch=True)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: Mapping[str, torch.Tensor],

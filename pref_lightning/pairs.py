@@ -4,6 +4,10 @@ Each side is `[CLS] prompt [SEP] response [SEP]`, turns inside a segment joined 
 side does not fit, a token budget is spent so that the prompt and the response always keep a share;
 inside a segment the latest turns are kept first, and a turn that must be cut keeps its head and tail.
 Because A and B are encoded separately, neither answer can ever be truncated away by the other.
+
+The cross layout holds the prompt and both answers in one row, each segment with its own share of the
+budget (an answer is never cut away either), and also the row with A and B exchanged: one pass cannot serve
+both orders, so swap augmentation picks one of the two rows and swap TTA averages both.
 """
 
 from __future__ import annotations
@@ -14,17 +18,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from pref_lightning.contract import STATS_FEATURES, EncodingSpec
+from pref_lightning.errors import UserError
 from pref_lightning.records import PairRecord
-from pref_lightning.text_stats import side_stats
+from pref_lightning.text_stats import answer_overlap, refusal, side_stats
 
-__all__ = ["STATS_FEATURES", "EncodedPair", "PairEncoder"]
+__all__ = ["STATS_FEATURES", "VERDICT_MARKERS", "EncodedPair", "PairEncoder"]
 CHARS_PER_TOKEN_CAP = 16  # pre-clip very long turns in characters before tokenizing (speed only)
+# template=verdict: the segments' markers and the closing question, in the spirit of the LMSYS winners'
+# prompts (1st place, Gemma-2 9B: "<prompt>...<response_a>...<response_b>..." then the question); plain
+# text, so any tokenizer reads them, and the question comes last, where a decoder's last token pools
+VERDICT_MARKERS = {
+    "prompt": "# Prompt\n",
+    "a": "\n\n# Response A\n",
+    "b": "\n\n# Response B\n",
+    "verdict": "\n\n# Which response is better: A, B or tie?\n",
+}
 
 
 @dataclass
 class EncodedPair:
-    ids_a: np.ndarray  # int32 token ids of side A, special tokens included (cross layout: the whole row)
-    ids_b: np.ndarray | None  # None in the cross layout
+    ids_a: np.ndarray  # int32 token ids of side A, special tokens included (cross layout: the row in order A, B)
+    ids_b: np.ndarray | None  # side B (cross layout: the row with the answers exchanged, B then A)
     label: int  # -1 when unknown (test rows)
     index: int  # position of the record in its input, to restore order after length sorting
     stats_a: np.ndarray | None = None  # float32 STATS_FEATURES of side A (normalised by the datamodule)
@@ -94,10 +108,13 @@ class PairEncoder:
     `EncodingSpec`; default: its defaults) says.
 
     `layout="siamese"` (default): one `[CLS] prompt [SEP] response [SEP]` sequence per side.
-    `layout="cross"`: one `[CLS] prompt [SEP] A [SEP] B [SEP]` sequence per row (`ids_b` is None),
-    with the same budgeted truncation (prompt share, then A and B halves), or, with
+    `layout="cross"`: one `[CLS] prompt [SEP] A [SEP] B [SEP]` sequence per row (`template="verdict"`:
+    `[CLS] # Prompt ... # Response A ... # Response B ... # Which response is better ...? [SEP]`, see
+    `VERDICT_MARKERS`), with the same budgeted truncation (prompt share, then A and B halves), or, with
     `naive_truncation=True`, simply the first `max_length` tokens as the public notebooks did,
-    which can cut answer B away entirely.
+    which can cut answer B away entirely. `ids_b` holds the same row with A and B exchanged.
+    Where a turn is cut, `head_fraction` says which end survives (1: its start, as right truncation;
+    0: its end, as left truncation); the latest turns are kept first.
     """
 
     def __init__(self, tokenizer, spec: EncodingSpec | None = None, batch_size: int = 2048) -> None:
@@ -108,6 +125,16 @@ class PairEncoder:
         self.cls_id = _special_id(tokenizer, "cls_token_id", "bos_token_id", "eos_token_id")
         self.sep_id = _special_id(tokenizer, "sep_token_id", "eos_token_id")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # the spec's statistics, by name, from every statistic computed (older checkpoints name fewer)
+        self.stats_columns = [STATS_FEATURES.index(name) for name in self.spec.stats_features]
+        self.markers: dict[str, list[int]] | None = None
+        if self.spec.layout == "cross" and self.spec.template == "verdict":
+            self.markers = {k: list(tokenizer(v, add_special_tokens=False)["input_ids"])
+                            for k, v in VERDICT_MARKERS.items()}
+            fixed = 2 + sum(len(m) for m in self.markers.values())
+            if self.max_length < fixed + 8:
+                raise UserError(f"data.max_length={self.max_length} leaves no room for text with data.template=verdict "
+                                f"(its markers take {fixed} tokens); use at least {fixed + 8}")
 
     @property
     def max_length(self) -> int:
@@ -139,20 +166,24 @@ class PairEncoder:
 
     def build_cross(self, prompt: Sequence[Sequence[int]], a: Sequence[Sequence[int]],
                     b: Sequence[Sequence[int]]) -> np.ndarray:
+        """One cross row: the prompt, then answer `a` shown first and `b` second."""
+        # what precedes the prompt, a and b and follows b (plain: [CLS] prompt [SEP] a [SEP] b [SEP])
+        m = self.markers or {"prompt": [], "a": [self.sep_id], "b": [self.sep_id], "verdict": []}
+        segments = (prompt, a, b)
         if self.spec.naive_truncation:
-            joined = [self.cls_id]
-            for segment in (prompt, a, b):
-                joined += fit_turns(segment, segment_length(segment), self.sep_id) + [self.sep_id]
-            return np.asarray(joined[: self.max_length], dtype=np.int32)
-        budget = self.max_length - 4
+            joined = [self.cls_id, *m["prompt"]]
+            for segment, marker in zip(segments, (m["a"], m["b"], m["verdict"])):
+                joined += fit_turns(segment, segment_length(segment), self.sep_id) + marker
+            return np.asarray((joined + [self.sep_id])[: self.max_length], dtype=np.int32)
+        budget = self.max_length - 2 - sum(len(v) for v in m.values())
         p_alloc, answers = split_budget(segment_length(prompt), segment_length(a) + segment_length(b), budget,
                                         self.spec.prompt_fraction)
         a_alloc, b_alloc = split_budget(segment_length(a), segment_length(b), answers, 0.5)
         p_alloc = min(segment_length(prompt), budget - a_alloc - b_alloc)
         parts = [fit_turns(seg, n, self.sep_id, self.spec.head_fraction) for seg, n in
-                 ((prompt, p_alloc), (a, a_alloc), (b, b_alloc))]
-        return np.asarray([self.cls_id, *parts[0], self.sep_id, *parts[1], self.sep_id, *parts[2], self.sep_id],
-                          dtype=np.int32)
+                 zip(segments, (p_alloc, a_alloc, b_alloc))]
+        return np.asarray([self.cls_id, *m["prompt"], *parts[0], *m["a"], *parts[1], *m["b"], *parts[2],
+                           *m["verdict"], self.sep_id], dtype=np.int32)
 
     def encode(self, records: Sequence[PairRecord]) -> list[EncodedPair]:
         # flatten every turn of every record into one batched tokenizer call
@@ -169,9 +200,11 @@ class PairEncoder:
         for index, (record, ((p0, p1), (a0, a1), (b0, b1))) in enumerate(zip(records, spans)):
             prompt = ids[p0:p1]
             prompt_stats = side_stats(record.prompt)
-            shared = np.array([prompt_stats[0], len(record.prompt), np.log1p(segment_length(prompt))], np.float32)
+            prompt_part = [prompt_stats[0], len(record.prompt), np.log1p(segment_length(prompt))]
+            overlap, identical = answer_overlap(record.response_a, record.response_b)
             if self.spec.layout == "cross":
-                ids_a, ids_b = self.build_cross(prompt, ids[a0:a1], ids[b0:b1]), None
+                # both orders: swap augmentation and TTA need the exchanged row (a different sequence)
+                ids_a, ids_b = self.build_cross(prompt, ids[a0:a1], ids[b0:b1]), self.build_cross(prompt, ids[b0:b1], ids[a0:a1])
             else:
                 ids_a, ids_b = self.build_side(prompt, ids[a0:a1]), self.build_side(prompt, ids[b0:b1])
             pairs.append(EncodedPair(
@@ -179,15 +212,20 @@ class PairEncoder:
                 ids_b=ids_b,
                 label=-1 if record.label is None else int(record.label),
                 index=index,
-                stats_a=side_features(record.response_a, segment_length(ids[a0:a1]), shared),
-                stats_b=side_features(record.response_b, segment_length(ids[b0:b1]), shared),
+                stats_a=side_features(record.response_a, segment_length(ids[a0:a1]), prompt_part, overlap,
+                                      identical)[self.stats_columns],
+                stats_b=side_features(record.response_b, segment_length(ids[b0:b1]), prompt_part, overlap,
+                                      identical)[self.stats_columns],
             ))
         return pairs
 
 
-def side_features(response: Sequence[str], n_tokens: int, prompt_part: np.ndarray) -> np.ndarray:
-    """STATS_FEATURES of one side (raw, before normalisation)."""
-    return np.concatenate([side_stats(response), [np.log1p(n_tokens)], prompt_part]).astype(np.float32)
+def side_features(response: Sequence[str], n_tokens: int, prompt_part: Sequence[float], overlap: float,
+                  identical: float) -> np.ndarray:
+    """All STATS_FEATURES of one side (raw, before normalisation): its text statistics, its tokens, the
+    prompt's characters, turns and tokens, its refusal flag, then the answers' overlap and identity."""
+    return np.concatenate([side_stats(response), [np.log1p(n_tokens)], prompt_part,
+                           [refusal(response), overlap, identical]]).astype(np.float32)
 
 
 def _special_id(tokenizer, *names: str) -> int:

@@ -32,6 +32,8 @@ __all__ = [
     "pair_stats_matrix",
     "predict_proba",
     "side_stats",
+    "refusal",
+    "answer_overlap",
 ]
 
 # Placeholder the data parser substitutes for JSON ``null`` turns (missing answers in the arena dump).
@@ -110,6 +112,35 @@ def side_stats(turns: Sequence[str]) -> np.ndarray:
     )
     out[_LOG1P_MASK] = np.log1p(out[_LOG1P_MASK])
     return out.astype(np.float32)
+
+
+# An answer that declines ("I'm sorry, but I can't ...") loses most arena votes and two of them often tie;
+# English phrasings as in the LMSYS competition's public feature sets, looked for near the answer's start.
+_REFUSAL = re.compile(
+    r"\b(?:I'?m sorry|I am sorry|I apologi[sz]e|I cannot|I can'?t|I can ?not|I'?m (?:not able|unable)|"
+    r"I am (?:not able|unable)|I (?:won'?t|will not) be able|as an AI|as a language model|"
+    r"I'?m an AI|I do not have the ability|I don'?t have the ability)\b", re.IGNORECASE)
+_WORD = re.compile(r"\w+")
+REFUSAL_CHARS = 300  # where a refusal is looked for in each turn (they come first)
+OVERLAP_CHARS = 20_000  # words of each answer compared, from its start (speed only)
+
+
+def refusal(turns: Sequence[str]) -> float:
+    """1.0 if a turn of the answer starts (first REFUSAL_CHARS characters) like a refusal, else 0.0."""
+    return float(any(t and t != NULL_TURN and _REFUSAL.search(t[:REFUSAL_CHARS]) for t in turns))
+
+
+def answer_overlap(response_a: Sequence[str], response_b: Sequence[str]) -> tuple[float, float]:
+    """(Jaccard overlap of the two answers' lower-cased word sets in [0, 1], 1.0 if the answers are the same
+    text up to whitespace and case else 0.0): alike answers are likely ties."""
+    def text(turns):
+        return " ".join(t for t in turns if t and t != NULL_TURN)
+
+    a, b = text(response_a), text(response_b)
+    identical = float(" ".join(a.lower().split()) == " ".join(b.lower().split()))
+    words_a, words_b = set(_WORD.findall(a[:OVERLAP_CHARS].lower())), set(_WORD.findall(b[:OVERLAP_CHARS].lower()))
+    union = words_a | words_b
+    return (len(words_a & words_b) / len(union) if union else 1.0), identical
 
 
 def pair_stats(prompt: Sequence[str], response_a: Sequence[str], response_b: Sequence[str]) -> np.ndarray:

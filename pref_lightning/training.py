@@ -91,7 +91,9 @@ def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: An
     `model.anchor_head`, the statistics' regression fitted on the training split."""
     settings = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in TOKENIZER_KEYS}
     model_class = get_class(settings.pop("_target_"))
-    anchor = datamodule.fit_anchor() if settings.get("anchor_head") else None
+    # how the anchor is fitted (recorded in it, hence in the checkpoint); not constructor arguments
+    anchor_fit = {"l2": settings.pop("anchor_l2", None), "rows": settings.pop("anchor_rows", "train_file")}
+    anchor = datamodule.fit_anchor(**anchor_fit) if settings.get("anchor_head") else None
     reference = datamodule.validation_reference()
     if anchor is not None:  # the anchored model's step-0 validation loss: what training must beat
         reference["baseline_log_loss"] = anchor_log_loss(

@@ -21,11 +21,34 @@ def test_fitted_offset_equals_the_regression_it_folds():
     sa, sb = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
     labels = (sa[:, 0] < sb[:, 0]).astype(np.int64)
     labels[::7] = 2
-    anchor = fit_anchor(sa, sb, labels)
-    X = np.concatenate([np.concatenate([sa, sb, sa - sb], 1), np.concatenate([sb, sa, sb - sa], 1)])
+    anchor = fit_anchor(sa, sb, labels, l2=0.1)
+    X = np.concatenate([np.concatenate([sa, sb, sa - sb, abs(sa - sb)], 1),
+                        np.concatenate([sb, sa, sb - sa, abs(sb - sa)], 1)])
     y = np.concatenate([labels, np.array([1, 0, 2])[labels]])
-    expected = predict_proba(fit_logistic_regression(X, y), X[:300])
+    expected = predict_proba(fit_logistic_regression(X, y, l2=0.1), X[:300])
     assert np.allclose(softmax(anchor_logits(anchor, sa, sb, tta_swap=False)), expected, atol=1e-6)
+    assert anchor["l2"] == 0.1 and anchor["features"] == "a,b,diff,absdiff"
+    # an anchor written before |a - b| (no "features" key) keeps its three-part features
+    old = {"weight": np.zeros((12, 3)).tolist(), "bias": [0.5, 0.0, -0.5]}
+    assert np.allclose(anchor_logits(old, sa, sb, tta_swap=False), [0.5, 0.0, -0.5])
+
+
+def test_penalty_is_chosen_by_grouped_cross_validation():
+    from pref_lightning.anchor import L2_GRID, choose_l2
+
+    rng = np.random.default_rng(1)
+    n = 600
+    sa, sb = rng.normal(size=(n, 6)), rng.normal(size=(n, 6))
+    labels = np.where(rng.random(n) < 0.3, 2, (sa[:, 0] + rng.normal(size=n) < sb[:, 0]).astype(np.int64))
+    groups = [str(i // 2) for i in range(n)]
+    l2, losses = choose_l2(sa, sb, labels, groups)
+    assert set(losses) == set(L2_GRID) and l2 in L2_GRID and losses[l2] == min(losses.values())
+    anchor = fit_anchor(sa, sb, labels, groups=groups)
+    assert anchor["l2"] == l2 and anchor["cv_log_loss"] == {str(k): v for k, v in losses.items()}
+    # noise features only: the strongest penalty wins (the regression stays near the prior)
+    noise = (rng.random(n) * 3).astype(np.int64)
+    assert choose_l2(sa, sb, noise, groups)[0] == max(L2_GRID)
+    assert choose_l2(sa[:20], sb[:20], labels[:20], groups[:20]) == (L2_GRID[len(L2_GRID) // 2], {})
 
 
 @pytest.fixture(scope="module")

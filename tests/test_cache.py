@@ -112,7 +112,7 @@ def test_cross_layout_and_explicit_validation_file(synthetic_csv, synthetic_fram
     assert_same_pairs(cached.train_set.pairs, plain.train_set.pairs)
     assert_same_pairs(cached.val_set.pairs, plain.val_set.pairs)
     with np.load(cache_files(tmp_path / "cache", "pairs")[0], allow_pickle=False) as archive:
-        assert "ids_b" not in archive.files and "offsets_b" not in archive.files
+        assert "ids_b" in archive.files and "offsets_b" in archive.files  # the rows with A and B exchanged
 
 
 def test_prediction_through_the_cache(synthetic_frame, tiny_tokenizer, tmp_path, monkeypatch):

@@ -23,7 +23,9 @@ def test_round_trip_through_plain_values():
 
 @pytest.mark.parametrize("values, key", [({"layout": "triple"}, "data.layout"), ({"max_length": 4}, "data.max_length"),
                                          ({"prompt_fraction": 1.5}, "data.prompt_fraction"),
-                                         ({"n_classes": 4}, "data.n_classes"), ({"max_lenght": 64}, "max_lenght")])
+                                         ({"n_classes": 4}, "data.n_classes"), ({"max_lenght": 64}, "max_lenght"),
+                                         ({"stats_features": ["chars", "charm"]}, "charm"),
+                                         ({"template": "verdict"}, "data.template")])
 def test_bad_values_and_unknown_keys_are_one_line_errors(values, key):
     with pytest.raises(UserError, match=key):
         EncodingSpec.from_dict(values, where="data")

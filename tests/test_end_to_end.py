@@ -63,7 +63,7 @@ def test_train_writes_checkpoint_and_metrics(trained_run):
     payload = best["pref_lightning"]
     assert payload["temperature"] == metrics["temperature"]
     spec = best["hyper_parameters"]["spec"]  # the encoding contract travels in the hyperparameters
-    assert len(spec["stats_norm"]["mean"]) == len(spec["stats_features"]) == 13
+    assert len(spec["stats_norm"]["mean"]) == len(spec["stats_features"]) == 16
     assert spec["stats_norm"]["version"] == 2  # bounded statistics
     assert metrics["val_log_loss_uncalibrated"] == pytest.approx(metrics["val_log_loss"], abs=1e-5)  # one pass
     # best.ckpt is the prediction artifact (no optimizer state); last.ckpt the full state to resume from

@@ -129,6 +129,34 @@ def test_reward_model_folder_gives_its_base_model_hidden_states(llm_dirs):
         assert torch.allclose(backbone(input_ids=ids).last_hidden_state, expected, atol=1e-6)
 
 
+def test_reward_model_score_is_an_extra_side_feature(llm_dirs, synthetic_csv):
+    from transformers import LlamaForSequenceClassification
+
+    from pref_lightning.backbone import load_tokenizer
+    from pref_lightning.lora import without_base_weights
+
+    tokenizer = load_tokenizer(str(llm_dirs["reward"]))
+    dm = datamodule(tokenizer, synthetic_csv, batch_size=4)
+    batch = next(iter(dm.train_dataloader()))
+    module = lora_module(llm_dirs["reward"], tokenizer, reward_score=True, spec=dm.spec).eval()
+    full = LlamaForSequenceClassification.from_pretrained(llm_dirs["reward"]).eval()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        pooled = module.encode(ids, mask)
+        # the reward model's own score head at each side's last real token (LoRA's B starts at zero)
+        per_token = full.score(full.model(input_ids=ids, attention_mask=mask).last_hidden_state)[..., 0]
+        expected = per_token[torch.arange(len(ids)), mask.sum(1) - 1]
+        assert torch.allclose(pooled[:, -1], expected, atol=1e-4) and expected.std() > 0
+    module.train()
+    module.training_step(batch, 0).backward()
+    assert module.reward_head.weight.requires_grad is False
+    assert "reward_head.weight" in without_base_weights(module.state_dict())  # travels in the checkpoint
+    with pytest.raises(UserError, match="no score head"):
+        lora_module(llm_dirs["llama"], tokenizer, reward_score=True, spec=dm.spec)
+    with pytest.raises(UserError, match="data.layout=siamese"):
+        lora_module(llm_dirs["reward"], tokenizer, reward_score=True, spec={"layout": "cross"})
+
+
 def test_bad_lora_settings_are_one_line_user_errors(llm_dirs):
     from pref_lightning.lora import lora_settings, quantization_config
 
@@ -240,7 +268,7 @@ def test_experiment_llm_lora_trains_and_predicts_on_cpu(llm_dirs, synthetic_csv,
 
     run_dir = tmp_path / "run"
     out = run("train.py", "experiment=llm_lora", f"model.backbone={llm_dirs['llama']}", "data.synthetic_rows=200",
-              "data.max_length=48", "data.batch_size=8", "trainer.accumulate_grad_batches=1",
+              "data.max_length=96", "data.batch_size=8", "trainer.accumulate_grad_batches=1",
               "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "report=false",
               "model.lora.r=4", "model.head_hidden=16", f"hydra.run.dir={run_dir}")
     assert "LoRA: " in out and "parameters trainable" in out
@@ -248,6 +276,8 @@ def test_experiment_llm_lora_trains_and_predicts_on_cpu(llm_dirs, synthetic_csv,
     assert metrics["val_rows"] > 0 and metrics["val_log_loss"] < 2.0
     best = run_dir / "checkpoints" / "best.ckpt"
     assert best.stat().st_size < (llm_dirs["llama"] / "model.safetensors").stat().st_size
+    spec = torch.load(best, map_location="cpu", weights_only=False)["hyper_parameters"]["spec"]
+    assert spec["layout"] == "cross" and spec["template"] == "verdict"  # the winners' layout
 
     sub = tmp_path / "sub.csv"
     run("predict.py", f"ckpt_path={best}", f"input_path={synthetic_csv}", f"output_path={sub}", "batch_size=32",

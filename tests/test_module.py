@@ -99,6 +99,51 @@ def test_tta_swap_is_exact_for_symmetric_head_and_averages_otherwise(tiny_tokeni
         assert torch.allclose(averaged[:, [1, 0, 2]], plain(swapped, tta_swap=True), atol=1e-5)
 
 
+def _cross_batch(tokenizer, csv, n=6, **encoding):
+    dm = PreferenceDataModule(train_path=str(csv), max_length=48, batch_size=n, layout="cross", **encoding)
+    dm.attach_tokenizer(tokenizer)
+    dm.setup("fit")
+    return dm, next(iter(dm.val_dataloader()))
+
+
+def test_cross_rows_come_in_both_orders_and_tta_averages_them(tiny_tokenizer, synthetic_csv):
+    _, batch = _cross_batch(tiny_tokenizer, synthetic_csv)
+    n = len(batch["labels"])
+    assert batch["input_ids"].shape[0] == 2 * n and batch["stats"].shape[0] == 2 * n
+    torch.manual_seed(0)
+    module = tiny_module(tiny_tokenizer, spec={"layout": "cross"}).eval()
+    # exchanging the two orders of every pair (rows and statistics) swaps the win logits of the TTA average
+    order = list(range(n, 2 * n)) + list(range(n))
+    swapped = {**batch, "input_ids": batch["input_ids"][order], "attention_mask": batch["attention_mask"][order],
+               "stats": batch["stats"][order]}
+    with torch.no_grad():
+        plain, averaged = module(batch), module(batch, tta_swap=True)
+        assert plain.shape == (n, 3) and not torch.allclose(plain, averaged, atol=1e-4)
+        assert torch.allclose(averaged[:, [1, 0, 2]], module(swapped, tta_swap=True), atol=1e-5)
+        # the average of the (A, B) row's logits and the exchanged row's logits, classes mapped back
+        alone = module({**batch, "input_ids": batch["input_ids"][n:], "attention_mask": batch["attention_mask"][n:],
+                        "stats": batch["stats"][order]})
+        assert torch.allclose(averaged, 0.5 * (plain + alone[:, [1, 0, 2]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["random", "full", "none"])
+def test_cross_layout_trains_with_each_swap_mode(tiny_tokenizer, synthetic_csv, mode):
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=128, batch_size=4, layout="cross",
+                              template="verdict")
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")
+    module = tiny_module(tiny_tokenizer, spec=dm.spec, swap_augment=mode)
+    before = {k: v.detach().clone() for k, v in module.backbone.named_parameters()}
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+    trainer.fit(module, dm)
+    assert any(not torch.equal(v, before[k]) for k, v in module.backbone.named_parameters())
+    processed = module.last_processed_tokens
+    batch = next(iter(dm.train_dataloader()))
+    rows = 2 * len(batch["labels"]) if mode == "full" else len(batch["labels"])
+    assert 0 < processed <= rows * batch["input_ids"].shape[1]
+
+
 def test_layer_lr_decay_scales_lower_layers(tiny_tokenizer, synthetic_csv):
     dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=8)
     dm.attach_tokenizer(tiny_tokenizer)

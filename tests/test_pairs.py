@@ -81,10 +81,52 @@ def test_cross_layout_budget_keeps_both_answers(tiny_tokenizer):
     encoder = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=64, layout="cross"))
     record = PairRecord("x", ["alpha " * 100], ["beta " * 100], ["gamma " * 100])
     pair = encoder.encode([record])[0]
-    assert pair.ids_b is None and len(pair.ids_a) == 64 and len(pair) == 64
+    assert len(pair.ids_a) == 64 and len(pair.ids_b) == 64 and len(pair) == 64
     text = tiny_tokenizer.decode(pair.ids_a)
     assert "alpha" in text and "beta" in text and "gamma" in text
     assert (pair.ids_a == tiny_tokenizer.sep_token_id).sum() == 3
+    # ids_b: the same row with the answers exchanged (swap augmentation / TTA)
+    swapped = tiny_tokenizer.decode(pair.ids_b)
+    assert swapped.index("gamma") < swapped.index("beta") and text.index("beta") < text.index("gamma")
+
+
+def _find(ids, part) -> int:
+    ids = list(ids)
+    return next(i for i in range(len(ids) - len(part) + 1) if ids[i:i + len(part)] == list(part))
+
+
+def test_cross_verdict_template_marks_segments_and_ends_with_the_question(tiny_tokenizer):
+    encoder = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=96, layout="cross", template="verdict"))
+    m = encoder.markers
+    assert set(m) == {"prompt", "a", "b", "verdict"} and all(m.values())
+
+    def tok(text):
+        return tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    cls, sep = tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id
+    short = encoder.encode([PairRecord("y", ["alpha"], ["beta"], ["gamma"])])[0]
+    assert list(short.ids_a) == [cls, *m["prompt"], *tok("alpha"), *m["a"], *tok("beta"), *m["b"], *tok("gamma"),
+                                 *m["verdict"], sep]
+    assert list(short.ids_b) == [cls, *m["prompt"], *tok("alpha"), *m["a"], *tok("gamma"), *m["b"], *tok("beta"),
+                                 *m["verdict"], sep]
+    # too long: every segment keeps a share behind its marker, and the question still closes the row
+    pair = encoder.encode([PairRecord("x", ["alpha " * 100], ["beta " * 100], ["gamma " * 100])])[0]
+    assert len(pair.ids_a) == 96 and len(pair.ids_b) == 96
+    for ids, first, second in ((pair.ids_a, "beta", "gamma"), (pair.ids_b, "gamma", "beta")):
+        a_at, b_at = _find(ids, m["a"]), _find(ids, m["b"])
+        assert list(ids[-len(m["verdict"]) - 1:]) == [*m["verdict"], sep]
+        assert "alpha" in tiny_tokenizer.decode(ids[:a_at])
+        assert first in tiny_tokenizer.decode(ids[a_at:b_at]) and second not in tiny_tokenizer.decode(ids[a_at:b_at])
+        assert second in tiny_tokenizer.decode(ids[b_at:])
+
+
+def test_verdict_template_settings_are_checked(tiny_tokenizer):
+    with pytest.raises(ValueError, match="data.template"):
+        EncodingSpec(template="verdict")  # siamese
+    with pytest.raises(ValueError, match="data.template"):
+        EncodingSpec(layout="cross", template="chat")
+    with pytest.raises(ValueError, match="data.max_length=16"):
+        PairEncoder(tiny_tokenizer, EncodingSpec(max_length=16, layout="cross", template="verdict"))
 
 
 def test_cross_layout_naive_truncation_cuts_answer_b_away(tiny_tokenizer):
@@ -97,3 +139,19 @@ def test_cross_layout_naive_truncation_cuts_answer_b_away(tiny_tokenizer):
 def test_unknown_layout_rejected(tiny_tokenizer):
     with pytest.raises(ValueError, match="data.layout"):
         PairEncoder(tiny_tokenizer, EncodingSpec(layout="triple"))
+
+
+def test_statistics_are_those_the_spec_names(tiny_tokenizer):
+    from pref_lightning.contract import LEGACY_STATS_FEATURES, STATS_FEATURES
+
+    records = [PairRecord("x", ["why?"], ["I'm sorry, I can't."], ["Because the sky is blue."]),
+               PairRecord("y", ["hi"], ["Hello there"], ["hello   there"])]
+    full = PairEncoder(tiny_tokenizer, EncodingSpec()).encode(records)
+    legacy = PairEncoder(tiny_tokenizer, EncodingSpec(stats_features=LEGACY_STATS_FEATURES)).encode(records)
+    assert full[0].stats_a.shape == (len(STATS_FEATURES),) and legacy[0].stats_a.shape == (13,)
+    for new, old in zip(full, legacy):
+        np.testing.assert_array_equal(new.stats_a[:13], old.stats_a)
+    column = {name: i for i, name in enumerate(STATS_FEATURES)}
+    assert full[0].stats_a[column["refusal"]] == 1.0 and full[0].stats_b[column["refusal"]] == 0.0
+    assert full[1].stats_a[column["identical"]] == full[1].stats_b[column["identical"]] == 1.0
+    assert full[0].stats_a[column["overlap"]] == full[0].stats_b[column["overlap"]] < 0.5

@@ -162,3 +162,23 @@ def test_log_loss_clips_and_validates() -> None:
         ts.cross_validated_log_loss(np.zeros((3, 1)), np.zeros(3, dtype=int), n_folds=5)
     with pytest.raises(ValueError):
         ts.fit_logistic_regression(np.zeros((3, 1)), np.array([0, 1, 3]))
+
+
+def test_refusal_flag_looks_at_the_start_of_each_turn() -> None:
+    from pref_lightning.text_stats import refusal
+
+    assert refusal(["I'm sorry, but I can't help with that."]) == 1.0
+    assert refusal(["Sure!", "As an AI language model, I do not browse."]) == 1.0
+    assert refusal(["Here is the poem you asked for."]) == 0.0
+    assert refusal([ts.NULL_TURN, ""]) == 0.0
+    assert refusal(["x" * 400 + " I'm sorry"]) == 0.0  # an apology deep inside an answer is no refusal
+
+
+def test_answer_overlap_and_identity() -> None:
+    from pref_lightning.text_stats import answer_overlap
+
+    assert answer_overlap(["The cat sat."], ["the  CAT sat."]) == (1.0, 1.0)
+    overlap, identical = answer_overlap(["a b c d"], ["c d e f"])
+    assert overlap == pytest.approx(2 / 6) and identical == 0.0
+    assert answer_overlap([ts.NULL_TURN], [""]) == (1.0, 1.0)  # two empty answers are alike
+    assert answer_overlap(["alpha"], ["beta"]) == (0.0, 0.0)
