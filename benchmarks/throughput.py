@@ -92,7 +92,12 @@ LABELS = {"hf_cross": "(a) HF Trainer, cross, random batches",
           "pl_cross": "(b) project, cross, length-grouped",
           "pl_siamese": "(c) project, siamese, one (2B, L) call",
           "pl_siamese_grouped": "(d) project, siamese, sides in length groups"}
-SIDE_GROUPS = {"pl_siamese": 1, "pl_siamese_grouped": 4}  # model.side_groups (4: the default)
+SIDE_GROUPS = {"pl_siamese": 1, "pl_siamese_grouped": 4, "pl_llama_lora": 4}  # model.side_groups (4: the default)
+# --llm: (e) the same rows and path as (d) with a decoder LLM of the same shape (tiny Llama, LoRA), at the
+# first batch size only
+LLM_SETUP = "pl_llama_lora"
+LABELS[LLM_SETUP] = "(e) project, siamese grouped, tiny Llama + LoRA r=8"
+LLM_LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 PREDICT_MAX_TOKENS = 65536  # predict.py's default token budget
 # the project's default tiny backbone (conf/model/tiny.yaml); max_position_embeddings is raised to the max length
 TINY = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512}
@@ -295,6 +300,7 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
         "mean_real_tokens_per_row_all": float(np.mean(lengths)),
         "truncated_rows": float(np.mean(np.asarray(lengths) >= max_length)),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     if spec["predict"]:
         predict_items = encode(predict_records, with_labels=False)
@@ -315,6 +321,26 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 # child: (b) / (c) this project
 # ---------------------------------------------------------------------------------------------------
+def tiny_llama_folder(work: Path, tokenizer, max_length: int) -> Path:
+    """A random Llama of the tiny DeBERTa's shape (hidden 128, 2 layers, 4 heads, intermediate 512) saved
+    like a hub download, with the benchmark's tokenizer: LoRA needs a pretrained folder."""
+    from transformers import LlamaConfig, LlamaModel
+
+    folder = work / "tiny_llama"
+    if not (folder / "config.json").is_file():
+        import torch
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=TINY["hidden_size"],
+                             num_hidden_layers=TINY["num_hidden_layers"], num_attention_heads=TINY["num_attention_heads"],
+                             num_key_value_heads=TINY["num_attention_heads"], intermediate_size=TINY["intermediate_size"],
+                             max_position_embeddings=max(512, max_length), pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+        LlamaModel(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
 def run_project(spec: dict[str, Any]) -> dict[str, Any]:
     import lightning as L
     import torch
@@ -343,9 +369,15 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
     L.seed_everything(spec["seed"], verbose=False)
     siamese = layout == "siamese"
     groups = spec.get("side_groups", 1)
-    model = PreferenceModule(backbone="tiny", tiny_config=tiny_overrides(max_length), vocab_size=len(tokenizer),
-                             backbone_dropout=0.0, lr=1e-3, head_lr=1e-3, spec=datamodule.spec,
-                             swap_augment="random" if siamese else "none", tta_swap=siamese, side_groups=groups)
+    common = {"vocab_size": len(tokenizer), "lr": 1e-3, "head_lr": 1e-3, "spec": datamodule.spec,
+              "swap_augment": "random" if siamese else "none", "tta_swap": siamese, "side_groups": groups}
+    if spec["setup"] == LLM_SETUP:
+        model = PreferenceModule(backbone=str(tiny_llama_folder(Path(spec["work_dir"]), tokenizer, max_length)),
+                                 pooling="last", lora=LLM_LORA, attn_implementation="sdpa", **common)
+    else:
+        model = PreferenceModule(backbone="tiny", tiny_config=tiny_overrides(max_length), backbone_dropout=0.0,
+                                 **common)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     class StepTimer(L.Callback):
         def __init__(self):
@@ -409,6 +441,7 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
         "mean_real_tokens_per_row_all": float(np.mean([sum(s) for s in sides])),
         "truncated_rows": float(np.mean([max(s) >= max_length for s in sides])),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": trainable,
     }
     if spec["predict"]:
         t0 = time.perf_counter()
@@ -801,7 +834,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for bs in cfg["batch_sizes"]:
         base = res["hf_cross"][str(bs)]
-        for setup in SETUPS:
+        for setup in [s for s in (*SETUPS, LLM_SETUP) if str(bs) in res.get(s, {})]:
             r = res[setup][str(bs)]
             predict = r.get("predict_rows_per_s")
             lines.append(
@@ -826,6 +859,15 @@ def markdown(report: dict[str, Any]) -> str:
     for name, measured, target, ok in target_rows(s):
         lines.append(f"| {name} | {measured:.3f} | {target:.2f} | {'met' if ok else 'NOT met'} |")
     lines += ["", "What limits the ratios:"] + [f"- {note}" for note in report["diagnoses"]]
+    if LLM_SETUP in res:
+        d, e = res["pl_siamese_grouped"][str(primary)], res[LLM_SETUP][str(primary)]
+        lines += ["", f"Decoder LLM vs DeBERTa of the same shape (batch {primary}, same rows and path):", "",
+                  "| backbone | parameters | trainable | train rows/s | real tok/s | pad eff | predict rows/s "
+                  "| peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in (("tiny DeBERTa-v3, full fine-tuning (d)", d), ("tiny Llama, LoRA r=8 all-linear (e)", e)):
+            lines.append(f"| {name} | {r['parameters']:,} | {100 * r['trainable_parameters'] / r['parameters']:.1f}% "
+                         f"| {r['train_rows_per_s']:.2f} | {r['real_tokens_per_s']:.0f} | {r['padding_efficiency']:.3f} "
+                         f"| {fmt(r.get('predict_rows_per_s'))} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -846,6 +888,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="all setups: fp32 (default; CPUs without native bf16) or bf16 autocast")
     parser.add_argument("--predict-max-tokens", type=int, default=PREDICT_MAX_TOKENS,
                         help=f"token budget of the (d) token-budget prediction row (default {PREDICT_MAX_TOKENS}, predict.py's)")
+    parser.add_argument("--llm", action="store_true",
+                        help="also (e): the (d) path with a tiny Llama of the same shape and LoRA, at the first batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
     parser.add_argument("--retries", type=int, default=2,
@@ -878,12 +922,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"preparing {args.rows} synthetic rows and the tokenizer ...", flush=True)
         data = prepare_data(work, args.rows, args.predict_rows, args.seed, args.vocab_size, args.cache_dir)
         results: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in SETUPS}
+        if args.llm:
+            results[LLM_SETUP] = {}
         for bs in args.batch_sizes:
             steps = args.steps if bs == primary else steps_for(bs, args.steps, primary)
-            for setup in SETUPS:
+            for setup in SETUPS + ((LLM_SETUP,) if args.llm and bs == primary else ()):
                 spec = {"setup": setup, "layout": "siamese" if setup in SIDE_GROUPS else "cross",
                         "side_groups": SIDE_GROUPS.get(setup, 1), "precision": args.precision,
-                        "predict_max_tokens": args.predict_max_tokens if setup == "pl_siamese_grouped" else None,
+                        "predict_max_tokens": args.predict_max_tokens if setup in ("pl_siamese_grouped", LLM_SETUP) else None,
                         "batch_size": bs, "steps": steps, "warmup": args.warmup, "max_length": args.max_length,
                         "mega_batch_mult": args.mega_batch_mult, "seed": args.seed, "threads": args.threads,
                         "predict": bs == primary, "work_dir": str(work), "tokenizer_dir": str(work / "tokenizer"),
@@ -908,7 +954,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "max_length": args.max_length, "batch_sizes": args.batch_sizes,
                    "mega_batch_mult": args.mega_batch_mult, "vocab_size": args.vocab_size, "seed": args.seed,
                    "quick": args.quick, "tiny_config": tiny_overrides(args.max_length), "precision": args.precision,
-                   "predict_max_tokens": args.predict_max_tokens,
+                   "predict_max_tokens": args.predict_max_tokens, "llm": args.llm,
                    "num_workers": 0, "dropout": 0.0},
         "data": data,
         "machine": machine(),

@@ -46,6 +46,28 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
     raise UserError(f"model.pooling={method!r}; choose from {', '.join(POOLINGS)}")
 
 
+def pool_packed(hidden: torch.Tensor, lengths: torch.Tensor, method: str) -> torch.Tensor:
+    """`pool` of sequences packed end to end: `hidden` (T, hidden) holds n sequences of `lengths` (n,)
+    tokens each (sum T), the packed (padding-free) layout; (n, pooled) vectors equal to `pool` of the same
+    sequences right-padded. Raises UserError for an unknown `method`."""
+    ends = torch.cumsum(lengths, 0)
+    starts = ends - lengths
+
+    def mean() -> torch.Tensor:
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+        sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        return sums.index_add_(0, rows, hidden) / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+
+    def last() -> torch.Tensor:
+        return hidden[(ends - 1).clamp(min=0)]
+
+    parts = {"mean": [mean], "cls": [lambda: hidden[starts]], "mean_cls": [mean, lambda: hidden[starts]],
+             "last": [last], "last_mean": [last, mean]}
+    if method not in parts:
+        raise UserError(f"model.pooling={method!r}; choose from {', '.join(POOLINGS)}")
+    return torch.cat([part() for part in parts[method]], dim=-1)
+
+
 def pooled_size(hidden_size: int, method: str) -> int:
     return 2 * hidden_size if method in ("mean_cls", "last_mean") else hidden_size
 

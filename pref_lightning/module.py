@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +20,15 @@ from pref_lightning.checkpoint import CHECKPOINT_KEY, load_checkpoint, payload, 
 from pref_lightning.collate import side_groups as group_sides
 from pref_lightning.contract import EncodingSpec
 from pref_lightning.errors import UserError
-from pref_lightning.head import CrossHead, PairHead, last_token_pool, output_layers, pool, pooled_size
+from pref_lightning.head import (
+    CrossHead,
+    PairHead,
+    last_token_pool,
+    output_layers,
+    pool,
+    pool_packed,
+    pooled_size,
+)
 from pref_lightning.lora import (
     apply_lora,
     base_identity,
@@ -40,7 +49,12 @@ from pref_lightning.metrics import (
     class_probabilities,
 )
 
+log = logging.getLogger(__name__)
 SWAP_MODES = ("none", "random", "full")
+PACKED_MODES = ("auto", "true", "false")
+# decoder families whose transformers models read packed sequences (one row, positions restarting at 0 per
+# sequence: a block-diagonal causal mask, or flash-attention's variable-length kernel)
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 
 
 def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
@@ -107,8 +121,11 @@ class PreferenceModule(L.LightningModule):
         backbone_dtype: str | None = None,
         side_groups: int = 4,
         reward_score: bool = False,
+        packed: bool | str = "auto",
     ) -> None:
         super().__init__()
+        if str(packed).lower() not in PACKED_MODES:
+            raise UserError(f"model.packed={packed!r}; choose auto, true or false")
         if int(side_groups) < 1:
             raise UserError(f"model.side_groups={side_groups} must be >= 1 (1: one (2B, L) backbone call)")
         if swap_augment not in SWAP_MODES:
@@ -155,6 +172,11 @@ class PreferenceModule(L.LightningModule):
             # plain module; dynamic shapes because length-grouped batches vary in length
             self.backbone.compile(backend=compile_backend, dynamic=True)
         hidden = self.backbone.config.hidden_size
+        self.packed_mode = str(packed).lower()
+        if self.packed_mode == "true" and not self.packable:
+            raise UserError(f"model.packed=true needs a decoder LLM backbone ({', '.join(PACKABLE_MODEL_TYPES)}); "
+                            f"this one is {self.backbone.config.model_type!r}")
+        self._packed_path: bool | None = None  # decided (and logged) at the first forward pass
         stats_size = self.spec.n_stats if use_text_stats else 0
         # a reward model's own score of each answer, beside the side statistics (frozen: its head, read
         # at the last real token as the reward model reads it)
@@ -243,8 +265,44 @@ class PreferenceModule(L.LightningModule):
         self._flush_denormals()
 
     # ---- forward ------------------------------------------------------------------------------
+    @property
+    def packable(self) -> bool:
+        return getattr(self.backbone.config, "model_type", None) in PACKABLE_MODEL_TYPES
+
+    def uses_packed(self, device: torch.device) -> bool:
+        """Padding-free batches? `model.packed=true`: yes (a packable decoder); `auto`: with flash-attention
+        on a CUDA GPU, where packing saves the padded tokens' compute (elsewhere the packed mask is dense,
+        T x T for T packed tokens, and the padded path is cheaper); `false`: never. Logged once."""
+        if self._packed_path is None:
+            implementation = getattr(self.backbone.config, "_attn_implementation", None)
+            auto = self.packable and implementation == "flash_attention_2" and device.type == "cuda"
+            self._packed_path = self.packed_mode == "true" or (self.packed_mode == "auto" and auto)
+            log.info("padding-free packed batches: %s (model.packed=%s, %s, attention %s, %s)",
+                     "on" if self._packed_path else "off, padded batches", self.packed_mode,
+                     getattr(self.backbone.config, "model_type", "?"), implementation, device.type)
+        return self._packed_path
+
+    def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`encode` with the rows' real tokens packed end to end into one (1, T) row, positions restarting
+        at 0 for each (transformers then keeps the sequences apart: a block-diagonal causal mask, or
+        flash-attention's variable-length kernel): no padded token is computed. Right or left padding."""
+        mask = attention_mask.bool()
+        lengths = attention_mask.sum(1)
+        positions = (torch.cumsum(attention_mask, 1) - 1)[mask].unsqueeze(0)
+        hidden = self.backbone(input_ids=input_ids[mask].unsqueeze(0), position_ids=positions).last_hidden_state[0]
+        self.last_processed_tokens = int(positions.shape[1])
+        self.last_real_tokens = lengths.sum()
+        pooled = pool_packed(hidden, lengths, self.hparams.pooling)
+        if self.reward_head is not None:
+            score = self.reward_head(hidden[torch.cumsum(lengths, 0) - 1].float())
+            pooled = torch.cat([pooled, score.to(pooled.dtype)], -1)
+        return pooled
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(n, pooled) vectors of `input_ids` / `attention_mask` (n, L), in one backbone call."""
+        """(n, pooled) vectors of `input_ids` / `attention_mask` (n, L), in one backbone call (packed
+        without padding when `uses_packed`)."""
+        if self.uses_packed(input_ids.device):
+            return self.encode_packed(input_ids, attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         self.last_processed_tokens = attention_mask.numel()
         self.last_real_tokens = attention_mask.sum()  # a tensor: read (one host sync) only by who needs it
@@ -261,7 +319,7 @@ class PreferenceModule(L.LightningModule):
         are masked, so the result equals one call over (n, L) up to float rounding; every pooling
         (`last` included) reads each row's own mask. `last_processed_tokens`: what the calls really ran."""
         groups = int(getattr(self.hparams, "side_groups", 1))
-        if groups <= 1 or input_ids.shape[0] <= 1:
+        if groups <= 1 or input_ids.shape[0] <= 1 or self.uses_packed(input_ids.device):
             return self.encode(input_ids, attention_mask)
         lengths = attention_mask.sum(1).tolist()  # one host sync per step
         parts, rows, processed = [], [], 0

@@ -26,6 +26,7 @@ from pref_lightning.checkpoint import store_temperature
 from pref_lightning.compat import check_backbone_settings, check_hardware
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.distributed import all_ranks, hydra_job_processes
+from pref_lightning.head import output_layers
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import PreferenceModule
 from pref_lightning.pipeline import build_tokenizer, instantiate_list, set_runtime_defaults
@@ -70,9 +71,19 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results, val_logits, val_labels = validate_best(trainer, model, datamodule, best)
+    fallback = None
+    if cfg.model.get("anchor_fallback", False):
+        fallback, results, val_logits, val_labels = fall_back_to_baseline(trainer, model, datamodule, best, results,
+                                                                          val_logits, val_labels)
     calibration = calibrate(model, val_logits, val_labels, best if trainer.is_global_zero else None,
                             enabled=bool(cfg.get("calibrate", True)))
     metrics = run_metrics(results, calibration, model, datamodule, trainer, cfg, best, started)
+    if fallback is not None:
+        metrics["anchor_fallback"] = fallback
+        metrics["warnings"].append(
+            f"the trained model ended behind the statistics baseline it started from (validation log loss "
+            f"{fallback['trained_log_loss']:.4f} > {fallback['baseline_log_loss']:.4f}): the checkpoint holds the "
+            "baseline alone, its head's output layers zeroed (model.anchor_fallback=false keeps the trained model)")
     if trainer.is_global_zero:
         write_outputs(run_dir, cfg, metrics, model, datamodule, trainer, val_logits, val_labels)
     return metrics
@@ -93,6 +104,7 @@ def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: An
     model_class = get_class(settings.pop("_target_"))
     # how the anchor is fitted (recorded in it, hence in the checkpoint); not constructor arguments
     anchor_fit = {"l2": settings.pop("anchor_l2", None), "rows": settings.pop("anchor_rows", "train_file")}
+    settings.pop("anchor_fallback", None)  # a training-recipe choice (fall_back_to_baseline), not the model's
     anchor = datamodule.fit_anchor(**anchor_fit) if settings.get("anchor_head") else None
     reference = datamodule.validation_reference()
     if anchor is not None:  # the anchored model's step-0 validation loss: what training must beat
@@ -102,6 +114,30 @@ def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: An
     return model_class(**settings, vocab_size=len(tokenizer), spec=datamodule.spec, anchor=anchor,
                        train_prior=datamodule.train_prior.tolist(), reference=reference,
                        tokenizer_files=tokenizer_files(tokenizer, tokenizer_folder), augment_seed=int(cfg.seed))
+
+
+def fall_back_to_baseline(trainer: L.Trainer, model: PreferenceModule, datamodule: PreferenceDataModule, best: str,
+                          results: dict[str, float], logits: torch.Tensor, labels: torch.Tensor):
+    """The anchored model that ended behind its step-0 baseline on validation goes back to that baseline:
+    its head's output layers are zeroed (as at step 0), so its logits are the statistics regression's
+    alone, and the best checkpoint is rewritten with them. Early stopping whose candidates include step 0:
+    the model kept never scores worse on validation than the baseline it started from (a choice between
+    two models on the validation rows, as the checkpoint choice itself is). Returns (what happened or None,
+    results, logits, labels) of the model kept."""
+    baseline = model.reference.get("baseline_log_loss")
+    if model.anchor is None or baseline is None or results["val/log_loss"] <= baseline + 1e-4:
+        return None, results, logits, labels
+    trained = float(results["val/log_loss"])
+    with torch.no_grad():
+        for layer in output_layers(model.head):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    if best:
+        trainer.save_checkpoint(best, weights_only=True)
+    results, logits, labels = validate_best(trainer, model, datamodule, None)
+    log.warning("anchored head: the trained model (validation log loss %.4f) ended behind its baseline (%.4f); "
+                "the checkpoint now holds the baseline alone (%.4f)", trained, baseline, results["val/log_loss"])
+    return {"trained_log_loss": trained, "baseline_log_loss": float(baseline)}, results, logits, labels
 
 
 def validate_best(trainer: L.Trainer, model: PreferenceModule, datamodule: PreferenceDataModule,

@@ -99,3 +99,33 @@ def test_training_moves_the_head_but_not_a_frozen_anchor(tiny_tokenizer, setup):
 def test_anchor_needs_statistics(tiny_tokenizer, setup):
     with pytest.raises(ValueError, match="use_text_stats"):
         anchored(tiny_tokenizer, setup[1], use_text_stats=False)
+
+
+def test_a_model_behind_its_baseline_falls_back_to_it(tiny_tokenizer, setup, tmp_path):
+    from pref_lightning.backbone import tokenizer_files
+    from pref_lightning.head import output_layers
+    from pref_lightning.training import fall_back_to_baseline, validate_best
+
+    dm, anchor, baseline = setup
+    model = anchored(tiny_tokenizer, anchor, reference={"baseline_log_loss": baseline},
+                     tokenizer_files=tokenizer_files(tiny_tokenizer))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                        enable_model_summary=False, max_steps=0)
+    trainer.fit(model, dm)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a head that learned only noise: confidently wrong
+        for layer in output_layers(model.head):
+            layer.weight.normal_(0, 3.0)
+    path = str(tmp_path / "best.ckpt")
+    trainer.save_checkpoint(path, weights_only=True)
+    results, logits, labels = validate_best(trainer, model, dm, path)
+    assert results["val/log_loss"] > baseline + 0.01
+    kept, results, logits, labels = fall_back_to_baseline(trainer, model, dm, path, results, logits, labels)
+    assert kept == {"trained_log_loss": pytest.approx(kept["trained_log_loss"]), "baseline_log_loss": baseline}
+    assert kept["trained_log_loss"] > baseline + 0.01
+    assert results["val/log_loss"] == pytest.approx(baseline, abs=1e-4) and len(logits) == len(dm.val_set)
+    restored, _, _ = PreferenceModule.from_checkpoint(path)  # the rewritten checkpoint is the baseline
+    again = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu", enable_model_summary=False)
+    assert again.validate(restored, dm, verbose=False)[0]["val/log_loss"] == pytest.approx(baseline, abs=1e-4)
+    # a model at (or ahead of) its baseline is kept as it is
+    assert fall_back_to_baseline(trainer, model, dm, path, results, logits, labels)[0] is None

@@ -26,8 +26,9 @@ def datamodule(tokenizer, csv, batch_size=8):
 
 
 def lora_module(folder, tokenizer, **kwargs):
-    return PreferenceModule(backbone=str(folder), vocab_size=len(tokenizer), pooling="last", head_hidden=16,
-                            lr=1e-3, lora=LORA, attn_implementation="sdpa", backbone_dtype="auto", **kwargs)
+    settings = {"pooling": "last", "head_hidden": 16, "lr": 1e-3, "lora": LORA, "attn_implementation": "sdpa",
+                "backbone_dtype": "auto", **kwargs}
+    return PreferenceModule(backbone=str(folder), vocab_size=len(tokenizer), **settings)
 
 
 def trainer(steps, **kwargs):
@@ -127,6 +128,47 @@ def test_reward_model_folder_gives_its_base_model_hidden_states(llm_dirs):
     with torch.no_grad():
         expected = full.model(input_ids=ids).last_hidden_state
         assert torch.allclose(backbone(input_ids=ids).last_hidden_state, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2"])
+def test_packed_batches_equal_padded_ones(kind, llm_dirs, varied_csv):
+    from pref_lightning.backbone import load_tokenizer
+
+    tokenizer = load_tokenizer(str(llm_dirs[kind]))
+    dm = PreferenceDataModule(train_path=str(varied_csv), max_length=96, batch_size=4, length_grouped=False)
+    dm.attach_tokenizer(tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask.sum() < mask.numel()  # the batch has padding to save
+    for pooling in ("last", "mean", "last_mean"):
+        padded = lora_module(llm_dirs[kind], tokenizer, pooling=pooling, packed=False).eval()
+        packed = lora_module(llm_dirs[kind], tokenizer, pooling=pooling, packed=True).eval()
+        packed.load_state_dict(padded.state_dict())
+        with torch.no_grad():
+            expected = padded.encode(ids, mask)
+            assert torch.allclose(packed.encode(ids, mask), expected, atol=1e-5), pooling
+            # left padding: the same rows, the same vectors
+            left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+            for row, n in enumerate(mask.sum(1).tolist()):
+                left_ids[row, ids.shape[1] - n:], left_mask[row, ids.shape[1] - n:] = ids[row, :n], 1
+            assert torch.allclose(packed.encode(left_ids, left_mask), expected, atol=1e-5), pooling
+        assert packed.last_processed_tokens == int(mask.sum())  # no padded token computed
+    trained = lora_module(llm_dirs[kind], tokenizer, packed=True)
+    trained.train()
+    trained.training_step(batch, 0).backward()
+    assert any(p.grad is not None and p.grad.any() for n, p in trained.named_parameters() if "lora_B" in n)
+
+
+def test_packed_mode_is_chosen_and_checked(llm_dirs, tiny_tokenizer):
+    from pref_lightning.backbone import load_tokenizer
+
+    tokenizer = load_tokenizer(str(llm_dirs["llama"]))
+    assert lora_module(llm_dirs["llama"], tokenizer).uses_packed(torch.device("cpu")) is False  # auto, sdpa, CPU
+    with pytest.raises(UserError, match="model.packed=true needs a decoder"):
+        PreferenceModule(backbone="tiny", vocab_size=len(tiny_tokenizer), packed=True)
+    with pytest.raises(UserError, match="model.packed"):
+        lora_module(llm_dirs["llama"], tokenizer, packed="sometimes")
 
 
 def test_reward_model_score_is_an_extra_side_feature(llm_dirs, synthetic_csv):

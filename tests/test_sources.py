@@ -194,3 +194,28 @@ def test_mix_and_wsdm_configs_compose():
     assert dm.sources[0].weight == 0.25 and dm.sources[0].path.endswith("hh_rlhf_test.csv")
     assert (wsdm.data.n_classes, wsdm.data.train_format, wsdm.data.on_bad_rows) == (2, "wsdm", "raise")
     assert (kaggle.data.n_classes, list(kaggle.data.sources), kaggle.data.on_bad_rows) == (3, [], "raise")
+
+
+def test_anchor_fits_on_the_training_file_rows_unless_told_all(mix_files, tiny_tokenizer):
+    from pref_lightning.anchor import anchor_logits
+    from pref_lightning.errors import UserError
+
+    dm = PreferenceDataModule(train_path=str(mix_files / "train.csv"), val_fraction=0.2, split_seed=3, max_length=32,
+                              sources=[str(mix_files / "extra.csv"), str(mix_files / "pairs.jsonl")])
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")
+    n_file = dm.data_counts["train_file"]["train_rows"]
+    assert len(dm.train_set) > n_file
+    sa, sb, labels = dm.split_statistics("train")
+    own = dm.fit_anchor(l2=0.1)
+    assert own["rows"] == "train_file"
+    from pref_lightning.anchor import fit_anchor
+
+    expected = fit_anchor(sa[:n_file], sb[:n_file], labels[:n_file], l2=0.1)
+    np.testing.assert_allclose(anchor_logits(own, sa, sb), anchor_logits(expected, sa, sb), atol=1e-9)
+    every = dm.fit_anchor(l2=0.1, rows="all")
+    assert every["rows"] == "all" and not np.allclose(anchor_logits(every, sa, sb), anchor_logits(own, sa, sb))
+    chosen = dm.fit_anchor()  # the penalty by CV, recorded with each candidate's CV log loss
+    assert chosen["l2"] in (0.01, 0.03, 0.1, 0.3, 1.0)
+    with pytest.raises(UserError, match="model.anchor_rows"):
+        dm.fit_anchor(rows="extra")

@@ -94,7 +94,7 @@ def test_script_small_config(tmp_path, capsys):
     bench = load_script()
     out = tmp_path / "throughput.json"
     report = bench.main(["--rows", "40", "--max-length", "64", "--steps", "2", "--warmup", "1",
-                         "--batch-sizes", "4", "--predict-rows", "12", "--vocab-size", "600", "--retries", "0",
+                         "--batch-sizes", "4", "--predict-rows", "12", "--vocab-size", "600", "--retries", "0", "--llm",
                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["train_speedup_cross"] == pytest.approx(report["train_speedup_cross"])
@@ -107,14 +107,18 @@ def test_script_small_config(tmp_path, capsys):
     for key in ("train_speedup_cross", "train_speedup_siamese", "predict_speedup"):
         assert data[key] > 0 and math.isfinite(data[key]), (key, data[key])
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch"]
-    assert set(data["results"]) == {"hf_cross", "pl_cross", "pl_siamese", "pl_siamese_grouped"}
+    assert set(data["results"]) == {"hf_cross", "pl_cross", "pl_siamese", "pl_siamese_grouped", "pl_llama_lora"}
+    llama, deberta = data["results"]["pl_llama_lora"]["4"], data["results"]["pl_siamese_grouped"]["4"]
+    assert llama["trainable_parameters"] < 0.5 * llama["parameters"]  # LoRA: a small share trains
+    assert deberta["trainable_parameters"] == deberta["parameters"]
     assert data["results"]["pl_siamese_grouped"]["4"]["predict_token_budget_max_abs_logit_diff"] < 1e-4
     for setup, by_bs in data["results"].items():
         r = by_bs["4"]
         assert r["train_rows_per_s"] > 0 and r["peak_rss_mb"] > 50, setup
         assert r["predict_rows"] == 12 and r["predict_rows_per_s"] > 0, setup
-        assert 0 < r["padding_efficiency_epoch"] <= 1, setup
+        assert 0 < r["padding_efficiency_epoch"] <= 1 and 0 < r["padding_efficiency"] <= 1, setup
         assert r["timed_rows"] == 2 * 4, setup
-        assert r["sequences_per_row"] == (2 if setup.startswith("pl_siamese") else 1)
+        assert r["sequences_per_row"] == (2 if setup in ("pl_siamese", "pl_siamese_grouped", "pl_llama_lora") else 1)
     printed = capsys.readouterr().out
     assert "| (a) HF Trainer" in printed and "padding efficiency (b)" in printed
+    assert "| tiny Llama, LoRA r=8 all-linear (e) |" in printed
