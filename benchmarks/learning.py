@@ -166,12 +166,9 @@ QUICK = {"folds": "0", "variants": "recipe,no_anchor", "max_train_batches": 60}
 
 def recipe_sources(data_dir: Path, **extra) -> str:
     """`data.sources=[...]`: the recipe's extra sets (read from its experiment file) with `extra` keys set."""
-    from omegaconf import OmegaConf
-
-    sources = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "experiment" / f"{RECIPE}.yaml").data.sources)
     items = []
-    for source in sources:
-        source = {**source, **extra, "path": source["path"].replace("${paths.data_dir}", str(data_dir))}
+    for source in recipe_source_list(data_dir):
+        source = {**source, **extra}
         items.append("{" + ",".join(f"{k}:'{v}'" if isinstance(v, str) else f"{k}:{str(v).lower()}"
                                     for k, v in source.items()) + "}")
     return f"data.sources=[{','.join(items)}]"
@@ -239,7 +236,50 @@ def choose_lr_penalty(X: np.ndarray, y: np.ndarray, groups: list[str], grid=(0.0
     return max(l2 for l2, loss in losses.items() if loss <= best + 1e-9)
 
 
-def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length: int = 256) -> dict[int, float]:
+ANCHOR_ABLATION = {
+    # name: (what, data keys, fit_anchor options)
+    "anchor": ("the anchor as it is: training-file rows, penalty by inner CV, [a, b, a-b, |a-b|], 16 statistics",
+               {}, {}),
+    "no_new_statistics": ("without refusal / overlap / identical (the 13 statistics before)",
+                          {"stats_features": "legacy"}, {}),
+    "no_absdiff": ("without |a - b| (features [a, b, a - b])", {}, {"features": "a,b,diff"}),
+    "no_cv_penalty": ("L2 fixed at 1e-3 (before) instead of chosen by inner CV", {}, {"l2": 1e-3}),
+    "all_rows": ("fitted on every training row, the extra sets included (tie-aware), as before", {"sources": True},
+                 {"rows": "all"}),
+    "before": ("all four off: the anchor of the previous session", {"stats_features": "legacy", "sources": True},
+               {"features": "a,b,diff", "l2": 1e-3, "rows": "all"}),
+}
+
+
+def anchor_ablation(data_dir: Path, fold_list: list[int], seed: int) -> dict[str, dict]:
+    """The anchored head's regression alone (the recipe at step 0), each of its parts switched off in turn,
+    per fold: no training, so the whole table costs about a minute."""
+    from pref_lightning.contract import LEGACY_STATS_FEATURES
+
+    out = {}
+    for name, (what, data, options) in ANCHOR_ABLATION.items():
+        data = dict(data)
+        if data.get("stats_features") == "legacy":
+            data["stats_features"] = list(LEGACY_STATS_FEATURES)
+        if data.pop("sources", False):
+            data["sources"] = recipe_source_list(data_dir)
+        out[name] = {"what": what, "per_fold": {str(k): v for k, v in
+                                                anchor_baseline(data_dir, fold_list, seed, data=data,
+                                                                options=options).items()}}
+        print(f"anchor ablation: {name} {out[name]['per_fold']}", flush=True)
+    return out
+
+
+def recipe_source_list(data_dir: Path) -> list[dict]:
+    """The recipe's extra sets as `data.sources` entries (paths resolved)."""
+    from omegaconf import OmegaConf
+
+    sources = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "experiment" / f"{RECIPE}.yaml").data.sources)
+    return [{**s, "path": s["path"].replace("${paths.data_dir}", str(data_dir))} for s in sources]
+
+
+def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length: int = 256,
+                    data: dict | None = None, options: dict | None = None) -> dict[int, float]:
     """The recipe's model at step 0 per fold: its anchored head's statistics regression alone (the project's
     statistics and normalisation, penalty by inner CV, fitted on the fold's training arena rows), scored on
     the fold with swap TTA and the probability floor, as the step-0 validation pass scores it. Tokens are
@@ -257,10 +297,10 @@ def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length:
     out = {}
     for k in fold_list:
         dm = PreferenceDataModule(train_path=str(data_dir / ARENA), n_folds=N_FOLDS, fold=k, split_seed=seed,
-                                  max_length=max_length, batch_size=16, num_workers=0)
+                                  max_length=max_length, batch_size=16, num_workers=0, **(data or {}))
         dm.attach_tokenizer(tokenizer)
         dm.setup("fit")
-        out[k] = anchor_log_loss(dm.fit_anchor(), *dm.split_statistics("val"), True, 0.002)
+        out[k] = anchor_log_loss(dm.fit_anchor(**(options or {})), *dm.split_statistics("val"), True, 0.002)
     return out
 
 
@@ -346,6 +386,12 @@ def summarise_real(result: dict) -> None:
         entry["oof_calibrated"] = oof_total({k: (v, v["val_rows"]) for k, v in done.items()},
                                             "val_log_loss_calibrated")
         entry["oof_stats_lr_same_folds"] = oof_total({k: (lr[k], rows[k]) for k in done if k in lr})
+        # model.anchor_fallback (on by default): a fold that ends behind its step-0 baseline keeps the baseline,
+        # whose validation loss is the run's baseline_log_loss (tested equal within 1e-4)
+        if done and all(v.get("baseline_log_loss") is not None for v in done.values()):
+            entry["oof_with_fallback"] = oof_total({k: (min(v["val_log_loss"], v["baseline_log_loss"]), v["val_rows"])
+                                                    for k, v in done.items()})
+            entry["folds_fallen_back"] = [k for k in entry["folds"] if done[k]["val_log_loss"] > done[k]["baseline_log_loss"]]
         entry["folds_behind_stats_lr"] = [k for k in entry["folds"] if k in lr and done[k]["val_log_loss"] > lr[k]]
         entry["seconds"] = round(sum(v["seconds"] for v in done.values()), 1)
 
@@ -356,19 +402,19 @@ def print_real(result: dict) -> None:
     print(f"\nreal, {s['n_folds']}-fold OOF on the arena sample ({s['recipe']}, max train batches "
           f"{s['max_train_batches'] or 'all'}, overrides {s['overrides'] or 'none'}); folds run: {', '.join(folds)}")
     print("| model | " + " | ".join(f"fold {k} ({result['fold_rows'][k]} rows)" for k in folds)
-          + " | OOF | OOF calibrated (in-fold T) | LR on the same folds | seconds |")
-    print("|---|" + "---|" * (len(folds) + 4))
+          + " | OOF | OOF calibrated (in-fold T) | OOF with anchor fallback | LR on the same folds | seconds |")
+    print("|---|" + "---|" * (len(folds) + 5))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for name, entry in result["baselines"].items():
         print(f"| {name} | " + " | ".join(fmt(entry["per_fold"].get(k)) for k in folds)
-              + f" | {fmt(entry['oof'])} | - | - | - |")
+              + f" | {fmt(entry['oof'])} | - | - | - | - |")
     for name, entry in result["variants"].items():
         cells = []
         for k in folds:
             v = entry["per_fold"].get(k)
             cells.append("-" if v is None else "error" if "error" in v else fmt(v["val_log_loss"]))
         print(f"| {name} | " + " | ".join(cells) + f" | {fmt(entry['oof'])} | {fmt(entry['oof_calibrated'])} "
-              f"| {fmt(entry['oof_stats_lr_same_folds'])} | {entry['seconds']} |")
+              f"| {fmt(entry.get('oof_with_fallback'))} | {fmt(entry['oof_stats_lr_same_folds'])} | {entry['seconds']} |")
 
 
 def predict_probs(ckpt: Path, input_path: Path, output: Path) -> np.ndarray:
@@ -404,7 +450,8 @@ def part_recipe(work: Path, data_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="synthetic,recipe",
-                        help="synthetic,real,real_split,recipe (real is hours in full: name it, with its knobs)")
+                        help="synthetic,real,real_split,recipe,anchor (real is hours in full: name it, with its "
+                             "knobs; anchor: the anchored head's ablation at step 0, ~1 min)")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer rows: a few minutes in all (real: {QUICK}, unless given)")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
@@ -441,11 +488,31 @@ def main(argv: list[str] | None = None) -> int:
             results["recipe"] = part_recipe(work, args.data_dir)
         if "real" in parts:
             run_real(args, args.work or work / "real")
+        if "anchor" in parts:
+            run_anchor_ablation(args)
     if any(p in parts for p in ("synthetic", "real_split", "recipe")):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print_table(results)
     return 0
+
+
+def run_anchor_ablation(args: argparse.Namespace) -> None:
+    """`--parts anchor`: the table, into --real-out under "anchor_ablation"."""
+    folds = [int(k) for k in (args.folds or ",".join(map(str, range(N_FOLDS)))).split(",") if k]
+    _, labels, fold_of = arena_folds(args.data_dir.resolve(), 42)
+    table = anchor_ablation(args.data_dir.resolve(), folds, 42)
+    rows = {str(k): int((fold_of == k).sum()) for k in folds}
+    print("\n| anchor at step 0 | " + " | ".join(f"fold {k}" for k in rows) + " | OOF |")
+    print("|---|" + "---|" * (len(rows) + 1))
+    for name, entry in table.items():
+        entry["oof"] = oof_total({k: (v, rows[k]) for k, v in entry["per_fold"].items()})
+        print(f"| {name} | " + " | ".join(f"{entry['per_fold'][k]:.4f}" for k in rows) + f" | {entry['oof']:.4f} |")
+    stored = json.loads(args.real_out.read_text()) if args.real_out.exists() else {}
+    stored["anchor_ablation"] = table
+    args.real_out.parent.mkdir(parents=True, exist_ok=True)
+    args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
+    print(f"written: {args.real_out} [anchor_ablation]")
 
 
 def run_real(args: argparse.Namespace, work: Path) -> None:

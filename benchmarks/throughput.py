@@ -22,7 +22,7 @@ precision (fp32 by default, `--precision bf16` for bf16 autocast), no DataLoader
   (d) pl_siamese_grouped  the same with the batch's 2B sides in up to 4 length groups, each padded to its
                   own longest side (`model.side_groups=4`, the default); it also predicts the same rows
                   again with prediction's token budget (`--predict-max-tokens`, predict.py's default
-                  65,536 padded tokens per batch) instead of batch-size rows.
+                  65,536 padded tokens per batch on a GPU) instead of batch-size rows.
 
 Each (setup, batch size) runs in its own subprocess (the parent only writes the data and trains the
 tokenizer, then collects one JSON result per child), so that peak RSS
@@ -98,7 +98,7 @@ SIDE_GROUPS = {"pl_siamese": 1, "pl_siamese_grouped": 4, "pl_llama_lora": 4}  # 
 LLM_SETUP = "pl_llama_lora"
 LABELS[LLM_SETUP] = "(e) project, siamese grouped, tiny Llama + LoRA r=8"
 LLM_LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
-PREDICT_MAX_TOKENS = 65536  # predict.py's default token budget
+PREDICT_MAX_TOKENS = 65536  # predict.py's token budget on a GPU (max_tokens=auto)
 # the project's default tiny backbone (conf/model/tiny.yaml); max_position_embeddings is raised to the max length
 TINY = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512}
 TARGETS = {"padding_efficiency": 0.95, "train_speedup_cross": 1.8, "fraction_of_bound": 0.90, "predict_speedup": 2.0,

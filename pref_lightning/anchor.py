@@ -45,26 +45,28 @@ def anchor_features(stats_a, stats_b, features: str = FEATURES):
     return cat(parts, -1)
 
 
-def _both_orders(stats_a, stats_b, labels, n_classes, ties=None, weight=None):
+def _both_orders(stats_a, stats_b, labels, n_classes, ties=None, weight=None, features=FEATURES):
     """Rows in both orders, (A, B) and (B, A) with the labels exchanged."""
     swap = np.asarray(SWAP[:n_classes])
-    X = np.concatenate([anchor_features(stats_a, stats_b), anchor_features(stats_b, stats_a)]).astype(np.float64)
+    X = np.concatenate([anchor_features(stats_a, stats_b, features),
+                        anchor_features(stats_b, stats_a, features)]).astype(np.float64)
     y = np.concatenate([labels, swap[labels]])
     ties, weight = (None if v is None else np.concatenate([v, v]) for v in (ties, weight))
     return X, y, ties, weight
 
 
-def _fit(stats_a, stats_b, labels, n_classes, l2, ties=None, weight=None) -> dict[str, Any]:
-    X, y, ties, weight = _both_orders(stats_a, stats_b, labels, n_classes, ties, weight)
+def _fit(stats_a, stats_b, labels, n_classes, l2, ties=None, weight=None, features=FEATURES) -> dict[str, Any]:
+    X, y, ties, weight = _both_orders(stats_a, stats_b, labels, n_classes, ties, weight, features)
     model = fit_logistic_regression(X, y, n_classes=n_classes, l2=l2, ties=ties, weight=weight)
     # fold the regression's own standardisation into one linear map on the features
     return {"weight": (model.weights / model.std[:, None]).tolist(),
-            "bias": (model.bias - (model.mean / model.std) @ model.weights).tolist(), "features": FEATURES}
+            "bias": (model.bias - (model.mean / model.std) @ model.weights).tolist(), "features": features}
 
 
 def choose_l2(stats_a: np.ndarray, stats_b: np.ndarray, labels: np.ndarray, groups: Sequence[str],
               n_classes: int = 3, ties: np.ndarray | None = None, weight: np.ndarray | None = None,
-              grid: Sequence[float] = L2_GRID, n_folds: int = CV_FOLDS, seed: int = 0) -> tuple[float, dict[float, float]]:
+              grid: Sequence[float] = L2_GRID, n_folds: int = CV_FOLDS, seed: int = 0,
+              features: str = FEATURES) -> tuple[float, dict[float, float]]:
     """The penalty of `grid` with the lowest k-fold log loss (folds grouped by `groups`, e.g. prompt keys,
     and stratified; swap-averaged logits as the model predicts), and every candidate's CV log loss.
     Ties go to the larger penalty. Too few rows for `n_folds` folds: the grid's middle value."""
@@ -82,7 +84,7 @@ def choose_l2(stats_a: np.ndarray, stats_b: np.ndarray, labels: np.ndarray, grou
             tr, va = (np.asarray(i, dtype=np.int64) for i in fold_split(folds, k))
             va = va[scored[va]]
             anchor = _fit(stats_a[tr], stats_b[tr], labels[tr], n_classes, l2,
-                          None if ties is None else ties[tr], None if weight is None else weight[tr])
+                          None if ties is None else ties[tr], None if weight is None else weight[tr], features)
             probs = class_probabilities(torch.from_numpy(anchor_logits(anchor, stats_a[va], stats_b[va])))
             total += float(competition_log_loss(probs, torch.from_numpy(labels[va]))) * len(va)
         losses[float(l2)] = float(total / scored.sum())
@@ -92,10 +94,11 @@ def choose_l2(stats_a: np.ndarray, stats_b: np.ndarray, labels: np.ndarray, grou
 
 def fit_anchor(stats_a: np.ndarray, stats_b: np.ndarray, labels: np.ndarray, n_classes: int = 3,
                l2: float | None = None, ties: np.ndarray | None = None, weight: np.ndarray | None = None,
-               groups: Sequence[str] | None = None) -> dict[str, Any]:
+               groups: Sequence[str] | None = None, features: str = FEATURES) -> dict[str, Any]:
     """Fit the offset on normalised statistics (n, n_stats) of both sides and labels (n,), with the training
     loss of the network (losses.py) when rows carry `ties` (n,) bool or loss `weight` (n,). `l2` None: chosen
-    by `choose_l2` over folds grouped by `groups` (n,) (default: one group per row).
+    by `choose_l2` over folds grouped by `groups` (n,) (default: one group per row). `features`: FEATURES,
+    or "a,b,diff" (without |a - b|, as anchors were fitted before; for ablations).
 
     Returns {"weight": (4 n_stats, K) nested list, "bias": (K,) list, "features", "l2", "cv_log_loss"}:
     a linear map on `anchor_features`, the penalty used and the inner-CV log loss of each candidate.
@@ -103,8 +106,8 @@ def fit_anchor(stats_a: np.ndarray, stats_b: np.ndarray, labels: np.ndarray, n_c
     cv: dict[float, float] = {}
     if l2 is None:
         groups = [str(i) for i in range(len(labels))] if groups is None else list(groups)
-        l2, cv = choose_l2(stats_a, stats_b, labels, groups, n_classes, ties, weight)
-    anchor = _fit(stats_a, stats_b, labels, n_classes, float(l2), ties, weight)
+        l2, cv = choose_l2(stats_a, stats_b, labels, groups, n_classes, ties, weight, features=features)
+    anchor = _fit(stats_a, stats_b, labels, n_classes, float(l2), ties, weight, features)
     return {**anchor, "l2": float(l2), "cv_log_loss": {str(k): v for k, v in cv.items()}}
 
 

@@ -218,7 +218,7 @@ class EncodedTable:
             return ids, offsets
 
         ids_a, offsets_a = flat([p.ids_a for p in pairs])
-        cross = bool(pairs) and pairs[0].ids_b is None
+        cross = bool(pairs) and pairs[0].ids_b is None  # pairs without a side B (none are built now)
         ids_b, offsets_b = (None, None) if cross else flat([p.ids_b for p in pairs])
         width = len(STATS_FEATURES)  # of an empty table only: the spec's statistics otherwise
         stats_a = np.stack([p.stats_a for p in pairs]).astype(np.float32) if pairs else np.zeros((0, width), np.float32)

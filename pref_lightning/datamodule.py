@@ -599,12 +599,13 @@ class PreferenceDataModule(L.LightningDataModule):
         return (np.stack([p.stats_a for p in pairs]), np.stack([p.stats_b for p in pairs]),
                 np.array([p.label for p in pairs], dtype=np.int64))
 
-    def fit_anchor(self, l2: float | None = None, rows: str = "train_file") -> dict[str, Any]:
+    def fit_anchor(self, l2: float | None = None, rows: str = "train_file", **options: Any) -> dict[str, Any]:
         """The anchored head's offset (`anchor.fit_anchor`), fitted after `setup` on the training split's rows
         of the training file (`rows="train_file"`: the distribution validation and test rows come from; on
         the arena folds, adding the extra sets' rows costs 0.02 nats OOF) or on every training row (`all`,
         with the network's tie-aware, weighted loss), its L2 penalty chosen by CV grouped by prompt unless
-        `l2` is given. The returned dict also records `rows`. Raises UserError for another `rows`."""
+        `l2` is given; `options` go to `anchor.fit_anchor`. The returned dict also records `rows`. Raises
+        UserError for another `rows`."""
         if rows not in ("train_file", "all"):
             raise UserError(f"model.anchor_rows={rows!r}; choose train_file or all")
         stats_a, stats_b, labels = self.split_statistics("train")
@@ -622,7 +623,7 @@ class PreferenceDataModule(L.LightningDataModule):
             keys = [prompt_key(r) for r in self.train_records[:n]]
         anchor = fit_anchor(stats_a[:n], stats_b[:n], labels[:n], n_classes=self.spec.n_classes, l2=l2,
                             ties=None if ties is None else ties[:n], weight=None if weight is None else weight[:n],
-                            groups=keys[:n])
+                            groups=keys[:n], **options)
         log.info("anchored head: statistics regression on %d %s rows, L2 %.3g%s", n,
                  "training-file" if rows == "train_file" else "training", anchor["l2"],
                  "" if not anchor["cv_log_loss"] else " (inner CV log loss " + ", ".join(
@@ -663,7 +664,9 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler = LengthGroupedSampler(lengths, batch_size, shuffle=shuffle,
                                        mega_batch_mult=self.mega_batch_mult, seed=self.split_seed,
                                        num_replicas=replicas, rank=rank, max_tokens=max_tokens,
-                                       sequences_per_row=2 if self.spec.layout == "siamese" else 1,
+                                       # backbone sequences per row: siamese 2; cross 1 in training (one
+                                       # order per pair), 2 in evaluation (swap TTA runs both orders)
+                                       sequences_per_row=2 if self.spec.layout == "siamese" or not shuffle else 1,
                                        epochs=self._epochs())
         if not shuffle:
             return DataLoader(dataset, batch_sampler=sampler, **common)

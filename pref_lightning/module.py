@@ -277,9 +277,10 @@ class PreferenceModule(L.LightningModule):
             implementation = getattr(self.backbone.config, "_attn_implementation", None)
             auto = self.packable and implementation == "flash_attention_2" and device.type == "cuda"
             self._packed_path = self.packed_mode == "true" or (self.packed_mode == "auto" and auto)
-            log.info("padding-free packed batches: %s (model.packed=%s, %s, attention %s, %s)",
-                     "on" if self._packed_path else "off, padded batches", self.packed_mode,
-                     getattr(self.backbone.config, "model_type", "?"), implementation, device.type)
+            if self.packable:  # encoders never pack: nothing to say
+                log.info("padding-free packed batches: %s (model.packed=%s, %s, attention %s, %s)",
+                         "on" if self._packed_path else "off, padded batches", self.packed_mode,
+                         getattr(self.backbone.config, "model_type", "?"), implementation, device.type)
         return self._packed_path
 
     def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

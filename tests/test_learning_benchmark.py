@@ -55,7 +55,7 @@ def test_real_part_on_two_folds_with_a_tiny_model(tmp_path):
     assert result["setting"]["max_train_batches"] == 2 and result["setting"]["overrides"] == tiny
     rows = result["fold_rows"]
     assert set(rows) == {"0", "1"} and 150 < rows["0"] < 250
-    for name in ("class_prior", "stats_lr"):
+    for name in ("class_prior", "stats_lr", "stats_lr_cv", "anchor_step0"):
         baseline = result["baselines"][name]
         assert set(baseline["per_fold"]) == {"0", "1"}
         expected = sum(baseline["per_fold"][k] * rows[k] for k in rows) / sum(rows.values())
@@ -70,7 +70,10 @@ def test_real_part_on_two_folds_with_a_tiny_model(tmp_path):
         assert entry["oof"] == pytest.approx(expected)
         assert entry["oof_stats_lr_same_folds"] == pytest.approx(result["baselines"]["stats_lr"]["oof"])
     # anchored runs report the statistics baseline they start from; the unanchored one does not
-    assert result["variants"]["recipe"]["per_fold"]["0"]["baseline_log_loss"] is not None
+    recipe = result["variants"]["recipe"]
+    assert recipe["per_fold"]["0"]["baseline_log_loss"] is not None
+    kept = {k: min(v["val_log_loss"], v["baseline_log_loss"]) for k, v in recipe["per_fold"].items()}
+    assert recipe["oof_with_fallback"] == pytest.approx(sum(kept[k] * rows[k] for k in rows) / sum(rows.values()))
     assert result["variants"]["no_anchor_tiny"]["per_fold"]["0"]["baseline_log_loss"] is None
     assert "ties:true" in " ".join(result["variants"]["ties_forced"]["overrides"])
     # a second call with the same setting adds folds to the stored result instead of replacing it
@@ -78,3 +81,16 @@ def test_real_part_on_two_folds_with_a_tiny_model(tmp_path):
                 "--overrides", " ".join(tiny), "--real-out", str(out), "--work", str(tmp_path / "runs2")])
     again = json.loads(out.read_text())["real"]
     assert again["variants"]["recipe"]["folds"] == ["0", "1"] and set(again["fold_rows"]) == {"0", "1"}
+
+
+@pytest.mark.slow
+@needs_shared_data()
+def test_anchor_ablation_scores_each_part_switched_off(tmp_path):
+    bench = load_script()
+    out = tmp_path / "learning_real.json"
+    assert bench.main(["--parts", "anchor", "--folds", "0", "--real-out", str(out)]) == 0
+    table = json.loads(out.read_text())["anchor_ablation"]
+    assert set(table) == set(bench.ANCHOR_ABLATION)
+    for entry in table.values():
+        assert set(entry["per_fold"]) == {"0"} and 0.9 < entry["oof"] < 1.2 and entry["what"]
+    assert len({round(e["oof"], 6) for e in table.values()}) == len(table)  # every switch changes something
