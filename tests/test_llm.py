@@ -325,6 +325,17 @@ def test_experiment_llm_lora_trains_and_predicts_on_cpu(llm_dirs, synthetic_csv,
     run("predict.py", f"ckpt_path={best}", f"input_path={synthetic_csv}", f"output_path={sub}", "batch_size=32",
         f"model.backbone={llm_dirs['llama']}")
     assert len(pd.read_csv(sub)) == len(pd.read_csv(synthetic_csv))
+    # an ensemble mixing this LLM checkpoint and a tiny DeBERTa one: each member encodes with its own
+    # tokenizer and contract, the probabilities are averaged
+    deberta = REPO / "tests" / "data" / "format1_tiny.ckpt"
+    mixed = tmp_path / "mixed.csv"
+    run("predict.py", f"ckpt_path=[{best},{deberta}]", f"input_path={synthetic_csv}", f"output_path={mixed}",
+        "batch_size=32", f"model.backbone={llm_dirs['llama']}")
+    frame = pd.read_csv(mixed)
+    assert len(frame) == len(pd.read_csv(synthetic_csv)) and frame["id"].is_unique
+    assert (frame[["winner_model_a", "winner_model_b", "winner_tie"]].sum(axis=1) - 1).abs().max() < 1e-6
+    assert not frame[["winner_model_a", "winner_model_b", "winner_tie"]].equals(
+        pd.read_csv(sub)[["winner_model_a", "winner_model_b", "winner_tie"]])
     refused = subprocess.run([sys.executable, "predict.py", f"ckpt_path={best}", f"input_path={synthetic_csv}",
                               f"output_path={tmp_path / 'x.csv'}", f"model.backbone={llm_dirs['other_llama']}"],
                              cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
