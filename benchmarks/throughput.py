@@ -91,12 +91,12 @@ SETUPS = ("hf_cross", "pl_cross", "pl_siamese", "pl_siamese_grouped")
 LABELS = {"hf_cross": "(a) HF Trainer, cross, random batches",
           "pl_cross": "(b) project, cross, length-grouped",
           "pl_siamese": "(c) project, siamese, one (2B, L) call",
-          "pl_siamese_grouped": "(d) project, siamese, sides in length groups"}
+          "pl_siamese_grouped": "(d) project, siamese, sides in length groups",
+          "pl_llama_lora": "(e) project, siamese grouped, tiny Llama + LoRA r=8"}
 SIDE_GROUPS = {"pl_siamese": 1, "pl_siamese_grouped": 4, "pl_llama_lora": 4}  # model.side_groups (4: the default)
 # --llm: (e) the same rows and path as (d) with a decoder LLM of the same shape (tiny Llama, LoRA), at the
 # first batch size only
 LLM_SETUP = "pl_llama_lora"
-LABELS[LLM_SETUP] = "(e) project, siamese grouped, tiny Llama + LoRA r=8"
 LLM_LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 PREDICT_MAX_TOKENS = 65536  # predict.py's token budget on a GPU (max_tokens=auto)
 # the project's default tiny backbone (conf/model/tiny.yaml); max_position_embeddings is raised to the max length

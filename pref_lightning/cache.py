@@ -199,7 +199,7 @@ class EncodedTable:
 
     ids_a: np.ndarray  # int32, all A sides concatenated (cross layout: whole rows)
     offsets_a: np.ndarray  # int64 (n + 1,)
-    ids_b: np.ndarray | None  # None in the cross layout
+    ids_b: np.ndarray | None  # side B (cross layout: the rows with A and B exchanged); None: no side B
     offsets_b: np.ndarray | None
     stats_a: np.ndarray  # float32 (n, statistics of the spec), raw (normalisation is fitted per split)
     stats_b: np.ndarray
@@ -218,8 +218,8 @@ class EncodedTable:
             return ids, offsets
 
         ids_a, offsets_a = flat([p.ids_a for p in pairs])
-        cross = bool(pairs) and pairs[0].ids_b is None  # pairs without a side B (none are built now)
-        ids_b, offsets_b = (None, None) if cross else flat([p.ids_b for p in pairs])
+        no_side_b = bool(pairs) and pairs[0].ids_b is None
+        ids_b, offsets_b = (None, None) if no_side_b else flat([p.ids_b for p in pairs])
         width = len(STATS_FEATURES)  # of an empty table only: the spec's statistics otherwise
         stats_a = np.stack([p.stats_a for p in pairs]).astype(np.float32) if pairs else np.zeros((0, width), np.float32)
         stats_b = np.stack([p.stats_b for p in pairs]).astype(np.float32) if pairs else np.zeros((0, width), np.float32)

@@ -293,11 +293,8 @@ class PreferenceModule(L.LightningModule):
         hidden = self.backbone(input_ids=input_ids[mask].unsqueeze(0), position_ids=positions).last_hidden_state[0]
         self.last_processed_tokens = int(positions.shape[1])
         self.last_real_tokens = lengths.sum()
-        pooled = pool_packed(hidden, lengths, self.hparams.pooling)
-        if self.reward_head is not None:
-            score = self.reward_head(hidden[torch.cumsum(lengths, 0) - 1].float())
-            pooled = torch.cat([pooled, score.to(pooled.dtype)], -1)
-        return pooled
+        return self._with_reward(pool_packed(hidden, lengths, self.hparams.pooling),
+                                 lambda: hidden[torch.cumsum(lengths, 0) - 1])
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(n, pooled) vectors of `input_ids` / `attention_mask` (n, L), in one backbone call (packed
@@ -307,11 +304,16 @@ class PreferenceModule(L.LightningModule):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         self.last_processed_tokens = attention_mask.numel()
         self.last_real_tokens = attention_mask.sum()  # a tensor: read (one host sync) only by who needs it
-        pooled = pool(hidden, attention_mask, self.hparams.pooling)
-        if self.reward_head is not None:  # the reward as one more column, split off in side_vectors
-            score = self.reward_head(last_token_pool(hidden, attention_mask).float())
-            pooled = torch.cat([pooled, score.to(pooled.dtype)], -1)
-        return pooled
+        return self._with_reward(pool(hidden, attention_mask, self.hparams.pooling),
+                                 lambda: last_token_pool(hidden, attention_mask))
+
+    def _with_reward(self, pooled: torch.Tensor, last_hidden) -> torch.Tensor:
+        """`pooled` (n, pooled), with the reward model's score of each row's last real token (`last_hidden()`,
+        (n, hidden)) as one more column when `model.reward_score` (split off again in `side_vectors`)."""
+        if self.reward_head is None:
+            return pooled
+        score = self.reward_head(last_hidden().float())
+        return torch.cat([pooled, score.to(pooled.dtype)], -1)
 
     def encode_grouped(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`encode` of right-padded rows (n, L), run as up to `side_groups` backbone calls over rows of

@@ -204,7 +204,8 @@ class PairEncoder:
             overlap, identical = answer_overlap(record.response_a, record.response_b)
             if self.spec.layout == "cross":
                 # both orders: swap augmentation and TTA need the exchanged row (a different sequence)
-                ids_a, ids_b = self.build_cross(prompt, ids[a0:a1], ids[b0:b1]), self.build_cross(prompt, ids[b0:b1], ids[a0:a1])
+                a, b = ids[a0:a1], ids[b0:b1]
+                ids_a, ids_b = self.build_cross(prompt, a, b), self.build_cross(prompt, b, a)
             else:
                 ids_a, ids_b = self.build_side(prompt, ids[a0:a1]), self.build_side(prompt, ids[b0:b1])
             pairs.append(EncodedPair(
