@@ -119,10 +119,14 @@ class AnchorOffset(nn.Module):
         weight = torch.tensor(anchor["weight"], dtype=torch.float32)
         self.features = str(anchor.get("features", "a,b,diff"))
         self.linear = nn.Linear(weight.shape[0], weight.shape[1])
-        with torch.no_grad():
-            self.linear.weight.copy_(weight.T)
-            self.linear.bias.copy_(torch.tensor(anchor["bias"], dtype=torch.float32))
+        self.reset(anchor)
         self.linear.requires_grad_(trainable)
+
+    @torch.no_grad()
+    def reset(self, anchor: dict[str, Any]) -> None:
+        """Set the weights to the fitted regression `anchor` (`fit_anchor`'s dict)."""
+        self.linear.weight.copy_(torch.tensor(anchor["weight"], dtype=torch.float32).T)
+        self.linear.bias.copy_(torch.tensor(anchor["bias"], dtype=torch.float32))
 
     def forward(self, stats_a: torch.Tensor, stats_b: torch.Tensor) -> torch.Tensor:
         return self.linear(anchor_features(stats_a.float(), stats_b.float(), self.features))

@@ -209,9 +209,7 @@ class PreferenceModule(L.LightningModule):
             if anchor is None:
                 raise UserError("model.anchor_head=true needs the fitted anchor (datamodule.fit_anchor())")
             self.anchor = AnchorOffset(dict(anchor), trainable=anchor_trainable)
-            for layer in output_layers(self.head):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+            self.reset_to_baseline()
         self.val_log_loss = LogLoss()
         self.val_accuracy = MulticlassAccuracy(num_classes=n_classes, average="micro")
         self.train_log_loss = LogLoss()
@@ -263,6 +261,15 @@ class PreferenceModule(L.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         self._flush_denormals()
+
+    @torch.no_grad()
+    def reset_to_baseline(self) -> None:
+        """The anchored model at step 0: the head's output layers at zero and the anchor at its fitted
+        regression (it may have moved with `anchor_trainable`), so the logits are the regression's alone."""
+        for layer in output_layers(self.head):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        self.anchor.reset(dict(self.hparams.anchor))
 
     # ---- forward ------------------------------------------------------------------------------
     @property

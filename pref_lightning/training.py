@@ -26,7 +26,6 @@ from pref_lightning.checkpoint import store_temperature
 from pref_lightning.compat import check_backbone_settings, check_hardware
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.distributed import all_ranks, hydra_job_processes
-from pref_lightning.head import output_layers
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import PreferenceModule
 from pref_lightning.pipeline import build_tokenizer, instantiate_list, set_runtime_defaults
@@ -83,7 +82,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         metrics["warnings"].append(
             f"the trained model ended behind the statistics baseline it started from (validation log loss "
             f"{fallback['trained_log_loss']:.4f} > {fallback['baseline_log_loss']:.4f}): the checkpoint holds the "
-            "baseline alone, its head's output layers zeroed (model.anchor_fallback=false keeps the trained model)")
+            "baseline alone (model.anchor_fallback=false keeps the trained model)")
     if trainer.is_global_zero:
         write_outputs(run_dir, cfg, metrics, model, datamodule, trainer, val_logits, val_labels)
     return metrics
@@ -119,8 +118,8 @@ def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: An
 def fall_back_to_baseline(trainer: L.Trainer, model: PreferenceModule, datamodule: PreferenceDataModule, best: str,
                           results: dict[str, float], logits: torch.Tensor, labels: torch.Tensor):
     """The anchored model that ended behind its step-0 baseline on validation goes back to that baseline:
-    its head's output layers are zeroed (as at step 0), so its logits are the statistics regression's
-    alone, and the best checkpoint is rewritten with them. Early stopping whose candidates include step 0:
+    `reset_to_baseline` (head output at zero, the anchor at its fitted regression), so its logits are the
+    statistics regression's alone, and the best checkpoint is rewritten with them. Early stopping whose candidates include step 0:
     the model kept never scores worse on validation than the baseline it started from (a choice between
     two models on the validation rows, as the checkpoint choice itself is). Returns (what happened or None,
     results, logits, labels) of the model kept."""
@@ -128,10 +127,7 @@ def fall_back_to_baseline(trainer: L.Trainer, model: PreferenceModule, datamodul
     if model.anchor is None or baseline is None or results["val/log_loss"] <= baseline + 1e-4:
         return None, results, logits, labels
     trained = float(results["val/log_loss"])
-    with torch.no_grad():
-        for layer in output_layers(model.head):
-            layer.weight.zero_()
-            layer.bias.zero_()
+    model.reset_to_baseline()
     if best:
         trainer.save_checkpoint(best, weights_only=True)
     results, logits, labels = validate_best(trainer, model, datamodule, None)

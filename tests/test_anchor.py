@@ -113,9 +113,10 @@ def test_a_model_behind_its_baseline_falls_back_to_it(tiny_tokenizer, setup, tmp
                         enable_model_summary=False, max_steps=0)
     trainer.fit(model, dm)
     torch.manual_seed(0)
-    with torch.no_grad():  # a head that learned only noise: confidently wrong
+    with torch.no_grad():  # a head that learned only noise: confidently wrong, and an anchor that moved
         for layer in output_layers(model.head):
             layer.weight.normal_(0, 3.0)
+        model.anchor.linear.weight.add_(0.5)
     path = str(tmp_path / "best.ckpt")
     trainer.save_checkpoint(path, weights_only=True)
     results, logits, labels = validate_best(trainer, model, dm, path)
