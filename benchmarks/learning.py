@@ -47,6 +47,21 @@ QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=fals
 REAL_EXTRA = ["hh_rlhf_test.csv", "autoj_pairwise_test.csv", "pandalm_testset_v1.csv", "hhh_alignment.csv"]
 
 
+def run_info(argv: list[str], precision: str = "32-true") -> dict:
+    """Where and how a result was measured: date, commit, machine, precision, command."""
+    import os
+    import platform
+
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip() or None,
+            "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+            "torch": torch.__version__, "precision": precision, "command": "python " + " ".join(argv)}
+
+
 def train(run_dir: Path, *overrides: str) -> tuple[dict, str, float]:
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *QUIET, *overrides],
@@ -279,11 +294,14 @@ def recipe_source_list(data_dir: Path) -> list[dict]:
 
 
 def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length: int = 256,
-                    data: dict | None = None, options: dict | None = None) -> dict[int, float]:
+                    data: dict | None = None, options: dict | None = None,
+                    text_anchor: Path | None = None) -> dict[int, float]:
     """The recipe's model at step 0 per fold: its anchored head's statistics regression alone (the project's
     statistics and normalisation, penalty by inner CV, fitted on the fold's training arena rows), scored on
     the fold with swap TTA and the probability floor, as the step-0 validation pass scores it. Tokens are
-    counted with the recipe's tokenizer (MiniLM when installed, else a tokenizer trained on the rows)."""
+    counted with the recipe's tokenizer (MiniLM when installed, else a tokenizer trained on the rows).
+    `text_anchor`: a frozen stage-1 checkpoint whose text score joins the regression (`model.text_anchor`),
+    through the same `stages` functions the training recipe calls; its tokenizer then encodes the rows."""
     from pref_lightning.anchor import anchor_log_loss
     from pref_lightning.backbone import cached_trained_tokenizer, load_tokenizer, resolve_backbone
     from pref_lightning.datamodule import PreferenceDataModule
@@ -294,20 +312,48 @@ def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length:
     except UserError:
         texts = [t for r in read_records(data_dir / ARENA) for t in (*r.prompt, *r.response_a, *r.response_b)]
         tokenizer = cached_trained_tokenizer(texts, 8000)
+    score = None
+    if text_anchor is not None:
+        import torch
+
+        from pref_lightning.backbone import tokenizer_from_files
+        from pref_lightning.module import PreferenceModule
+        from pref_lightning.stages import read_text_scorer
+
+        settings, weights, files = read_text_scorer(text_anchor, "siamese")
+        tokenizer = tokenizer_from_files(files)
+        scorer = PreferenceModule(**settings["hparams"], backbone_config=settings["backbone_config"])
+        scorer.load_state_dict(weights)
+        scorer.eval()
+        torch.set_flush_denormal(True)
+
+        def score(batch):
+            return scorer({k: batch[k] for k in ("input_ids", "attention_mask")}, tta_swap=True)
     out = {}
     for k in fold_list:
         dm = PreferenceDataModule(train_path=str(data_dir / ARENA), n_folds=N_FOLDS, fold=k, split_seed=seed,
                                   max_length=max_length, batch_size=16, num_workers=0, **(data or {}))
         dm.attach_tokenizer(tokenizer)
         dm.setup("fit")
-        out[k] = anchor_log_loss(dm.fit_anchor(**(options or {})), *dm.split_statistics("val"), True, 0.002)
+        val_a, val_b, val_labels = dm.split_statistics("val")
+        columns = None
+        if score is not None:
+            from pref_lightning.stages import score_columns
+
+            def columns(pairs, dm=dm):
+                return score_columns(score, pairs, dm.collator(), 32)
+            text_a, text_b = columns(dm.val_set.pairs)
+            val_a, val_b = np.concatenate([val_a, text_a], 1), np.concatenate([val_b, text_b], 1)
+        out[k] = anchor_log_loss(dm.fit_anchor(**(options or {}), side_columns=columns), val_a, val_b, val_labels,
+                                 True, 0.002)
+        print(f"anchor fold {k}: {out[k]:.4f}", flush=True)
     return out
 
 
 def run_fold(run_dir: Path, data_dir: Path, fold: int, overrides: list[str], max_batches: int | None,
-             expected: tuple[list[str], np.ndarray, np.ndarray]) -> dict:
+             expected: tuple[list[str], np.ndarray, np.ndarray], recipe: str = RECIPE) -> dict:
     """Train experiment=arena_small on fold `fold`; its validation scores (checked to be on our fold)."""
-    args = [f"experiment={RECIPE}", f"paths.data_dir={data_dir}", f"data.n_folds={N_FOLDS}", f"data.fold={fold}",
+    args = [f"experiment={recipe}", f"paths.data_dir={data_dir}", f"data.n_folds={N_FOLDS}", f"data.fold={fold}",
             "report=false", *overrides]
     if max_batches:
         args.append(f"trainer.limit_train_batches={max_batches}")
@@ -337,10 +383,11 @@ def oof_total(per_fold: dict, key: str | None = None) -> float | None:
 
 
 def part_real(work: Path, data_dir: Path, fold_list: list[int], variants: list[str], max_batches: int | None,
-              overrides: list[str], custom: dict[str, list[str]], previous: dict | None, seed: int = 42) -> dict:
+              overrides: list[str], custom: dict[str, list[str]], previous: dict | None, seed: int = 42,
+              recipe: str = RECIPE) -> dict:
     arena, labels, folds = arena_folds(data_dir, seed)
     ids = [r.id for r in arena]
-    setting = {"recipe": f"experiment={RECIPE}", "max_train_batches": max_batches, "overrides": overrides,
+    setting = {"recipe": f"experiment={recipe}", "max_train_batches": max_batches, "overrides": overrides,
                "n_folds": N_FOLDS, "split_seed": seed}
     result = previous if previous and previous.get("setting") == setting else {"setting": setting}
     if result is previous:
@@ -364,7 +411,7 @@ def part_real(work: Path, data_dir: Path, fold_list: list[int], variants: list[s
             try:
                 entry["per_fold"][str(k)] = run_fold(work / name / f"fold{k}", data_dir, k,
                                                      [*entry["overrides"], *overrides], max_batches,
-                                                     (ids, folds, labels))
+                                                     (ids, folds, labels), recipe)
             except RuntimeError as error:  # one failed run does not lose the others
                 entry["per_fold"][str(k)] = {"error": str(error)[-2000:]}
             print(f"real: {name} fold {k}: {entry['per_fold'][str(k)]}", flush=True)
@@ -467,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="real: keep the runs here (default: a temp folder)")
     parser.add_argument("--real-out", type=Path, default=REPO / "benchmarks" / "results" / "learning_real.json")
     parser.add_argument("--real-key", default="real", help="real: name of the result in --real-out")
+    parser.add_argument("--recipe", default=RECIPE, help="real: the experiment every fold trains (default arena_small)")
+    parser.add_argument("--text-anchor", type=Path, default=None,
+                        help="anchor: a stage-1 checkpoint (model.text_anchor): the anchor with its text score")
+    parser.add_argument("--text-anchor-label", default="stage1",
+                        help="anchor: the name of that stage in --real-out (text_anchor:LABEL)")
     # --parts real_split
     parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=1)
@@ -498,10 +550,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_anchor_ablation(args: argparse.Namespace) -> None:
-    """`--parts anchor`: the table, into --real-out under "anchor_ablation"."""
+    """`--parts anchor`: the table, into --real-out under "anchor_ablation" (with --text-anchor CKPT, the
+    anchor with that stage's text score beside the statistics, under "text_anchor")."""
     folds = [int(k) for k in (args.folds or ",".join(map(str, range(N_FOLDS)))).split(",") if k]
     _, labels, fold_of = arena_folds(args.data_dir.resolve(), 42)
-    table = anchor_ablation(args.data_dir.resolve(), folds, 42)
+    if args.text_anchor:
+        ckpt = args.text_anchor.resolve()
+        table = {"anchor": {"what": "statistics alone (step 0 of the recipe without a text anchor)",
+                            "per_fold": {str(k): v for k, v in anchor_baseline(args.data_dir.resolve(), folds, 42).items()}},
+                 "text_anchor": {"what": f"statistics + the frozen stage's text score ({ckpt.name}, "
+                                         f"{args.text_anchor_label or 'unlabelled'})",
+                                 "per_fold": {str(k): v for k, v in anchor_baseline(
+                                     args.data_dir.resolve(), folds, 42, text_anchor=ckpt).items()}}}
+    else:
+        table = anchor_ablation(args.data_dir.resolve(), folds, 42)
     rows = {str(k): int((fold_of == k).sum()) for k in folds}
     print("\n| anchor at step 0 | " + " | ".join(f"fold {k}" for k in rows) + " | OOF |")
     print("|---|" + "---|" * (len(rows) + 1))
@@ -509,10 +571,11 @@ def run_anchor_ablation(args: argparse.Namespace) -> None:
         entry["oof"] = oof_total({k: (v, rows[k]) for k, v in entry["per_fold"].items()})
         print(f"| {name} | " + " | ".join(f"{entry['per_fold'][k]:.4f}" for k in rows) + f" | {entry['oof']:.4f} |")
     stored = json.loads(args.real_out.read_text()) if args.real_out.exists() else {}
-    stored["anchor_ablation"] = table
+    key = f"text_anchor:{args.text_anchor_label}" if args.text_anchor else "anchor_ablation"
+    stored[key] = {**table, **({"run_info": run_info(sys.argv)} if args.text_anchor else {})}
     args.real_out.parent.mkdir(parents=True, exist_ok=True)
     args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
-    print(f"written: {args.real_out} [anchor_ablation]")
+    print(f"written: {args.real_out} [{key}]")
 
 
 def run_real(args: argparse.Namespace, work: Path) -> None:
@@ -527,7 +590,8 @@ def run_real(args: argparse.Namespace, work: Path) -> None:
     names = [v for v in variants.split(",") if v] + [n for n in custom if n not in variants.split(",")]
     stored = json.loads(args.real_out.read_text()) if args.real_out.exists() else {}
     result = part_real(work, args.data_dir.resolve(), [int(k) for k in folds.split(",") if k], names, max_batches,
-                       args.overrides.split(), custom, stored.get(args.real_key))
+                       args.overrides.split(), custom, stored.get(args.real_key), recipe=args.recipe)
+    result["run_info"] = run_info(sys.argv)
     stored[args.real_key] = result
     args.real_out.parent.mkdir(parents=True, exist_ok=True)
     args.real_out.write_text(json.dumps(stored, indent=2) + "\n")

@@ -413,8 +413,12 @@ class PreferenceDataModule(L.LightningDataModule):
             known = records
         file_counts.update(train_rows=len(self.train_records), val_rows=len(self.val_records),
                            class_prior=class_prior(label_array(self.train_records), self.spec.n_classes).round(6).tolist())
+        pseudo_targets: list = []
         extra, source_counts = mix_sources(known, self.sources, prompt_key=prompt_key, seed=self.split_seed,
-                                           on_bad_rows=self.on_bad_rows, n_classes=self.spec.n_classes)
+                                           on_bad_rows=self.on_bad_rows, n_classes=self.spec.n_classes,
+                                           targets=pseudo_targets)
+        # pseudo-labelled sources' rows train on their teacher's probabilities alone (sources.py)
+        self._pseudo_targets = [None] * len(self.train_records) + pseudo_targets
         # the training file's rows can tie and weigh 1; each source's rows follow in order
         self._train_ties = np.concatenate([np.ones(len(self.train_records), bool)]
                                           + [np.full(c["added_to_train"], c["ties"]) for c in source_counts])
@@ -475,7 +479,11 @@ class PreferenceDataModule(L.LightningDataModule):
         if self._train_ties is not None:
             for pair, ties, weight in zip(pairs, self._train_ties, self._train_loss_weights):
                 pair.ties, pair.weight = bool(ties), float(weight)
+        pseudo = getattr(self, "_pseudo_targets", None) or []
         if not self.teacher_path:
+            for pair, target in zip(pairs, pseudo):
+                if target is not None:
+                    pair.target = target
             return
         from pref_lightning.losses import mix_targets
         from pref_lightning.teacher import read_teacher
@@ -486,6 +494,9 @@ class PreferenceDataModule(L.LightningDataModule):
         ties = np.array([p.ties for p in pairs], dtype=bool)
         for pair, target in zip(pairs, mix_targets(labels, soft, self.teacher_weight, ties)):
             pair.target = target
+        for pair, target in zip(pairs, pseudo):  # a pseudo-labelled row keeps its own source's teacher
+            if target is not None:
+                pair.target = target
         self.data_counts["teacher"] = {**counts, "weight": self.teacher_weight, "missing": self.teacher_missing}
         log.info("teacher %s: %d of %d training rows matched by id (weight %g, temperature %g)", self.teacher_path,
                  counts["training_rows_matched"], len(pairs), self.teacher_weight, self.teacher_temperature)
@@ -593,19 +604,26 @@ class PreferenceDataModule(L.LightningDataModule):
             if not len(self.predict_set):
                 raise UserError(f"{self.predict_path}: no rows to predict")
 
+    def collator(self) -> PairCollator:
+        """The collator of this datamodule's loaders (encoded pairs -> a padded batch dict)."""
+        return PairCollator(self._require_encoder().pad_id, self.pad_to_multiple_of)
+
     def split_statistics(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalised statistics of sides A and B (n, n_stats) and labels (n,) of the `train` or `val` split."""
         pairs = (self.train_set if split == "train" else self.val_set).pairs
         return (np.stack([p.stats_a for p in pairs]), np.stack([p.stats_b for p in pairs]),
                 np.array([p.label for p in pairs], dtype=np.int64))
 
-    def fit_anchor(self, l2: float | None = None, rows: str = "train_file", **options: Any) -> dict[str, Any]:
+    def fit_anchor(self, l2: float | None = None, rows: str = "train_file", side_columns: Any = None,
+                   **options: Any) -> dict[str, Any]:
         """The anchored head's offset (`anchor.fit_anchor`), fitted after `setup` on the training split's rows
         of the training file (`rows="train_file"`: the distribution validation and test rows come from; on
         the arena folds, adding the extra sets' rows costs 0.02 nats OOF) or on every training row (`all`,
         with the network's tie-aware, weighted loss), its L2 penalty chosen by CV grouped by prompt unless
-        `l2` is given; `options` go to `anchor.fit_anchor`. The returned dict also records `rows`. Raises
-        UserError for another `rows`."""
+        `l2` is given; `options` go to `anchor.fit_anchor`. `side_columns` (encoded pairs -> per-side columns
+        (n, c) of A and of B, e.g. a frozen stage's text scores, `stages.score_columns`) adds columns to the
+        statistics the regression reads. The returned dict also records `rows`. Raises UserError for another
+        `rows`."""
         if rows not in ("train_file", "all"):
             raise UserError(f"model.anchor_rows={rows!r}; choose train_file or all")
         stats_a, stats_b, labels = self.split_statistics("train")
@@ -618,13 +636,18 @@ class PreferenceDataModule(L.LightningDataModule):
         if rows == "train_file" and self.sources:
             n = len(pairs) - sum(c["added_to_train"] for c in self.data_counts["sources"])
             ties = weight = None  # the training file's rows all can tie and weigh 1
+        if side_columns is not None:
+            extra_a, extra_b = side_columns(pairs[:n])
+            stats_a = np.concatenate([stats_a[:n], extra_a], 1)
+            stats_b = np.concatenate([stats_b[:n], extra_b], 1)
         keys = self._train_file_keys
         if keys is None or len(keys) != n:  # an explicit val_path (no split), or every row with the sources'
             keys = [prompt_key(r) for r in self.train_records[:n]]
         anchor = fit_anchor(stats_a[:n], stats_b[:n], labels[:n], n_classes=self.spec.n_classes, l2=l2,
                             ties=None if ties is None else ties[:n], weight=None if weight is None else weight[:n],
                             groups=keys[:n], **options)
-        log.info("anchored head: statistics regression on %d %s rows, L2 %.3g%s", n,
+        log.info("anchored head: statistics%s regression on %d %s rows, L2 %.3g%s",
+                 "" if side_columns is None else " + text score", n,
                  "training-file" if rows == "train_file" else "training", anchor["l2"],
                  "" if not anchor["cv_log_loss"] else " (inner CV log loss " + ", ".join(
                      f"{k}: {v:.4f}" for k, v in anchor["cv_log_loss"].items()) + ")")

@@ -48,6 +48,7 @@ from pref_lightning.metrics import (
     check_floor,
     class_probabilities,
 )
+from pref_lightning.stages import text_side_columns
 
 log = logging.getLogger(__name__)
 SWAP_MODES = ("none", "random", "full")
@@ -122,6 +123,8 @@ class PreferenceModule(L.LightningModule):
         side_groups: int = 4,
         reward_score: bool = False,
         packed: bool | str = "auto",
+        lineage: Sequence[Mapping[str, Any]] | None = None,
+        text_anchor: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if str(packed).lower() not in PACKED_MODES:
@@ -193,6 +196,15 @@ class PreferenceModule(L.LightningModule):
                 self.reward_head.weight.copy_(weight)
             self.reward_head.requires_grad_(False)
             stats_size += 1
+        # a frozen earlier stage (model.text_anchor, stages.py) scores each pair from the text alone; its
+        # per-side score is one more column for the head and for the anchored head's regression
+        self.text_scorer: PreferenceModule | None = None
+        if text_anchor is not None:
+            if layout != "siamese":
+                raise UserError("model.text_anchor scores one side at a time: it needs data.layout=siamese")
+            self.text_scorer = PreferenceModule(**text_anchor["hparams"], backbone_config=text_anchor["backbone_config"])
+            self.text_scorer.requires_grad_(False).eval()
+            stats_size += 1
         if layout == "cross":
             self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size,
                                   n_classes=n_classes)
@@ -219,6 +231,12 @@ class PreferenceModule(L.LightningModule):
         self.last_real_tokens: torch.Tensor | int = 0  # real (unmasked) tokens among them
         self.temperature: float = 1.0  # fitted on validation logits after training (calibration)
         self.apply_temperature = True
+
+    def train(self, mode: bool = True) -> PreferenceModule:
+        super().train(mode)
+        if self.text_scorer is not None:  # frozen: no dropout, whatever the loop asks
+            self.text_scorer.eval()
+        return self
 
     # ---- runtime ------------------------------------------------------------------------------
     def _flush_denormals(self) -> None:
@@ -372,8 +390,18 @@ class PreferenceModule(L.LightningModule):
         """`logits` plus the anchor's offset (anchored head), else unchanged."""
         if self.anchor is None:
             return logits
-        k = self.spec.n_stats  # the anchor regresses on the side statistics only (not the reward)
+        k = self.spec.n_stats  # the anchor regresses on the side statistics (not the reward) and the text score
+        if self.text_scorer is not None:
+            return logits + self.anchor(torch.cat([stats_a[..., :k], stats_a[..., -1:]], -1),
+                                        torch.cat([stats_b[..., :k], stats_b[..., -1:]], -1))
         return logits + self.anchor(stats_a[..., :k], stats_b[..., :k])
+
+    @torch.no_grad()
+    def text_scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K') swap-averaged logits of the frozen text scorer (`model.text_anchor`) for the batch's
+        (2B, L) siamese sides, read from the tokens alone."""
+        sides = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return self.text_scorer(sides, tta_swap=True).float()
 
     def side_vectors(self, batch: Mapping[str, torch.Tensor]):
         """Pooled vectors (B, pooled) and statistics (B, n_stats) of sides A and B from the batch's (2B, L)
@@ -384,6 +412,10 @@ class PreferenceModule(L.LightningModule):
         if self.reward_head is not None:  # each side's reward: one more statistic for the head
             pooled, score = pooled[:, :-1], pooled[:, -1:]
             stats = score if stats is None else torch.cat([stats.float(), score], -1)
+        if self.text_scorer is not None:  # each side's text score: the last column
+            text_a, text_b = text_side_columns(self.text_scores(batch))
+            text = torch.cat([text_a, text_b]).to(pooled.dtype)
+            stats = text if stats is None else torch.cat([stats.float(), text], -1)
         stats_a, stats_b = (None, None) if stats is None else (stats[:n].float(), stats[n:].float())
         return pooled[:n], pooled[n:], stats_a, stats_b
 

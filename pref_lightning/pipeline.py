@@ -8,8 +8,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer
+from pref_lightning.backbone import TINY, cached_trained_tokenizer, load_tokenizer, tokenizer_from_files
 from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.stages import read_init
 
 
 def set_runtime_defaults() -> None:
@@ -18,7 +19,10 @@ def set_runtime_defaults() -> None:
 
 
 def build_tokenizer(model_cfg: DictConfig, datamodule: PreferenceDataModule):
-    """The tokenizer named by the model config; for the tiny backbone, one trained on the train texts."""
+    """The tokenizer named by the model config; for the tiny backbone, one trained on the train texts; with
+    `model.init_from`, the tokenizer stored in that checkpoint (the ids its weights were trained on)."""
+    if model_cfg.get("init_from"):
+        return tokenizer_from_files(read_init(model_cfg.init_from)["tokenizer_files"])
     if model_cfg.backbone == TINY and not model_cfg.get("tokenizer"):
         return cached_trained_tokenizer(datamodule.tokenizer_texts(), int(model_cfg.tokenizer_vocab_size),
                                         model_cfg.get("cache_dir"))

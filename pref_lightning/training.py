@@ -26,12 +26,21 @@ from pref_lightning.checkpoint import store_temperature
 from pref_lightning.compat import check_backbone_settings, check_hardware
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.distributed import all_ranks, hydra_job_processes
+from pref_lightning.errors import UserError
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import PreferenceModule
 from pref_lightning.pipeline import build_tokenizer, instantiate_list, set_runtime_defaults
 from pref_lightning.records import FLOAT_FORMAT
 from pref_lightning.report import csv_metrics_path, write_report
 from pref_lightning.resume import output_dir, resume_checkpoint
+from pref_lightning.stages import (
+    apply_init,
+    ensure_stage,
+    read_init,
+    read_text_scorer,
+    same_tokenizer,
+    score_columns,
+)
 from pref_lightning.submission import submission_frame
 
 log = logging.getLogger(__name__)
@@ -51,6 +60,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     set_runtime_defaults()
     L.seed_everything(cfg.seed, workers=True)
     run_dir = output_dir(cfg)
+    # an earlier stage this recipe starts from (model.init_from / text_anchor name its checkpoint): trained
+    # first when missing
+    ensure_stage(cfg.get("stage1"), str(cfg.paths.data_dir), int(cfg.seed))
 
     tokenizer = check_backbone_settings(cfg)  # settings that contradict the backbone: refused before any data is read
     datamodule: PreferenceDataModule = instantiate(cfg.data)
@@ -98,21 +110,54 @@ def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: An
     """The model of `cfg.model`, given every data fact through its constructor: the encoding spec, the
     training split's class prior, the validation references (with the anchored head, the baseline it
     starts from), the tokenizer's files (also saved to `tokenizer_folder` when given) and, with
-    `model.anchor_head`, the statistics' regression fitted on the training split."""
+    `model.anchor_head`, the statistics' regression fitted on the training split. With `model.init_from`
+    the network starts from that checkpoint (stages.py, recorded as `lineage`); with `model.text_anchor`
+    that checkpoint's frozen network scores every pair and its score joins the regression."""
     settings = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in TOKENIZER_KEYS}
     model_class = get_class(settings.pop("_target_"))
     # how the anchor is fitted (recorded in it, hence in the checkpoint); not constructor arguments
     anchor_fit = {"l2": settings.pop("anchor_l2", None), "rows": settings.pop("anchor_rows", "train_file")}
     settings.pop("anchor_fallback", None)  # a training-recipe choice (fall_back_to_baseline), not the model's
-    anchor = datamodule.fit_anchor(**anchor_fit) if settings.get("anchor_head") else None
+    init_path, text_path = settings.pop("init_from", None), settings.pop("text_anchor", None)
+    files = tokenizer_files(tokenizer, tokenizer_folder)
+    init = read_init(init_path) if init_path else None
+    text_anchor, scorer, side_columns = None, None, None
+    if text_path:
+        text_anchor, weights, scorer_files = read_text_scorer(text_path, datamodule.spec.layout)
+        if not same_tokenizer(scorer_files, files):
+            raise UserError(f"model.text_anchor={text_path}: that checkpoint's tokenizer is not this run's "
+                            "(another backbone or vocabulary); train the text anchor with the same model.backbone")
+        scorer = model_class(**text_anchor["hparams"], backbone_config=text_anchor["backbone_config"])
+        scorer.load_state_dict(weights)
+        scorer.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        device = next(scorer.parameters()).device
+
+        def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return scorer({k: batch[k].to(device) for k in ("input_ids", "attention_mask")}, tta_swap=True)
+
+        def side_columns(pairs):
+            return score_columns(score, pairs, datamodule.collator(), datamodule.eval_batch_size)
+    anchor = datamodule.fit_anchor(**anchor_fit, side_columns=side_columns) if settings.get("anchor_head") else None
     reference = datamodule.validation_reference()
     if anchor is not None:  # the anchored model's step-0 validation loss: what training must beat
+        val_a, val_b, val_labels = datamodule.split_statistics("val")
+        if side_columns is not None:
+            text_a, text_b = side_columns(datamodule.val_set.pairs)
+            val_a, val_b = np.concatenate([val_a, text_a], 1), np.concatenate([val_b, text_b], 1)
         reference["baseline_log_loss"] = anchor_log_loss(
-            anchor, *datamodule.split_statistics("val"), bool(settings.get("tta_swap", model_default("tta_swap"))),
+            anchor, val_a, val_b, val_labels, bool(settings.get("tta_swap", model_default("tta_swap"))),
             float(settings.get("prob_floor", model_default("prob_floor"))))
-    return model_class(**settings, vocab_size=len(tokenizer), spec=datamodule.spec, anchor=anchor,
-                       train_prior=datamodule.train_prior.tolist(), reference=reference,
-                       tokenizer_files=tokenizer_files(tokenizer, tokenizer_folder), augment_seed=int(cfg.seed))
+    model = model_class(**settings, vocab_size=len(tokenizer), spec=datamodule.spec, anchor=anchor,
+                        train_prior=datamodule.train_prior.tolist(), reference=reference, tokenizer_files=files,
+                        augment_seed=int(cfg.seed), lineage=init["lineage"] if init else [],
+                        text_anchor=text_anchor)
+    if scorer is not None:
+        model.text_scorer.load_state_dict(scorer.cpu().state_dict())
+    if init is not None:
+        model.init_info = apply_init(model, init)
+        if model.anchor is not None:  # the head's output starts at zero again: step 0 is the anchor
+            model.reset_to_baseline()
+    return model
 
 
 def fall_back_to_baseline(trainer: L.Trainer, model: PreferenceModule, datamodule: PreferenceDataModule, best: str,
@@ -183,6 +228,9 @@ def run_metrics(results: dict[str, float], calibration: dict[str, Any], model: P
         "n_classes": datamodule.spec.n_classes,
         "data_counts": datamodule.data_counts,  # rows read / skipped / deduplicated per file
         "backbone": cfg.model.backbone,
+        "lineage": list(model.hparams.get("lineage") or []),  # the checkpoints this run started from
+        "init_from": getattr(model, "init_info", None),
+        "text_anchor": (model.hparams.get("text_anchor") or {}).get("source"),
         "epochs": trainer.current_epoch,
         "best_checkpoint": str(Path(best).resolve()) if best else None,
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -62,6 +62,19 @@ def test_predict_config_composes():
     assert cfg.output_path == "submission.csv" and cfg.trainer.devices == 1
 
 
+def test_the_two_stage_recipe_composes():
+    """Stage 1 reads the text alone on the non-arena sets; stage 2 starts from its checkpoint (init_from and
+    text_anchor name the same file), trains on the arena rows, and trains stage 1 first when missing."""
+    stage1 = compose_train(["experiment=pairs_stage1"])
+    assert not stage1.model.use_text_stats and not stage1.model.anchor_head
+    assert stage1.data.train_path.endswith("autoj_pairwise_test.csv")
+    assert not any("lmsys_arena" in s.path for s in stage1.data.sources)
+    stage2 = compose_train(["experiment=arena_stages", "stage1.dir=/somewhere/s1"])
+    assert stage2.stage1.experiment == "pairs_stage1" and list(stage2.data.sources) == []
+    assert stage2.model.init_from == stage2.model.text_anchor == "/somewhere/s1/checkpoints/best.ckpt"
+    assert stage2.data.max_length == stage1.data.max_length and stage2.model.backbone == stage1.model.backbone
+
+
 def test_arena_small_composes():
     cfg = compose_train(["experiment=arena_small"])
     assert cfg.model.backbone == "minilm" and cfg.model.anchor_head and cfg.trainer.precision == "32-true"

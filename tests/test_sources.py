@@ -219,3 +219,45 @@ def test_anchor_fits_on_the_training_file_rows_unless_told_all(mix_files, tiny_t
     assert chosen["l2"] in (0.01, 0.03, 0.1, 0.3, 1.0)
     with pytest.raises(UserError, match="model.anchor_rows"):
         dm.fit_anchor(rows="extra")
+
+
+def test_an_unlabelled_pool_trains_on_its_teachers_confident_rows(mix_files, tiny_tokenizer):
+    """A pseudo-labelled source (data.sources[].teacher): unlabelled rows, targets = the teacher's
+    probabilities by id, rows with |P(A) - P(B)| <= min_margin dropped, labels = the teacher's argmax."""
+    pool = kaggle_frame(6, prefix="u", start=200).drop(columns=["winner_model_a", "winner_model_b", "winner_tie"])
+    pool.to_csv(mix_files / "pool.csv", index=False)
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.45, 0.44, 0.11], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2],
+                      [0.05, 0.9, 0.05]])
+    teacher = pd.DataFrame({"id": pool["id"], "winner_model_a": probs[:, 0], "winner_model_b": probs[:, 1],
+                            "winner_tie": probs[:, 2]})
+    teacher.to_csv(mix_files / "pool_teacher.csv", index=False)
+    dm = PreferenceDataModule(train_path=str(mix_files / "train.csv"), val_fraction=0.2, split_seed=3,
+                              sources=[{"path": str(mix_files / "pool.csv"), "teacher": str(mix_files / "pool_teacher.csv"),
+                                        "min_margin": 0.05}])
+    dm.load_records()
+    (count,) = dm.data_counts["sources"]
+    # u202 (|0.45 - 0.44| = 0.01) and u203 (|0.2 - 0.2| = 0) are below the margin
+    assert count["removed_low_margin"] == 2 and count["added_to_train"] == 4 and count["ties"] is True
+    pseudo = {r.id: (r.label, t) for r, t in zip(dm.train_records, dm._pseudo_targets) if t is not None}
+    assert sorted(pseudo) == ["u200", "u201", "u204", "u205"]
+    assert [pseudo[i][0] for i in sorted(pseudo)] == [0, 1, 0, 1]
+    np.testing.assert_allclose(pseudo["u201"][1], probs[1], rtol=1e-6)
+    assert all(t is None for r, t in zip(dm.train_records, dm._pseudo_targets) if not r.id.startswith("u"))
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")  # the encoded training pairs carry the teacher's probabilities as their targets
+    targets = {i: p.target for i, p in zip(dm.train_ids, dm.train_set.pairs)}
+    np.testing.assert_allclose(targets["u205"], probs[5], rtol=1e-6)
+    assert targets[dm.train_ids[0]] is None
+
+
+def test_a_pseudo_labelled_row_missing_from_its_teacher_is_named(mix_files):
+    pool = kaggle_frame(3, prefix="u", start=200).drop(columns=["winner_model_a", "winner_model_b", "winner_tie"])
+    pool.to_csv(mix_files / "pool.csv", index=False)
+    pd.DataFrame({"id": ["u200"], "winner_model_a": [0.5], "winner_model_b": [0.3], "winner_tie": [0.2]}).to_csv(
+        mix_files / "t.csv", index=False)
+    dm = PreferenceDataModule(train_path=str(mix_files / "train.csv"), val_fraction=0.2,
+                              sources=[{"path": str(mix_files / "pool.csv"), "teacher": str(mix_files / "t.csv")}])
+    with pytest.raises(DataError, match=r"t\.csv: 2 of 3 .*u201"):
+        dm.load_records()
+    with pytest.raises(ValueError, match="min_margin needs a teacher"):
+        parse_sources([{"path": "x.csv", "min_margin": 0.1}])

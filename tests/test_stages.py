@@ -1,0 +1,200 @@
+"""Stages (issue 21): init_from across backbones and class counts, the frozen text anchor, stage training."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from pref_lightning.anchor import anchor_log_loss
+from pref_lightning.backbone import tokenizer_files
+from pref_lightning.checkpoint import CHECKPOINT_KEY, payload
+from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.errors import UserError
+from pref_lightning.module import PreferenceModule
+from pref_lightning.stages import (
+    apply_init,
+    ensure_stage,
+    read_init,
+    read_text_scorer,
+    score_columns,
+    text_side_columns,
+)
+
+from .conftest import TEST_TINY
+
+
+def tiny(tokenizer, seed: int, n_classes: int = 3, tiny_config=TEST_TINY, **kwargs) -> PreferenceModule:
+    torch.manual_seed(seed)
+    return PreferenceModule(backbone="tiny", tiny_config=tiny_config, vocab_size=len(tokenizer), head_hidden=16,
+                            spec={"n_classes": n_classes, "max_length": 32}, **kwargs)
+
+
+def write_checkpoint(model: PreferenceModule, tokenizer, path) -> str:
+    """A pref-lightning checkpoint of `model` as training writes it (weights, hparams, payload)."""
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                CHECKPOINT_KEY: payload(model.backbone.config.to_dict(), tokenizer_files(tokenizer), 1.0)}, path)
+    return str(path)
+
+
+def backbone_state(model):
+    return {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+
+
+def test_init_from_loads_the_backbone_and_a_head_of_the_same_shape(tiny_tokenizer, tmp_path):
+    stage1 = tiny(tiny_tokenizer, seed=1, use_text_stats=False)
+    path = write_checkpoint(stage1, tiny_tokenizer, tmp_path / "stage1.ckpt")
+    stage2 = tiny(tiny_tokenizer, seed=2, use_text_stats=False)
+    assert not torch.equal(stage2.head.mlp[0].weight, stage1.head.mlp[0].weight)
+    init = read_init(path)
+    info = apply_init(stage2, init)
+    assert info["head"] == "loaded" and info["backbone_tensors"] == len(backbone_state(stage1))
+    for name, tensor in stage1.state_dict().items():
+        if name.startswith(("backbone.", "head.")):
+            assert torch.equal(stage2.state_dict()[name], tensor), name
+    (entry,) = init["lineage"]
+    assert entry["role"] == "init_from" and entry["path"].endswith("stage1.ckpt") and len(entry["fingerprint"]) == 16
+
+
+def test_a_binary_stage_starts_a_three_way_model_with_a_fresh_head(tiny_tokenizer, tmp_path):
+    binary = tiny(tiny_tokenizer, seed=1, n_classes=2, use_text_stats=False)
+    path = write_checkpoint(binary, tiny_tokenizer, tmp_path / "binary.ckpt")
+    three = tiny(tiny_tokenizer, seed=2, n_classes=3)
+    head_before = {k: v.clone() for k, v in three.state_dict().items() if k.startswith("head.")}
+    info = apply_init(three, read_init(path))
+    assert info["head"] == "fresh" and "2 classes" in info["why"]
+    for name, tensor in backbone_state(binary).items():
+        assert torch.equal(three.state_dict()[name], tensor)
+    for name, tensor in head_before.items():  # the 3-way head is untouched
+        assert torch.equal(three.state_dict()[name], tensor)
+
+
+def test_lineage_chains_through_stages(tiny_tokenizer, tmp_path):
+    first = write_checkpoint(tiny(tiny_tokenizer, seed=1), tiny_tokenizer, tmp_path / "a.ckpt")
+    second_model = tiny(tiny_tokenizer, seed=2, lineage=read_init(first)["lineage"])
+    second = write_checkpoint(second_model, tiny_tokenizer, tmp_path / "b.ckpt")
+    lineage = read_init(second)["lineage"]
+    assert [e["path"].rsplit("/", 1)[-1] for e in lineage] == ["a.ckpt", "b.ckpt"]
+
+
+def test_init_from_another_backbone_is_refused_naming_the_file(tiny_tokenizer, tmp_path):
+    wider = {**TEST_TINY, "hidden_size": TEST_TINY["hidden_size"] * 2,
+             "intermediate_size": TEST_TINY["intermediate_size"] * 2}
+    path = write_checkpoint(tiny(tiny_tokenizer, seed=1, tiny_config=wider), tiny_tokenizer, tmp_path / "wide.ckpt")
+    with pytest.raises(UserError, match="wide.ckpt.*not this model's backbone"):
+        apply_init(tiny(tiny_tokenizer, seed=2), read_init(path))
+
+
+def test_text_side_columns_are_shift_invariant_and_swap_with_the_sides():
+    logits = torch.tensor([[1.0, -0.5, 0.2], [0.0, 2.0, -1.0]])
+    a, b = text_side_columns(logits)
+    a2, b2 = text_side_columns(logits + 7.0)
+    assert torch.allclose(a, a2) and torch.allclose(b, b2)
+    sa, sb = text_side_columns(logits[:, [1, 0, 2]])
+    assert torch.allclose(sa, b) and torch.allclose(sb, a)
+    ba, bb = text_side_columns(torch.tensor([[2.0, 1.0]]))
+    assert ba.item() == pytest.approx(0.5) and bb.item() == pytest.approx(-0.5)
+
+
+def test_a_text_anchor_must_read_the_text_alone(tiny_tokenizer, tmp_path):
+    path = write_checkpoint(tiny(tiny_tokenizer, seed=1), tiny_tokenizer, tmp_path / "stats.ckpt")
+    with pytest.raises(UserError, match="stats.ckpt.*use_text_stats"):
+        read_text_scorer(path, "siamese")
+    text_only = write_checkpoint(tiny(tiny_tokenizer, seed=1, use_text_stats=False), tiny_tokenizer, tmp_path / "t.ckpt")
+    with pytest.raises(UserError, match="siamese"):
+        read_text_scorer(text_only, "cross")
+
+
+@pytest.fixture(scope="module")
+def datamodule(tiny_tokenizer, synthetic_csv):
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=16, eval_batch_size=64)
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")
+    return dm
+
+
+def test_the_text_anchor_is_step_zero_and_travels_in_the_checkpoint(tiny_tokenizer, datamodule, tmp_path):
+    """Step 0 of a model with a text anchor scores the regression on statistics + the frozen stage's text score
+    exactly; the checkpoint alone (stage-1 file deleted) reproduces it."""
+    dm = datamodule
+    stage1 = tiny(tiny_tokenizer, seed=5, use_text_stats=False)
+    with torch.no_grad():  # a stage whose scores vary from pair to pair
+        stage1.head.mlp[-1].weight.normal_(0, 2.0)
+    path = tmp_path / "stage1.ckpt"
+    write_checkpoint(stage1, tiny_tokenizer, path)
+    settings, weights, _ = read_text_scorer(path, "siamese")
+    scorer = PreferenceModule(**settings["hparams"], backbone_config=settings["backbone_config"])
+    scorer.load_state_dict(weights)
+    scorer.eval()
+
+    def columns(pairs):
+        return score_columns(lambda b: scorer(b, tta_swap=True), pairs, dm.collator(), 64)
+
+    anchor = dm.fit_anchor(side_columns=columns)
+    n_stats = dm.spec.n_stats
+    assert np.asarray(anchor["weight"]).shape[0] == 4 * (n_stats + 1)
+    text_a, text_b = columns(dm.val_set.pairs)
+    assert text_a.std() > 1e-3  # the frozen stage's score varies with the text
+    val_a, val_b, labels = dm.split_statistics("val")
+    baseline = anchor_log_loss(anchor, np.concatenate([val_a, text_a], 1), np.concatenate([val_b, text_b], 1),
+                               labels, True, 0.002)
+    stats_only = anchor_log_loss(dm.fit_anchor(), val_a, val_b, labels, True, 0.002)
+    assert abs(baseline - stats_only) > 1e-4  # the text score changed the regression's predictions
+    model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), head_hidden=16,
+                             spec=dm.spec, anchor_head=True, anchor=anchor, text_anchor=settings,
+                             tokenizer_files=tokenizer_files(tiny_tokenizer))
+    model.text_scorer.load_state_dict(scorer.state_dict())
+    assert not any(p.requires_grad for p in model.text_scorer.parameters())
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                        enable_model_summary=False, max_steps=0)
+    trainer.fit(model, dm)
+    assert not model.text_scorer.training  # frozen stage stays in eval mode whatever the loop sets
+    step0 = trainer.validate(model, dm, verbose=False)[0]["val/log_loss"]
+    assert step0 == pytest.approx(baseline, abs=1e-4)
+    saved = tmp_path / "stage2.ckpt"
+    trainer.save_checkpoint(saved)
+    path.unlink()  # prediction needs the stage-2 file alone
+    restored, _, _ = PreferenceModule.from_checkpoint(str(saved))
+    again = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu", enable_model_summary=False)
+    assert again.validate(restored, dm, verbose=False)[0]["val/log_loss"] == pytest.approx(baseline, abs=1e-4)
+
+
+def test_training_leaves_the_text_scorer_frozen(tiny_tokenizer, datamodule, tmp_path):
+    dm = datamodule
+    stage1 = tiny(tiny_tokenizer, seed=5, use_text_stats=False)
+    path = write_checkpoint(stage1, tiny_tokenizer, tmp_path / "s1.ckpt")
+    settings, weights, _ = read_text_scorer(path, "siamese")
+    model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), head_hidden=16,
+                             spec=dm.spec, text_anchor=settings, lr=1e-3, head_lr=1e-3)
+    model.text_scorer.load_state_dict(weights)
+    before = {k: v.clone() for k, v in model.text_scorer.state_dict().items()}
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, accelerator="cpu", enable_model_summary=False)
+    trainer.fit(model, dm)
+    assert all(torch.equal(model.text_scorer.state_dict()[k], v) for k, v in before.items())
+    assert not torch.equal(model.head.mlp[0].weight, tiny(tiny_tokenizer, seed=0).head.mlp[0].weight)
+
+
+def test_a_missing_stage_is_trained_once_then_reused(tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+
+    def fake_run(command, **_):
+        calls.append(command)
+        (tmp_path / "s1" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "s1" / "checkpoints" / "best.ckpt").write_bytes(b"x")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr("pref_lightning.stages.subprocess.run", fake_run)
+    stage = {"experiment": "pairs_stage1", "dir": str(tmp_path / "s1"), "overrides": ["trainer.max_epochs=2"]}
+    assert ensure_stage(stage, "/data", 7) == tmp_path / "s1" / "checkpoints" / "best.ckpt"
+    assert ensure_stage(stage, "/data", 7) == tmp_path / "s1" / "checkpoints" / "best.ckpt"
+    (command,) = calls
+    assert "experiment=pairs_stage1" in command and f"hydra.run.dir={tmp_path / 's1'}" in command
+    assert "paths.data_dir=/data" in command and "seed=7" in command and "trainer.max_epochs=2" in command
+    assert ensure_stage(None, "/data", 7) is None
+
+    monkeypatch.setattr("pref_lightning.stages.subprocess.run",
+                        lambda command, **_: subprocess.CompletedProcess(command, 1))
+    with pytest.raises(UserError, match="stage pairs_stage1 failed.*experiment=pairs_stage1"):
+        ensure_stage({**stage, "dir": str(tmp_path / "s2")}, "/data", 7)
