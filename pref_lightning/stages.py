@@ -126,10 +126,13 @@ def read_text_scorer(path: str | Path, layout: str) -> tuple[dict[str, Any], dic
     return settings, weights, checkpoint[CHECKPOINT_KEY]["tokenizer_files"]
 
 
-def same_tokenizer(files_a: Mapping[str, bytes], files_b: Mapping[str, bytes]) -> bool:
-    """Do two checkpoints' tokenizer files hold the same vocabulary (the files that define the ids)?"""
-    keys = [k for k in ("tokenizer.json", "vocab.txt", "spm.model", "tokenizer.model") if k in files_a or k in files_b]
-    return bool(keys) and all(files_a.get(k) == files_b.get(k) for k in keys)
+def same_vocabulary(files: Mapping[str, bytes], tokenizer: Any) -> bool:
+    """Does the tokenizer stored as `files` (a checkpoint's) map every token to the same id as `tokenizer`,
+    special tokens included? (Saved files can differ in bytes, e.g. truncation settings, for one vocabulary.)"""
+    from pref_lightning.backbone import tokenizer_from_files
+
+    stored = tokenizer_from_files(files)
+    return stored.get_vocab() == tokenizer.get_vocab() and stored.all_special_ids == tokenizer.all_special_ids
 
 
 def text_side_columns(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ from pref_lightning.stages import (
     ensure_stage,
     read_init,
     read_text_scorer,
-    same_tokenizer,
+    same_vocabulary,
     score_columns,
 )
 from pref_lightning.submission import submission_frame
@@ -124,7 +124,7 @@ def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: An
     text_anchor, scorer, side_columns = None, None, None
     if text_path:
         text_anchor, weights, scorer_files = read_text_scorer(text_path, datamodule.spec.layout)
-        if not same_tokenizer(scorer_files, files):
+        if not same_vocabulary(scorer_files, tokenizer):
             raise UserError(f"model.text_anchor={text_path}: that checkpoint's tokenizer is not this run's "
                             "(another backbone or vocabulary); train the text anchor with the same model.backbone")
         scorer = model_class(**text_anchor["hparams"], backbone_config=text_anchor["backbone_config"])

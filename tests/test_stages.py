@@ -198,3 +198,13 @@ def test_a_missing_stage_is_trained_once_then_reused(tmp_path, monkeypatch):
                         lambda command, **_: subprocess.CompletedProcess(command, 1))
     with pytest.raises(UserError, match="stage pairs_stage1 failed.*experiment=pairs_stage1"):
         ensure_stage({**stage, "dir": str(tmp_path / "s2")}, "/data", 7)
+
+
+def test_vocabularies_compare_by_ids_not_file_bytes(tiny_tokenizer, llm_dirs):
+    from pref_lightning.backbone import load_tokenizer
+    from pref_lightning.stages import same_vocabulary
+
+    files = tokenizer_files(tiny_tokenizer)
+    files["tokenizer.json"] = files["tokenizer.json"].replace(b'"truncation":null', b'"truncation": null')
+    assert same_vocabulary(files, tiny_tokenizer)
+    assert not same_vocabulary(files, load_tokenizer(str(llm_dirs["llama"])))
