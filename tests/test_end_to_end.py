@@ -168,7 +168,10 @@ def test_ddp_two_processes_on_cpu(tmp_path):
 def test_cross_layout_trains_and_predicts(tmp_path, synthetic_frame):
     run_dir = tmp_path / "cross"
     run("train.py", "data.layout=cross", "data.synthetic_rows=300", f"hydra.run.dir={run_dir}", *FAST)
-    assert json.loads((run_dir / "metrics.json").read_text())["val_log_loss"] < 2.0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # a model no better than the class prior, or worse than uniform, fails (measured 2026-12-04 on 2 CPU cores:
+    # gain_over_uniform 0.065, gain_over_prior 0.058, no warnings)
+    assert metrics["gain_over_uniform"] > 0.03 and metrics["gain_over_prior"] > 0.03 and not metrics["warnings"], metrics
     test = synthetic_frame.drop(columns=list(CLASS_COLUMNS)).iloc[:50]
     test.to_csv(tmp_path / "test.csv", index=False)
     run("predict.py", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"input_path={tmp_path}/test.csv",
