@@ -40,7 +40,7 @@ def f4(x: float) -> str:
 def table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
     align = align or ["---"] * len(header)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["|" + "|".join(f" {cell} " if cell else " " for cell in row) + "|" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -105,7 +105,40 @@ def anchor_ablation(_: Any = None) -> str:
     return table(["anchor at step 0", *(f"fold {k}" for k in folds), "OOF"], rows)
 
 
+THROUGHPUT_SETUPS = {  # results key -> (label at batch 8, label at other batches)
+    "hf_cross": ("(a) HF Trainer, cross, random", "(a)"),
+    "pl_cross": ("(b) project, cross, length-grouped", "(b)"),
+    "pl_siamese": ("(c) project, siamese, one (2B, L) call (before)", "(c)"),
+    "pl_siamese_grouped": ("(d) project, siamese, sides in 4 length groups (default)", "(d)"),
+    "pl_llama_lora": ("(e) as (d), tiny Llama + LoRA r=8", "(e)"),
+}
+
+
+def throughput(_: Any = None) -> str:
+    """benchmarks/README.md, Throughput: every setup and batch size of results/throughput.json, with the
+    speed-ups over (a), the HF Trainer recipe at the same batch size."""
+    results = load("throughput")["results"]
+    batches = sorted({int(b) for runs in results.values() for b in runs}, reverse=True)
+    rows = []
+    for batch in batches:
+        baseline = results["hf_cross"].get(str(batch), {})
+        for key, (label, short) in THROUGHPUT_SETUPS.items():
+            run = results.get(key, {}).get(str(batch))
+            if run is None:
+                continue
+            predict = run.get("predict_rows_per_s")
+            rows.append([label if batch == batches[0] else short, str(batch), f"{run['train_rows_per_s']:.2f}",
+                         f"{run['train_rows_per_s'] / baseline['train_rows_per_s']:.2f}",
+                         f"{run['real_tokens_per_s']:,.0f}", f"{run['padding_efficiency']:.3f}",
+                         f"{predict:.2f}" if predict else "",
+                         f"{predict / baseline['predict_rows_per_s']:.2f}" if predict else "",
+                         f"{run['peak_rss_mb']:,.0f}"])
+    return table(["setup", "batch", "train rows/s", "x (a)", "real tok/s", "padding eff.", "predict rows/s", "x (a)",
+                  "peak RSS MB"], rows, ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
+    "throughput": throughput,
     "scale": scale,
     "real_5fold": real_5fold,
     "anchor_ablation": anchor_ablation,
