@@ -105,6 +105,34 @@ def anchor_ablation(_: Any = None) -> str:
     return table(["anchor at step 0", *(f"fold {k}" for k in folds), "OOF"], rows)
 
 
+def synthetic_seeds(_: Any = None) -> str:
+    """benchmarks/README.md, Learning 1: the embedded default per seed (results/learning.json `synthetic`)."""
+    rows = [[str(r["seed"]), f4(r["val_log_loss"]), f4(r["val_log_loss_calibrated"]), f4(r["prior"]), f4(r["oracle"]),
+             f"{r['gap_to_oracle']:+.4f}", f"{r['accuracy']:.3f}", f"{r['seconds']:.0f}"]
+            for r in load("learning")["synthetic"]]
+    return table(["seed", "val log loss", "calibrated", "prior", "oracle", "gap to oracle", "accuracy", "seconds"], rows)
+
+
+def real_split(_: Any = None) -> str:
+    """benchmarks/README.md, Learning 2: MiniLM on one arena split, all real sets vs the sets with ties
+    (results/learning.json `real` and `real_tie_sets`)."""
+    learning = load("learning")
+    runs = [learning["real"], learning["real_tie_sets"]]
+    titles = ["all real sets", "arena + Auto-J + PandaLM (sets with ties)"]
+    header = [f"arena held-out prompts ({runs[0]['val_rows']} rows)"] + [
+        f"{title}, {run['epochs']} epoch{'s' if run['epochs'] > 1 else ''} ({sum(run['train_rows'].values()):,} rows, "
+        f"{run['seconds']:,.0f} s)" for title, run in zip(titles, runs)]
+    arena_rows = runs[0]["train_rows"]["arena (train part)"]
+    lines = [("class prior of the arena training rows", "prior_log_loss"),
+             ("class prior of the training mix", "prior_mix_log_loss"),
+             ("text-statistics logistic regression on the training mix", "text_stats_lr_log_loss"),
+             (f"text-statistics logistic regression on the {arena_rows} arena rows", "text_stats_lr_arena_only_log_loss"),
+             ("MiniLM siamese + hybrid head", "minilm_val_log_loss"),
+             ("... + temperature fitted on this validation set (optimistic)", "minilm_val_log_loss_calibrated"),
+             ("... + label-shift correction to the arena-train prior", "minilm_label_shift_log_loss")]
+    return table(header, [[label, *(f4(run[key]) for run in runs)] for label, key in lines])
+
+
 THROUGHPUT_SETUPS = {  # results key -> (label at batch 8, label at other batches)
     "hf_cross": ("(a) HF Trainer, cross, random", "(a)"),
     "pl_cross": ("(b) project, cross, length-grouped", "(b)"),
@@ -139,6 +167,8 @@ def throughput(_: Any = None) -> str:
 
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "throughput": throughput,
+    "synthetic_seeds": synthetic_seeds,
+    "real_split": real_split,
     "scale": scale,
     "real_5fold": real_5fold,
     "anchor_ablation": anchor_ablation,
