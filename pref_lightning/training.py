@@ -26,14 +26,12 @@ from pref_lightning.checkpoint import store_in_payload, store_temperature
 from pref_lightning.compat import check_backbone_settings, check_hardware
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.distributed import all_ranks, hydra_job_processes
-from pref_lightning.lora import init_fingerprint
 from pref_lightning.metrics import competition_log_loss
 from pref_lightning.module import PreferenceModule
 from pref_lightning.pipeline import build_tokenizer, instantiate_list, set_runtime_defaults
 from pref_lightning.records import FLOAT_FORMAT
 from pref_lightning.report import csv_metrics_path, write_report
 from pref_lightning.resume import output_dir, resume_checkpoint
-from pref_lightning.runinfo import run_info
 from pref_lightning.submission import submission_frame
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                                      logger=instantiate_list(cfg.get("logger")) or False, **hardware)
     datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (part of the spec)
     model = build_model(cfg, datamodule, tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
-    model.init_fingerprint = init_fingerprint(model)  # the weights training starts from (lora average checks it)
+    record_init(model)  # the weights training starts from (lora average checks it)
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
@@ -175,6 +173,8 @@ def run_metrics(results: dict[str, float], calibration: dict[str, Any], model: P
                 datamodule: PreferenceDataModule, trainer: L.Trainer, cfg: DictConfig, best: str,
                 started: float) -> dict[str, Any]:
     """What `metrics.json` holds: the validation scores, the references and the gains over each."""
+    from pref_lightning.runinfo import run_info
+
     metrics = {
         "val_log_loss": float(results["val/log_loss"]),
         "val_accuracy": float(results["val/accuracy"]),
@@ -199,6 +199,14 @@ def run_metrics(results: dict[str, float], calibration: dict[str, Any], model: P
     if datamodule.n_folds:
         metrics.update(n_folds=datamodule.n_folds, fold=datamodule.fold)
     return metrics
+
+
+def record_init(model: PreferenceModule) -> None:
+    """`model.init_fingerprint`: the hash of the adapter and head weights training starts from, written into
+    best.ckpt by `write_outputs` (`python -m pref_lightning.lora average` refuses checkpoints of other inits)."""
+    from pref_lightning.lora import init_fingerprint
+
+    model.init_fingerprint = init_fingerprint(model)
 
 
 def predict_command(best: str) -> str | None:
