@@ -15,4 +15,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    cli.check_override_keys("predict")  # a typo in a key: one line, before Hydra makes a run folder
     main()

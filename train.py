@@ -14,4 +14,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    cli.check_override_keys("train")  # a typo in a key: one line, before Hydra makes a run folder
     main()

@@ -79,7 +79,8 @@ def check(name: str, precision: str, devices: int, work: Path, args: argparse.Na
     if code == 0:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         result.update({k: metrics.get(k) for k in ("val_log_loss", "val_log_loss_calibrated", "temperature",
-                                                   "prior_log_loss", "oracle_log_loss")})
+                                                   "prior_log_loss", "oracle_log_loss", "gain_over_uniform",
+                                                   "gain_over_prior", "warnings")})
         test_csv = work / "test.csv"
         if not test_csv.exists():
             generate(args.predict_rows, seed=123).frame.drop(

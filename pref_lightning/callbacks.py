@@ -177,6 +177,65 @@ def exit_after_sigterm(trainer: L.Trainer, run_dir: Path) -> NoReturn:
     raise SystemExit(143) from None
 
 
+class ScheduleGuard(L.Callback):
+    """The LR schedule is sized from `trainer.estimated_stepping_batches` when the optimizers are configured;
+    a run resumed with a larger `trainer.max_epochs` (or `max_steps`) would rebuild it for the new length at
+    the current step, so the LR jumped (~28x) with no warmup and no word (Lightning #2823). This records
+    the planned optimizer steps in `last.ckpt` and, on a resume that plans another number, keeps the
+    original schedule (its warmup and decay unchanged; steps past its end run at its final LR), said in one
+    warning line."""
+
+    def __init__(self) -> None:
+        self.planned_steps: int | None = None  # of the run that began; restored from last.ckpt on resume
+        self.restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"planned_steps": self.planned_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.planned_steps = state_dict.get("planned_steps")
+        self.restored = self.planned_steps is not None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        planned = int(trainer.estimated_stepping_batches)
+        if not self.restored or self.planned_steps is None:
+            self.planned_steps = planned
+            return
+        original = int(self.planned_steps)
+        if planned == original:
+            return
+        kept = keep_schedule_length(trainer, pl_module, original)
+        if trainer.is_global_zero:
+            final = f"{pl_module.hparams.min_lr_ratio:g} x model.lr" if kept else ""
+            log.warning(
+                "resumed with %d optimizer steps planned (trainer.max_epochs=%s) where the run began with %d: %s",
+                planned, trainer.max_epochs, original,
+                f"the LR schedule continues over the original {original} steps (warmup and decay unchanged); "
+                f"steps past them run at its final LR ({final}); start a fresh run for a schedule over {planned}"
+                if kept else "the LR schedule is rebuilt for the new length from the current step (the LR may jump)")
+
+
+def keep_schedule_length(trainer: L.Trainer, pl_module: L.LightningModule, total_steps: int) -> bool:
+    """Point the module's warmup/decay LambdaLR at `total_steps` instead of the new estimate; False when the
+    schedulers are not those `PreferenceModule.configure_optimizers` builds (nothing changed)."""
+    import functools
+
+    from pref_lightning.module import warmup_decay
+
+    hp = pl_module.hparams
+    configs = trainer.lr_scheduler_configs
+    if not configs or not all(k in hp for k in ("warmup_ratio", "schedule", "min_lr_ratio")):
+        return False
+    for config in configs:
+        if not isinstance(config.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return False
+    multiplier = functools.partial(warmup_decay, warmup_steps=int(hp.warmup_ratio * total_steps),
+                                   total_steps=total_steps, schedule=hp.schedule, min_ratio=hp.min_lr_ratio)
+    for config in configs:
+        config.scheduler.lr_lambdas = [multiplier] * len(config.scheduler.lr_lambdas)
+    return True
+
+
 class StageProbe(L.Callback):
     """Per-stage timing and placement, for hardware checks (`benchmarks/gpu_check.py`).
 

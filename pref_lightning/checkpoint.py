@@ -96,6 +96,25 @@ def store_temperature(path: str | Path, temperature: float) -> None:
     atomic_torch_save(state, path)
 
 
+def store_in_payload(path: str | Path, **entries: Any) -> None:
+    """Write `entries` (plain values) into the payload of the checkpoint file at `path` (atomically), e.g.
+    `precision`: the precision training actually ran in, which `predict.py` uses unless told otherwise."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state[CHECKPOINT_KEY].update(entries)
+    atomic_torch_save(state, path)
+
+
+def recorded_precision(path: str | Path) -> str | None:
+    """The training precision a checkpoint records (None: not recorded, checkpoints written before it was);
+    memory-mapped, so reading it costs little even for a large checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, ValueError, pickle.UnpicklingError):
+        return None
+    value = state.get(CHECKPOINT_KEY, {}).get("precision") if isinstance(state, dict) else None
+    return str(value) if value else None
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

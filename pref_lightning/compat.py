@@ -18,7 +18,14 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoConfig, PretrainedConfig
 
-from pref_lightning.backbone import TINY, TRUST_REMOTE_CODE, load_tokenizer, resolve_backbone, tiny_config
+from pref_lightning.backbone import (
+    TINY,
+    TRUST_REMOTE_CODE,
+    check_hub_backbone,
+    load_tokenizer,
+    resolve_backbone,
+    tiny_config,
+)
 from pref_lightning.errors import UserError
 
 # encoder families whose learned position table is indexed by absolute position (hard length limit)
@@ -74,6 +81,9 @@ def check_vocabulary(config: PretrainedConfig, tokenizer, key: str = "model.toke
 def check_backbone_settings(cfg: DictConfig):
     """Refuse settings the backbone cannot serve (compat.py), reading no data. Returns the backbone's own
     tokenizer when it needs no training texts (else None: the tiny tokenizer is trained on the data)."""
+    check_hub_backbone(cfg.model.backbone)  # a hub name offline: one line now, not retries and a traceback
+    if cfg.model.get("tokenizer"):
+        check_hub_backbone(cfg.model.tokenizer, key="model.tokenizer")
     config = backbone_config(cfg.model.backbone, cfg.model.get("tiny_config"))
     check_max_length(config, int(cfg.data.max_length), backbone=cfg.model.backbone)
     if cfg.model.backbone == TINY and not cfg.model.get("tokenizer"):

@@ -9,6 +9,7 @@ means one field here plus its config default in `conf/data/*.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +112,10 @@ class EncodingSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise UserError(f"{where}: unknown encoding setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            close = [m for key in unknown for m in difflib.get_close_matches(key, sorted(names), n=1)]
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UserError(f"{where}: unknown encoding setting(s) {', '.join(unknown)}; {hint}"
+                            f"known: {', '.join(sorted(names))}")
         return cls(**dict(values))
 
     @classmethod

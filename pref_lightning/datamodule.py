@@ -230,6 +230,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.fold = int(fold)
         if self.n_folds and val_path:
             raise UserError("data.n_folds and data.val_path exclude each other: folds are cut from train_path")
+        if not self.n_folds and self.fold != 0:  # a sweep over data.fold would train the same split each time
+            raise UserError(f"data.fold={self.fold} needs data.n_folds (the number of folds, e.g. data.n_folds=5): "
+                            "without it validation is the data.val_fraction split, the same for every data.fold")
         self.folds: np.ndarray | None = None  # fold of every row of the training file
         self._row_ids: list[str] | None = None  # ids of the training file's rows (fold files)
         # extra training files (pref_lightning.sources), the bad-row policy of training files, the task's

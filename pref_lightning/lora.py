@@ -231,11 +231,44 @@ def export_merged(ckpt_path: str | Path, out: str | Path, backbone: str | None =
     return target
 
 
+def init_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of the weights training starts from that averaging depends on: every LoRA adapter matrix
+    (`lora_A` random, `lora_B` zero) and every parameter outside the backbone (head, anchor). Training records
+    it in best.ckpt (`init_fingerprint`), before any step; `average` refuses checkpoints whose fingerprints differ."""
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
+        if ADAPTER_MARK in name or not name.startswith(BACKBONE_PREFIX):
+            digest.update(name.encode() + b"\0")
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_init(paths: Sequence[str | Path], checkpoints: Sequence[Mapping[str, Any]]) -> None:
+    """UserError naming the files when the checkpoints' adapters and heads did not start from the same
+    weights: their recorded `init_fingerprint`s differ or, for checkpoints that record none, their seeds
+    (`augment_seed`, the run's `seed`, which also seeds the initialisation). The element-wise mean of LoRA
+    matrices is the mean of the runs' updates only for one init: mean(B) @ mean(A) != mean(B @ A)."""
+    prints = [c[CHECKPOINT_KEY].get("init_fingerprint") for c in checkpoints]
+    seeds = [c["hyper_parameters"].get("augment_seed") for c in checkpoints]
+    if all(prints):
+        keys, what = prints, "initial adapter and head weights (init_fingerprint)"
+    else:
+        keys, what = seeds, "seeds (hence initial adapter and head weights)"
+    differ = [str(p) for p, key in zip(paths[1:], keys[1:]) if key != keys[0]]
+    if differ:
+        shown = "" if keys is prints else f": {', '.join(f'seed={s}' for s in dict.fromkeys(seeds))}"
+        raise UserError(f"average: {', '.join(differ)} started from other {what} than {paths[0]}{shown}; the mean of "
+                        "adapters from different inits is not the mean of their updates; average only runs of one "
+                        "seed and configuration (the folds of one run), or ensemble them with predict.py "
+                        "ckpt_path=[...]")
+
+
 def average_adapters(paths: Sequence[str | Path], out: str | Path) -> Path:
     """One checkpoint whose adapter and head weights are the mean of those of `paths` (k fold
-    checkpoints of one LoRA configuration on one base model), with the mean temperature; settings,
-    tokenizer and the statistics' normalisation are those of the first. Raises UserError when the
-    checkpoints differ in base model, LoRA settings or weight names, or hold no adapter."""
+    checkpoints of one LoRA configuration on one base model, started from the same init), with the mean
+    temperature; settings, tokenizer and the statistics' normalisation are those of the first. Raises
+    UserError when the checkpoints differ in base model, LoRA settings, initial weights (`check_same_init`)
+    or weight names, or hold no adapter."""
 
     if len(paths) < 2:
         raise UserError("average: give at least two checkpoints")
@@ -252,6 +285,7 @@ def average_adapters(paths: Sequence[str | Path], out: str | Path) -> Path:
             raise UserError(f"{path}: another base model than {paths[0]}")
         if set(other["state_dict"]) != set(first["state_dict"]):
             raise UserError(f"{path}: other weights than {paths[0]} (another head or adapter layout)")
+    check_same_init(paths, checkpoints)
     state = {k: torch.stack([c["state_dict"][k].float() for c in checkpoints]).mean(0).to(v.dtype)
              for k, v in first["state_dict"].items()}
     temperature = sum(float(c[CHECKPOINT_KEY].get("temperature", 1.0)) for c in checkpoints) / len(checkpoints)

@@ -54,8 +54,10 @@ def competition_log_loss(probs: torch.Tensor, target: torch.Tensor, eps: float =
 
 def log_loss(probs: np.ndarray, labels: np.ndarray, eps: float = EPS) -> float:
     """`competition_log_loss` of numpy (n, K) probabilities and (n,) integer labels, as a float."""
-    return float(competition_log_loss(torch.as_tensor(np.asarray(probs, dtype=np.float64)),
-                                      torch.as_tensor(np.asarray(labels, dtype=np.int64)), eps))
+    # copies: a read-only array (np.broadcast_to, a file's buffer) handed to torch.as_tensor makes torch warn
+    # "The given NumPy array is not writable" on every run
+    return float(competition_log_loss(torch.tensor(np.asarray(probs, dtype=np.float64)),
+                                      torch.tensor(np.asarray(labels, dtype=np.int64)), eps))
 
 
 def class_prior(labels: np.ndarray, n_classes: int = 3) -> np.ndarray:

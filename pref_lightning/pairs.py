@@ -24,6 +24,9 @@ from pref_lightning.text_stats import answer_overlap, refusal, side_stats
 
 __all__ = ["STATS_FEATURES", "VERDICT_MARKERS", "EncodedPair", "PairEncoder"]
 CHARS_PER_TOKEN_CAP = 16  # pre-clip very long turns in characters before tokenizing (speed only)
+# user text is never tokenized into control tokens: chat data holds "</s>", "[SEP]", "<pad>" as text (code,
+# tokenizer questions), and a pad = eos model would read an eos mid-answer (part of the cache key)
+SPLIT_SPECIAL_TOKENS = True
 # template=verdict: the segments' markers and the closing question, in the spirit of the LMSYS winners'
 # prompts (1st place, Gemma-2 9B: "<prompt>...<response_a>...<response_b>..." then the question); plain
 # text, so any tokenizer reads them, and the question comes last, where a decoder's last token pools
@@ -152,8 +155,10 @@ class PairEncoder:
         for start in range(0, len(texts), self.batch_size):
             chunk = [self._clip_chars(t) for t in texts[start:start + self.batch_size]]
             # verbose=False: turns are tokenized whole and truncated here, so "sequence length is longer
-            # than the specified maximum" would be a false alarm
-            out.extend(self.tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])
+            # than the specified maximum" would be a false alarm. split_special_tokens: user text that spells a
+            # control token ("</s>", "[SEP]", a chat marker) is tokenized as text, never as the token itself
+            out.extend(self.tokenizer(chunk, add_special_tokens=False, verbose=False,
+                                      split_special_tokens=SPLIT_SPECIAL_TOKENS)["input_ids"])
         return out
 
     def build_side(self, prompt: Sequence[Sequence[int]], response: Sequence[Sequence[int]]) -> np.ndarray:

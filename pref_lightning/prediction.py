@@ -12,8 +12,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pref_lightning.checkpoint import check_checkpoint_file
-from pref_lightning.compat import check_hardware, check_max_length
+from pref_lightning.checkpoint import check_checkpoint_file, recorded_precision
+from pref_lightning.compat import check_hardware, check_max_length, say
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.distributed import all_ranks, hydra_job_processes
 from pref_lightning.ensemble import check_mode, checkpoint_paths, combine, ensemble_weights
@@ -35,18 +35,25 @@ def predict(cfg: DictConfig) -> Path:
 
 
 def _predict(cfg: DictConfig) -> Path:
-    hardware = check_hardware(cfg)
-    set_runtime_defaults()
     paths = checkpoint_paths(cfg.ckpt_path)
     for path in paths:
         check_checkpoint_file(path)  # these checks come before Lightning prints its set-up lines
+    source = choose_precision(cfg, paths)
+    hardware = check_hardware(cfg)
+    used = hardware.get("precision", cfg.trainer.precision)
+    say(f"precision {used}: {source}" + (f"; {cfg.trainer.precision} on this machine runs as {used}"
+                                         if str(used) != str(cfg.trainer.precision) else ""))
+    set_runtime_defaults()
     if not Path(str(cfg.input_path)).is_file():
         raise MissingFileError(f"{cfg.input_path}: file not found (input_path)")
     weights = ensemble_weights(cfg.get("ckpt_weights"), len(paths))
     mode = check_mode(cfg.get("ensemble_mode") or "probs")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=instantiate_list(cfg.get("callbacks")),
                                      enable_checkpointing=False, **hardware)
-    members = [checkpoint_logits(cfg, path, trainer) for path in paths]
+    members = []
+    for path in paths:  # one model in memory at a time: each is released before the next loads
+        members.append(checkpoint_logits(cfg, path, trainer))
+        release_model(trainer)
     if not trainer.is_global_zero:
         return Path(cfg.output_path)
     records = members[0][0]
@@ -62,6 +69,29 @@ def _predict(cfg: DictConfig) -> Path:
     print(f"[pref-lightning] wrote {len(records)} predictions to {output_path.resolve()}")
     report_labelled(paths, members, records, probs)
     return output_path
+
+
+# the precision of checkpoints that record none (written before training recorded it): full precision, which
+# computes what any training precision validated most closely
+UNRECORDED_PRECISION = "32-true"
+
+
+def choose_precision(cfg: DictConfig, paths: list) -> str:
+    """Set `cfg.trainer.precision`: as given (`trainer.precision=...`), else the precision the (first)
+    checkpoint was trained in, so that prediction computes what training validated. Returns why, in words."""
+    if cfg.trainer.get("precision") is not None:
+        return "trainer.precision given"
+    recorded = [recorded_precision(path) for path in paths]
+    if recorded[0] is None:
+        cfg.trainer.precision = UNRECORDED_PRECISION
+        return ("the checkpoint records no training precision (written before it was recorded); "
+                "trainer.precision=bf16-mixed to choose another")
+    cfg.trainer.precision = recorded[0]
+    others = sorted({r for r in recorded[1:] if r and r != recorded[0]})
+    if others:
+        return (f"the first checkpoint's training precision (others were trained in {', '.join(others)}; "
+                "trainer.precision=... to choose)")
+    return "the checkpoint's training precision (trainer.precision=... to choose another)"
 
 
 def report_labelled(paths: list, members: list[Member], records: list[PairRecord], probs: np.ndarray) -> None:
@@ -121,6 +151,23 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
         return None
     return (records, gather_predictions([{"index": index, "logits": logits}], len(records)),
             float(model.hparams.prob_floor))
+
+
+def release_model(trainer: L.Trainer) -> None:
+    """Free the model the last `trainer.predict` ran: the trainer's strategy and data connector keep it (and
+    its weights, a whole LLM for an ensemble of two bases) until the next call, which is after the next
+    member loads; then the garbage collector and, on CUDA, the allocator's cache."""
+    import gc
+
+    strategy = trainer.strategy
+    strategy._lightning_module = None
+    strategy.model = None
+    connector = getattr(trainer, "_data_connector", None)  # its hook selector names the model too
+    if connector is not None and hasattr(connector, "_datahook_selector"):
+        connector._datahook_selector = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def gather_predictions(outputs: list[dict[str, torch.Tensor]], n_rows: int) -> np.ndarray:

@@ -9,6 +9,7 @@ refuses bad labels or columns with an error that names the file, the row id and 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import pandas as pd
 from pref_lightning.errors import UserError
 from pref_lightning.metrics import CLASS_COLUMNS
 from pref_lightning.text_stats import NULL_TURN
+
+log = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 ORACLE_COLUMNS = ("p_model_a", "p_model_b", "p_tie")  # written by the synthetic generator only
@@ -248,7 +251,25 @@ def read_records(path: str | Path, require_labels: bool = True) -> list[PairReco
     `require_labels=True` (training) demands valid winner columns; `False` (prediction) accepts
     files without them and never drops a row.
     """
-    return records_from_frame(read_table(path), path, require_labels)
+    records = records_from_frame(read_table(path), path, require_labels)
+    notice_empty_prompts(records, path)
+    return records
+
+
+def has_empty_prompt(record: PairRecord) -> bool:
+    """No prompt text at all: every turn empty, blank or a null cell."""
+    return all(not turn.strip() or turn == NULL_TURN for turn in record.prompt)
+
+
+def notice_empty_prompts(records: Sequence[PairRecord], path: str | Path) -> int:
+    """One notice line (the log, hence the terminal and the run's log file) when rows of `path` have an
+    empty prompt: they are kept and encoded with an empty prompt, so the answers alone decide. Returns the count."""
+    empty = [r.id for r in records if has_empty_prompt(r)]
+    if empty:
+        shown = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
+        log.warning("notice: %s: %d of %d rows have an empty prompt (id %s); they are kept, encoded with an "
+                    "empty prompt, so their answers alone decide", path, len(empty), len(records), shown)
+    return len(empty)
 
 
 def label_array(records: Sequence[PairRecord]) -> np.ndarray:

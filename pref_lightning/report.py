@@ -193,6 +193,22 @@ def warnings_section(metrics: Mapping[str, Any]) -> list[str]:
     return ["## WARNING", "", *[f"- **{w}**" for w in warnings], ""]
 
 
+def run_info_lines(info: Mapping[str, Any] | None) -> list[str]:
+    """How the run ran (metrics.json `run_info`): precision, versions, commit, machine, the command to run next."""
+    if not info:
+        return []
+    versions = info.get("versions") or {}
+    machine = info.get("machine") or {}
+    libraries = ", ".join(f"{k} {versions[k]}" for k in ("torch", "lightning", "transformers") if versions.get(k))
+    gpus = ", ".join(machine.get("gpus") or []) or "none"
+    lines = [f"Precision actually used: {info.get('precision')}; {libraries}; commit {info.get('git_commit') or '-'}; "
+             f"machine: {machine.get('cpu', '-')} ({machine.get('cpu_cores', '-')} cores, native bf16: "
+             f"{'yes' if machine.get('cpu_native_bf16') else 'no'}), GPUs: {gpus}.", ""]
+    if info.get("predict_command"):
+        lines += ["Predict with:", "", "```bash", info["predict_command"], "```", ""]
+    return lines
+
+
 def write_report(run_dir: str | Path, cfg: DictConfig | Mapping[str, Any], metrics: Mapping[str, Any],
                  val_probs: np.ndarray, val_labels: np.ndarray, metrics_csv_path: str | Path | None = None) -> Path:
     """Write `run_dir/report.md` and `run_dir/plots/*.png`; return the report's path.
@@ -231,6 +247,7 @@ def write_report(run_dir: str | Path, cfg: DictConfig | Mapping[str, Any], metri
         "## Time", "",
         f"Training wall time: {_fmt(wall, 1)} s ({_fmt(wall / 60 if wall is not None else None, 1)} min), "
         f"{metrics.get('epochs', '-')} epoch(s); best checkpoint `{metrics.get('best_checkpoint') or '-'}`.", "",
+        *run_info_lines(metrics.get("run_info")),
         "## Plots", "",
         "Learning curves (from `csv/metrics.csv`):", "", "![curves](plots/curves.png)", "",
         "Reliability diagram (per class and top label):", "", "![reliability](plots/reliability.png)", "",

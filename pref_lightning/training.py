@@ -22,7 +22,7 @@ from pref_lightning.atomic import atomic_write_text
 from pref_lightning.backbone import tokenizer_files
 from pref_lightning.calibration import TEMPERATURE_RANGE, fit_temperature
 from pref_lightning.callbacks import drop_progress_bars, exit_after_sigterm
-from pref_lightning.checkpoint import store_temperature
+from pref_lightning.checkpoint import store_in_payload, store_temperature
 from pref_lightning.compat import check_backbone_settings, check_hardware
 from pref_lightning.datamodule import PreferenceDataModule
 from pref_lightning.distributed import all_ranks, hydra_job_processes
@@ -74,6 +74,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                                      logger=instantiate_list(cfg.get("logger")) or False, **hardware)
     datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (part of the spec)
     model = build_model(cfg, datamodule, tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
+    record_init(model)  # the weights training starts from (lora average checks it)
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg))
@@ -217,6 +218,8 @@ def run_metrics(results: dict[str, float], calibration: dict[str, Any], model: P
                 datamodule: PreferenceDataModule, trainer: L.Trainer, cfg: DictConfig, best: str,
                 started: float) -> dict[str, Any]:
     """What `metrics.json` holds: the validation scores, the references and the gains over each."""
+    from pref_lightning.runinfo import run_info
+
     metrics = {
         "val_log_loss": float(results["val/log_loss"]),
         "val_accuracy": float(results["val/accuracy"]),
@@ -234,6 +237,8 @@ def run_metrics(results: dict[str, float], calibration: dict[str, Any], model: P
         "epochs": trainer.current_epoch,
         "best_checkpoint": str(Path(best).resolve()) if best else None,
         "wall_seconds": round(time.perf_counter() - started, 1),
+        # the precision actually run (after check_hardware), versions, commit, machine, what to run next
+        "run_info": run_info(str(trainer.precision), predict_command=predict_command(best)),
     }
     for reference in ("prior", "uniform", "val_prior", "baseline"):  # gains over each reference present
         if f"{reference}_log_loss" in metrics:
@@ -242,6 +247,21 @@ def run_metrics(results: dict[str, float], calibration: dict[str, Any], model: P
     if datamodule.n_folds:
         metrics.update(n_folds=datamodule.n_folds, fold=datamodule.fold)
     return metrics
+
+
+def record_init(model: PreferenceModule) -> None:
+    """`model.init_fingerprint`: the hash of the adapter and head weights training starts from, written into
+    best.ckpt by `write_outputs` (`python -m pref_lightning.lora average` refuses checkpoints of other inits)."""
+    from pref_lightning.lora import init_fingerprint
+
+    model.init_fingerprint = init_fingerprint(model)
+
+
+def predict_command(best: str) -> str | None:
+    """The `predict.py` command to run next on the best checkpoint (None without one)."""
+    if not best:
+        return None
+    return f"python predict.py ckpt_path={Path(best).resolve()} input_path=test.csv output_path=submission.csv"
 
 
 def health_warnings(metrics: dict[str, Any]) -> list[str]:
@@ -270,6 +290,9 @@ def write_outputs(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any], model
                   val_labels: torch.Tensor) -> None:
     """Rank 0: metrics.json, the fold files (k-fold runs), report.md, and a summary on stdout."""
     val_probs = model.probabilities(val_logits, calibrated=True).numpy()  # what predict.py would output
+    if metrics.get("best_checkpoint"):  # predict.py runs in the precision training used unless told otherwise
+        store_in_payload(metrics["best_checkpoint"], precision=metrics["run_info"]["precision"],
+                         init_fingerprint=getattr(model, "init_fingerprint", None))
     if datamodule.n_folds:
         write_fold_files(run_dir, datamodule, val_probs, val_labels.numpy())
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -90,6 +90,97 @@ def test_gpu_experiment_on_cpu_names_the_override_and_removes_its_run_folder(tmp
     assert not (tmp_path / "outputs").exists()  # the failed run's folder (.hydra, train.log) is gone
 
 
+@pytest.mark.slow
+def test_a_fold_without_n_folds_is_one_line_and_leaves_no_run_folder(tmp_path):
+    run_dir = tmp_path / "outputs" / "run"
+    done = run("train.py", "data.fold=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: data.fold=1 needs data.n_folds (the number of folds, e.g. data.n_folds=5): without it validation "
+        "is the data.val_fraction split, the same for every data.fold"]
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_typo_in_an_override_key_is_one_line_and_leaves_no_run_folder(tmp_path):
+    run_dir = tmp_path / "runs" / "typo"
+    done = run("train.py", "data.max_lenght=256", f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == ["error: unknown setting data.max_lenght; did you mean data.max_length?"]
+    assert list(tmp_path.iterdir()) == []  # no run folder, no outputs/
+    done = run("predict.py", "ckpt_path=x.ckpt", "input_path=test.csv", "batch_sizee=3", cwd=tmp_path,
+               env={"HYDRA_FULL_ERROR": ""})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == ["error: unknown setting batch_sizee; did you mean batch_size?"]
+
+
+def test_unknown_override_keys_checks_keys_not_groups_sweeps_or_additions():
+    overrides = ["data.max_lenght=256", "model.lrr=1,2", "model.lr=1e-4,2e-4", "experiment=full_data", "trainer=cpu",
+                 "logger=[csv,tensorboard]", "hydra.run.dir=runs/x", "+data.extra=1", "~seed",
+                 "data.train_path=train.csv", "callbacks.prior_guard.patience=3"]
+    assert cli.unknown_override_keys("train", overrides) == [("data.max_lenght", ["data.max_length"]),
+                                                             ("model.lrr", ["model.lr"])]
+    # the keys a config group brings count: experiment=llm_lora's model has model.lora.r
+    assert cli.unknown_override_keys("train", ["experiment=llm_lora", "model.lora.r=4"]) == []
+    assert cli.unknown_override_keys("train", ["model.lora.r=4"])[0][0] == "model.lora.r"
+    assert cli.unknown_override_keys("train", ["model.tiny_config.hidden_size=32"]) == []  # the default model's
+    assert cli.unknown_override_keys("train", ["data.unheard_of_key=1"]) == [("data.unheard_of_key", [])]
+
+
+def test_a_settings_error_raised_inside_instantiate_is_one_line(capsys, monkeypatch):
+    # `+data.max_lenght=256` (Hydra's advice for a typo) reaches the data module's constructor, whose
+    # UserError Hydra wraps in "Error in call to target": still one line, exit 2
+    from hydra.errors import InstantiationException
+
+    from pref_lightning.contract import EncodingSpec
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def mistake():
+        try:
+            EncodingSpec.from_dict({"max_lenght": 256}, where="data")
+        except UserError as err:
+            raise InstantiationException("Error in call to target 'PreferenceDataModule'") from err
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(mistake)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data: unknown encoding setting(s) max_lenght; did you mean max_length? known: ")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_hub_backbone_without_the_hub_is_one_line_at_once(tmp_path, synthetic_csv):
+    # experiment=full_data names microsoft/deberta-v3-small: offline and not cached, transformers retried for
+    # 28 s and ended in an OSError traceback, leaving a run folder
+    run_dir = tmp_path / "runs" / "offline"
+    started = time.perf_counter()
+    done = run("train.py", "experiment=full_data", "trainer=cpu", f"data.train_path={synthetic_csv}",
+               f"hydra.run.dir={run_dir}", cwd=tmp_path,
+               env={"HYDRA_FULL_ERROR": "", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf_cache")})
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.backbone=microsoft/deberta-v3-small is a hub name"), lines
+    assert "model.backbone=/local/dir" in lines[0] and "model=minilm" in lines[0]
+    assert not (tmp_path / "runs").exists()
+    assert "Traceback" not in done.stdout + done.stderr and elapsed < 60  # imports only, no retries
+
+
+def test_check_hub_backbone_passes_local_folders_and_refuses_an_uncached_name_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pref_lightning.backbone import check_hub_backbone
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    check_hub_backbone("tiny")
+    check_hub_backbone(str(tmp_path))  # a local folder: nothing to fetch
+    with pytest.raises(UserError, match=r"model.backbone=org/some-model is a hub name, not in the local"):
+        check_hub_backbone("org/some-model")
+
+
 def test_the_suggested_cpu_overrides_compose():
     for overrides in (["trainer=cpu"], ["trainer.accelerator=cpu", "trainer.devices=2"]):
         cfg = compose_cfg("train", ["experiment=full_data", "data.train_path=x.csv", *overrides])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pref_lightning.ensemble import checkpoint_paths, combine, ensemble_weights, softmax
@@ -144,3 +145,36 @@ def test_ensemble_ddp_prediction_matches_single_process(two_runs, labelled_test,
                                    "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp")[0], ids)
     # ranks batch (and so pad) rows differently; under bf16 autocast that moves probabilities a little
     assert np.abs(ddp - (singles[0] + singles[1]) / 2).max() < 5e-3
+
+
+def test_each_member_is_released_before_the_next_loads(tmp_path, monkeypatch):
+    # an ensemble of two LLM bases kept the first in memory (held by the Trainer) while the second loaded
+    import gc
+    import weakref
+
+    from omegaconf import OmegaConf
+
+    from pref_lightning.module import PreferenceModule
+    from pref_lightning.prediction import predict
+
+    from .conftest import REPO
+
+    ckpt, data = REPO / "tests" / "data" / "format1_tiny.ckpt", REPO / "tests" / "data" / "format1_input.csv"
+    built, alive_when_next_loads = [], []
+    load = PreferenceModule.from_checkpoint.__func__
+
+    def tracked(cls, path, *args, **kwargs):
+        gc.collect()
+        alive_when_next_loads.extend(ref() is not None for ref in built)
+        module, tokenizer, spec = load(cls, path, *args, **kwargs)
+        built.append(weakref.ref(module))
+        return module, tokenizer, spec
+
+    monkeypatch.setattr(PreferenceModule, "from_checkpoint", classmethod(tracked))
+    cfg = OmegaConf.create({"ckpt_path": [str(ckpt), str(ckpt)], "input_path": str(data),
+                            "output_path": str(tmp_path / "sub.csv"), "batch_size": 4, "cache_dir": None,
+                            "trainer": {"_target_": "lightning.Trainer", "accelerator": "cpu", "devices": 1,
+                                        "logger": False, "enable_progress_bar": False, "enable_model_summary": False}})
+    predict(cfg)
+    assert len(built) == 2 and alive_when_next_loads == [False]
+    assert len(pd.read_csv(tmp_path / "sub.csv")) == 12

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.errors import UserError
 from pref_lightning.folds import assign_folds, fold_split, prompt_key
 from pref_lightning.records import label_array, read_records
 
@@ -72,3 +73,11 @@ def test_datamodule_folds_partition_the_file(repeated_prompts_csv, tmp_path, cac
     for k, dm in enumerate(dms):
         assert val_ids[k] == set(table["id"][table["fold"] == k])
         assert not val_ids[k] & {r.id for r in dm.train_records}
+
+
+def test_a_fold_without_n_folds_is_refused():
+    # data.fold=0,1 swept without data.n_folds trained two identical val_fraction runs listed as two folds
+    with pytest.raises(UserError, match=r"data.fold=1 needs data.n_folds") as info:
+        PreferenceDataModule(train_path="x.csv", fold=1)
+    assert "\n" not in str(info.value)
+    assert PreferenceDataModule(train_path="x.csv", fold=0).n_folds is None  # the default stays valid

@@ -28,7 +28,8 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_runs_train_validate_calibrate_predict_with_every_stage_probed(tmp_path):
-    result = run("--smoke", "--steps", "6", "--rows", "240", "--batch-size", "8", "--predict-rows", "40",
+    # 30 steps on 600 rows (60 validation rows): enough to learn measurably, so that the gains below can be asserted
+    result = run("--smoke", "--steps", "30", "--rows", "600", "--batch-size", "8", "--predict-rows", "40",
                  "--max-length", "48", "--vocab-size", "300", "--work", str(tmp_path), "--results",
                  str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -37,5 +38,8 @@ def test_smoke_runs_train_validate_calibrate_predict_with_every_stage_probed(tmp
     assert set(stages) == {"fit", "validate", "predict"} and smoke["ok"]
     assert all(s["devices"] == ["cpu"] and s["tokens"] > 0 and s["seconds"] > 0 for s in stages.values())
     assert stages["predict"]["rows"] == 40 and stages["fit"]["non_finite_losses"] == 0
-    assert 0 < smoke["val_log_loss"] < 2 and smoke["temperature"] > 0
+    # a model no better than the class prior, or worse than uniform, fails (measured 2026-12-04 on 2 CPU cores:
+    # gain_over_uniform 0.093, gain_over_prior 0.101, no warnings)
+    assert smoke["gain_over_uniform"] > 0.05 and smoke["gain_over_prior"] > 0.05 and smoke["warnings"] == [], smoke
+    assert smoke["temperature"] > 0
     assert "| smoke | 32-true | 1 | fit |" in result.stdout

@@ -44,3 +44,22 @@ def test_probability_floor_bounds_every_class_and_keeps_rows_normalised():
     assert mix_floor(probs, 0.0) is probs
     with pytest.raises(ValueError, match="prob_floor"):
         check_floor(0.34, 3)
+
+
+def test_log_loss_of_read_only_arrays_warns_nothing():
+    # np.broadcast_to (the class prior repeated per row) and arrays read from files are read-only:
+    # torch.as_tensor on them printed torch's "NumPy array is not writable" warning on every run
+    import warnings
+
+    import numpy as np
+
+    from pref_lightning.metrics import log_loss, prior_log_loss
+
+    labels = np.array([0, 1, 2, 2])
+    labels.setflags(write=False)
+    prior = np.broadcast_to(np.array([0.25, 0.25, 0.5]), (4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = log_loss(prior, labels)
+        assert math.isclose(prior_log_loss(labels, labels), loss, rel_tol=1e-12)
+    assert math.isclose(loss, -(2 * math.log(0.25) + 2 * math.log(0.5)) / 4, rel_tol=1e-12)

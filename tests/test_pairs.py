@@ -155,3 +155,35 @@ def test_statistics_are_those_the_spec_names(tiny_tokenizer):
     assert full[0].stats_a[column["refusal"]] == 1.0 and full[0].stats_b[column["refusal"]] == 0.0
     assert full[1].stats_a[column["identical"]] == full[1].stats_b[column["identical"]] == 1.0
     assert full[0].stats_a[column["overlap"]] == full[0].stats_b[column["overlap"]] < 0.5
+
+
+@pytest.mark.parametrize("family", ["deberta", "llama"])
+def test_special_token_text_in_user_content_stays_text(family, tiny_tokenizer, llm_dirs):
+    # chat data holds "</s>", "[SEP]", "<pad>" as text (code, tokenizer questions): they were tokenized to the
+    # control tokens themselves (an eos mid-answer for pad = eos models; a [SEP] inside DeBERTa's segments)
+    from pref_lightning.backbone import load_tokenizer
+
+    tokenizer = tiny_tokenizer if family == "deberta" else load_tokenizer(str(llm_dirs["llama"]))
+    # control tokens (the unknown token is not one: characters the tiny vocabulary lacks map to it)
+    specials = (set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>")
+                                                  if t in tokenizer.get_vocab()}) - {tokenizer.unk_token_id}
+    text = "print('</s>') <s> [SEP] x [CLS] y <pad> [PAD] [MASK] [UNK] <|user|> done"
+    # the tokenizer alone does turn the text into control tokens: the test text really spells them
+    assert set(tokenizer(text, add_special_tokens=False)["input_ids"]) & specials
+    encoder = PairEncoder(tokenizer, EncodingSpec(max_length=128))
+    (ids,) = encoder.tokenize_turns([text])
+    assert not set(ids) & specials
+    record = PairRecord("r", [text], [text], ["plain answer"], label=0)
+    (pair,) = encoder.encode([record])
+    for side in (pair.ids_a, pair.ids_b):
+        placed = [i for i in side.tolist() if i in specials]
+        # only what the encoder places itself: the start token and the segment separators
+        assert placed == [encoder.cls_id, encoder.sep_id, encoder.sep_id], tokenizer.convert_ids_to_tokens(placed)
+        assert side[0] == encoder.cls_id and side[-1] == encoder.sep_id
+
+
+def test_the_cache_key_holds_the_special_token_policy(tiny_tokenizer):
+    from pref_lightning.cache import pairs_key_fields
+
+    assert pairs_key_fields("0" * 64, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48)), True)[
+        "split_special_tokens"] is True

@@ -147,3 +147,29 @@ def test_real_arena_sample_parses():
         for turn in r.prompt + r.response_a + r.response_b:
             turn.encode("utf-8")
         assert len(r.prompt) == len(r.response_a) == len(r.response_b)
+
+
+def test_empty_prompts_get_one_notice_line(tmp_path, caplog):
+    # an empty prompt cell was predicted without a word: one line with the count, for training and prediction
+    import logging
+
+    from pref_lightning.adapters import read_any, read_source
+    from pref_lightning.records import read_records
+
+    frame = pd.DataFrame({"id": ["a", "b", "c", "d"], "prompt": ['["hi"]', '[""]', "", '[null]'],
+                          "response_a": ['["x"]'] * 4, "response_b": ['["y"]'] * 4,
+                          "winner_model_a": [1, 0, 0, 1], "winner_model_b": [0, 1, 0, 0], "winner_tie": [0, 0, 1, 0]})
+    path = tmp_path / "train.csv"
+    frame.to_csv(path, index=False)
+    for read in (lambda: read_records(path), lambda: read_source(path).records, lambda: read_any(path)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert len(read()) == 4  # every row kept
+        notices = [r.getMessage() for r in caplog.records if "empty prompt" in r.getMessage()]
+        assert len(notices) == 1, notices
+        assert f"{path}: 3 of 4 rows have an empty prompt (id b, c, d)" in notices[0]
+    caplog.clear()
+    frame.assign(prompt='["hi"]').to_csv(path, index=False)
+    with caplog.at_level(logging.INFO):
+        read_records(path)
+    assert not [r for r in caplog.records if "empty prompt" in r.getMessage()]

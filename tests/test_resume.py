@@ -99,3 +99,24 @@ def test_sigterm_under_ddp_saves_once_ends_every_rank_and_resumes(tmp_path):
     resumed = json.loads((killed / "metrics.json").read_text())
     for key in ("val_log_loss", "val_accuracy", "temperature"):
         assert resumed[key] == pytest.approx(straight[key], abs=1e-6), key
+
+
+def test_resuming_with_more_epochs_keeps_the_lr_schedule_and_says_so(tmp_path):
+    # Lightning rebuilt the schedule for the new length from the current step: the LR jumped ~28x, no word
+    import json
+
+    run_dir, log = tmp_path / "run", tmp_path / "lr.jsonl"
+    common = [*COMMON, f"hydra.run.dir={run_dir}", "report=false"]
+    run("train.py", *common, "trainer.max_epochs=1")
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    planned, final_lrs = last["global_step"], last["lr_schedulers"][0]["_last_lr"]
+    out = run("train.py", *common, "trainer.max_epochs=2", "ckpt_path=last",
+              "+callbacks.lr_log._target_=tests.signals.LrLog", f"+callbacks.lr_log.path={log}")
+    resumed = [json.loads(line) for line in log.read_text().splitlines()]
+    assert resumed[0]["step"] == planned and len(resumed) == planned  # the second epoch's steps
+    for lrs in (r["lrs"] for r in resumed):  # no jump: the original schedule's final LRs (0 at its end)
+        assert all(lr <= final + 1e-12 for lr, final in zip(lrs, final_lrs)), (lrs, final_lrs)
+    warning = [line for line in out.splitlines() if "resumed with" in line]
+    assert len(warning) == 1 and f"where the run began with {planned}:" in warning[0]
+    assert f"the LR schedule continues over the original {planned} steps" in warning[0]
+    assert last["callbacks"]["ScheduleGuard"]["planned_steps"] == planned  # recorded in last.ckpt

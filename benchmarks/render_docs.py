@@ -1,0 +1,215 @@
+"""Regenerate the tables README.md and benchmarks/README.md quote from `benchmarks/results/*.json`.
+
+Every table between `<!-- results:NAME -->` and `<!-- /results:NAME -->` is written by `RENDERERS[NAME]`
+from the results files, so a published number always has a file behind it:
+
+    python benchmarks/render_docs.py           # rewrite the tables in place
+    python benchmarks/render_docs.py --check   # exit 1 (naming each table) when a table differs from its file
+
+A marker whose NAME has no renderer, or a renderer whose results file is missing, is an error. To add a
+table: a function results -> markdown in `RENDERERS`, and the two marker lines around it in the document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DOCUMENTS = (REPO / "README.md", REPO / "benchmarks" / "README.md")
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def load(name: str) -> Any:
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing: a table cannot be published without its results file")
+    return json.loads(path.read_text())
+
+
+def f4(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    align = align or ["---"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["|" + "|".join(f" {cell} " if cell else " " for cell in row) + "|" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the tables ------------------------------------------------------------------------------------
+def scale(_: Any = None) -> str:
+    """benchmarks/README.md, Scale: the three datamodule builds of results/scale.json."""
+    data = load("scale")
+    runs, targets = data["runs"], data["targets"]
+
+    def seconds(x: float) -> str:
+        return "0" if x == 0 else f"{x:.1f}"
+
+    target = {"nocache": "",
+              "cold": f"<= {targets['cold_s']:g} s, <= {targets['peak_rss_mb'] / 1024:g} GB",
+              "cached": f"<= {targets['cached_s']:g} s"}
+    rows = [[label, seconds(runs[key]["wall_s"]), seconds(runs[key]["import_s"]), seconds(runs[key]["build_s"]),
+             seconds(runs[key]["tokenize_s"]), f"{runs[key]['peak_rss_mb']:,}", target[key]]
+            for key, label in (("nocache", "no cache"), ("cold", "cold (builds the cache)"), ("cached", "cached"))]
+    return table(["run", "wall s (start to ready)", "of which imports", "build", "tokenize", "peak RSS MB", "target"],
+                 rows)
+
+
+def real_5fold(_: Any = None) -> str:
+    """benchmarks/README.md, section 4: baselines and the recipe on the 5 arena folds (results/learning_real.json)."""
+    real = load("learning_real")["real"]
+    folds = [str(k) for k in range(real["setting"]["n_folds"])]
+    sizes = [real["fold_rows"][k] for k in folds]
+    base, recipe = real["baselines"], real["variants"]["recipe"]
+
+    def row(label: str, per_fold: dict[str, float], oof: float, bold: bool = False) -> list[str]:
+        total = f"**{f4(oof)}**" if bold else f4(oof)
+        return [f"**{label}**" if bold else label, *(f4(per_fold[k]) for k in folds), total]
+
+    fallen = set(recipe.get("folds_fallen_back", []))
+    kept = {k: recipe["per_fold"][k]["baseline_log_loss"] if k in fallen else recipe["per_fold"][k]["val_log_loss"]
+            for k in folds}
+    trained = {k: recipe["per_fold"][k]["val_log_loss"] for k in folds}
+    rows = [row("class prior", base["class_prior"]["per_fold"], base["class_prior"]["oof"]),
+            row("text-statistics LR (l2 1e-2, the issue's baseline)", base["stats_lr"]["per_fold"], base["stats_lr"]["oof"]),
+            row("text-statistics LR, penalty by inner CV (`stats_lr_cv`)", base["stats_lr_cv"]["per_fold"],
+                base["stats_lr_cv"]["oof"]),
+            row("LightGBM on the statistics", base["stats_lightgbm"]["per_fold"], base["stats_lightgbm"]["oof"]),
+            row("the anchor alone: the recipe at step 0 (`anchor_step0`)", base["anchor_step0"]["per_fold"],
+                base["anchor_step0"]["oof"]),
+            row("recipe, trained model as it ended", trained, recipe["oof"]),
+            row("recipe with `model.anchor_fallback` (the default)", kept, recipe["oof_with_fallback"], bold=True)]
+    return table(["model", *(f"fold {k}" for k in folds), f"OOF ({sum(sizes):,} rows)"], rows)
+
+
+def anchor_ablation(_: Any = None) -> str:
+    """benchmarks/README.md, section 4: the anchor's parts switched off in turn (results/learning_real.json)."""
+    ablation = load("learning_real")["anchor_ablation"]
+    folds = [str(k) for k in range(5)]
+    labels = {"anchor": "as it is (training-file rows, penalty by inner CV, [a, b, a-b, \\|a-b\\|], 16 statistics)",
+              "no_new_statistics": "without the new statistics (refusal, overlap, identical)",
+              "no_absdiff": "without \\|a - b\\|",
+              "no_cv_penalty": "L2 fixed at 1e-3 (before)",
+              "all_rows": "fitted on every row, extra sets included (before)",
+              "before": "all four off: the previous anchor"}
+    rows = [[label, *(f4(ablation[key]["per_fold"][k]) for k in folds), f4(ablation[key]["oof"])]
+            for key, label in labels.items()]
+    return table(["anchor at step 0", *(f"fold {k}" for k in folds), "OOF"], rows)
+
+
+def synthetic_seeds(_: Any = None) -> str:
+    """benchmarks/README.md, Learning 1: the embedded default per seed (results/learning.json `synthetic`)."""
+    rows = [[str(r["seed"]), f4(r["val_log_loss"]), f4(r["val_log_loss_calibrated"]), f4(r["prior"]), f4(r["oracle"]),
+             f"{r['gap_to_oracle']:+.4f}", f"{r['accuracy']:.3f}", f"{r['seconds']:.0f}"]
+            for r in load("learning")["synthetic"]]
+    return table(["seed", "val log loss", "calibrated", "prior", "oracle", "gap to oracle", "accuracy", "seconds"], rows)
+
+
+def real_split(_: Any = None) -> str:
+    """benchmarks/README.md, Learning 2: MiniLM on one arena split, all real sets vs the sets with ties
+    (results/learning.json `real` and `real_tie_sets`)."""
+    learning = load("learning")
+    runs = [learning["real"], learning["real_tie_sets"]]
+    titles = ["all real sets", "arena + Auto-J + PandaLM (sets with ties)"]
+    header = [f"arena held-out prompts ({runs[0]['val_rows']} rows)"] + [
+        f"{title}, {run['epochs']} epoch{'s' if run['epochs'] > 1 else ''} ({sum(run['train_rows'].values()):,} rows, "
+        f"{run['seconds']:,.0f} s)" for title, run in zip(titles, runs)]
+    arena_rows = runs[0]["train_rows"]["arena (train part)"]
+    lines = [("class prior of the arena training rows", "prior_log_loss"),
+             ("class prior of the training mix", "prior_mix_log_loss"),
+             ("text-statistics logistic regression on the training mix", "text_stats_lr_log_loss"),
+             (f"text-statistics logistic regression on the {arena_rows} arena rows", "text_stats_lr_arena_only_log_loss"),
+             ("MiniLM siamese + hybrid head", "minilm_val_log_loss"),
+             ("... + temperature fitted on this validation set (optimistic)", "minilm_val_log_loss_calibrated"),
+             ("... + label-shift correction to the arena-train prior", "minilm_label_shift_log_loss")]
+    return table(header, [[label, *(f4(run[key]) for run in runs)] for label, key in lines])
+
+
+THROUGHPUT_SETUPS = {  # results key -> (label at batch 8, label at other batches)
+    "hf_cross": ("(a) HF Trainer, cross, random", "(a)"),
+    "pl_cross": ("(b) project, cross, length-grouped", "(b)"),
+    "pl_siamese": ("(c) project, siamese, one (2B, L) call (before)", "(c)"),
+    "pl_siamese_grouped": ("(d) project, siamese, sides in 4 length groups (default)", "(d)"),
+    "pl_llama_lora": ("(e) as (d), tiny Llama + LoRA r=8", "(e)"),
+}
+
+
+def throughput(_: Any = None) -> str:
+    """benchmarks/README.md, Throughput: every setup and batch size of results/throughput.json, with the
+    speed-ups over (a), the HF Trainer recipe at the same batch size."""
+    results = load("throughput")["results"]
+    batches = sorted({int(b) for runs in results.values() for b in runs}, reverse=True)
+    rows = []
+    for batch in batches:
+        baseline = results["hf_cross"].get(str(batch), {})
+        for key, (label, short) in THROUGHPUT_SETUPS.items():
+            run = results.get(key, {}).get(str(batch))
+            if run is None:
+                continue
+            predict = run.get("predict_rows_per_s")
+            rows.append([label if batch == batches[0] else short, str(batch), f"{run['train_rows_per_s']:.2f}",
+                         f"{run['train_rows_per_s'] / baseline['train_rows_per_s']:.2f}",
+                         f"{run['real_tokens_per_s']:,.0f}", f"{run['padding_efficiency']:.3f}",
+                         f"{predict:.2f}" if predict else "",
+                         f"{predict / baseline['predict_rows_per_s']:.2f}" if predict else "",
+                         f"{run['peak_rss_mb']:,.0f}"])
+    return table(["setup", "batch", "train rows/s", "x (a)", "real tok/s", "padding eff.", "predict rows/s", "x (a)",
+                  "peak RSS MB"], rows, ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
+
+
+RENDERERS: dict[str, Callable[[Any], str]] = {
+    "throughput": throughput,
+    "synthetic_seeds": synthetic_seeds,
+    "real_split": real_split,
+    "scale": scale,
+    "real_5fold": real_5fold,
+    "anchor_ablation": anchor_ablation,
+}
+
+
+# ---- rewriting and checking --------------------------------------------------------------------------
+def render(text: str, where: str) -> tuple[str, list[str]]:
+    """`text` with every marked table regenerated, and the names of those that changed."""
+    changed: list[str] = []
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise SystemExit(f"error: {where}: no renderer for <!-- results:{name} --> (known: {', '.join(RENDERERS)})")
+        body = RENDERERS[name](None)
+        if body != match["body"]:
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(replace, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table differs from its file")
+    args = parser.parse_args(argv)
+    drift = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        new, changed = render(text, str(path.relative_to(REPO)))
+        drift += [f"{path.relative_to(REPO)}: {name}" for name in changed]
+        if changed and not args.check:
+            path.write_text(new)
+    if args.check and drift:
+        print("tables that differ from their results files (python benchmarks/render_docs.py rewrites them):\n  "
+              + "\n  ".join(drift), file=sys.stderr)
+        return 1
+    print(("rewrote " if drift else "up to date: ") + (", ".join(drift) if drift else "every table"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
