@@ -172,10 +172,12 @@ VARIANTS = {
     "recipe": ("experiment=arena_small as it is", []),
     "no_anchor": ("head not anchored on the statistics LR", ["model.anchor_head=false"]),
     "no_extra": ("arena rows only (no extra shared sets)", ["data.sources=[]"]),
+    "with_extra": ("the extra shared sets mixed in as tie-aware sources (the recipe before 2026-12-04)",
+                   ["<extra>"]),
     "ties_forced": ("every extra set treated as able to say tie (ties: true)", ["<ties_forced>"]),
     "frozen_backbone": ("MiniLM frozen (backbone lr 0): head on fixed embeddings", ["model.lr=0"]),
 }
-DEFAULT_VARIANTS = "recipe,no_anchor,no_extra,ties_forced,frozen_backbone"
+DEFAULT_VARIANTS = "recipe,no_anchor,with_extra,ties_forced,frozen_backbone"
 QUICK = {"folds": "0", "variants": "recipe,no_anchor", "max_train_batches": 60}
 
 
@@ -194,7 +196,8 @@ def variant_overrides(name: str, data_dir: Path, custom: dict[str, list[str]]) -
         return custom[name]
     if name not in VARIANTS:
         raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)} or an --add-variant name")
-    return [recipe_sources(data_dir, ties=True) if o == "<ties_forced>" else o for o in VARIANTS[name][1]]
+    special = {"<ties_forced>": lambda: recipe_sources(data_dir, ties=True), "<extra>": lambda: recipe_sources(data_dir)}
+    return [special[o]() if o in special else o for o in VARIANTS[name][1]]
 
 
 def arena_folds(data_dir: Path, seed: int) -> tuple[list, np.ndarray, np.ndarray]:
@@ -285,12 +288,17 @@ def anchor_ablation(data_dir: Path, fold_list: list[int], seed: int) -> dict[str
     return out
 
 
-def recipe_source_list(data_dir: Path) -> list[dict]:
-    """The recipe's extra sets as `data.sources` entries (paths resolved)."""
-    from omegaconf import OmegaConf
+# the extra shared sets as the arena recipe mixed them until 2026-12-04 (HH-RLHF at a quarter), for the
+# variants and ablations that put them back
+EXTRA_SOURCES = [{"path": "${paths.data_dir}/hh_rlhf_test.csv", "weight": 0.25},
+                 {"path": "${paths.data_dir}/autoj_pairwise_test.csv"},
+                 {"path": "${paths.data_dir}/pandalm_testset_v1.csv"},
+                 {"path": "${paths.data_dir}/hhh_alignment.csv"}]
 
-    sources = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "experiment" / f"{RECIPE}.yaml").data.sources)
-    return [{**s, "path": s["path"].replace("${paths.data_dir}", str(data_dir))} for s in sources]
+
+def recipe_source_list(data_dir: Path) -> list[dict]:
+    """The extra shared sets (`EXTRA_SOURCES`) as `data.sources` entries (paths resolved)."""
+    return [{**s, "path": s["path"].replace("${paths.data_dir}", str(data_dir))} for s in EXTRA_SOURCES]
 
 
 def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length: int = 256,
@@ -517,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=RECIPE, help="real: the experiment every fold trains (default arena_small)")
     parser.add_argument("--text-anchor", type=Path, default=None,
                         help="anchor: a stage-1 checkpoint (model.text_anchor): the anchor with its text score")
+    parser.add_argument("--blend-run", type=Path, default=None,
+                        help="blend: a folder of fold runs (fold<k>/oof.csv) to blend with the step-0 anchor")
     parser.add_argument("--text-anchor-label", default="stage1",
                         help="anchor: the name of that stage in --real-out (text_anchor:LABEL)")
     # --parts real_split
@@ -542,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             run_real(args, args.work or work / "real")
         if "anchor" in parts:
             run_anchor_ablation(args)
+        if "blend" in parts:
+            run_blend(args)
     if any(p in parts for p in ("synthetic", "real_split", "recipe")):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -574,6 +586,59 @@ def run_anchor_ablation(args: argparse.Namespace) -> None:
     key = f"text_anchor:{args.text_anchor_label}" if args.text_anchor else "anchor_ablation"
     stored[key] = {**table, **({"run_info": run_info(sys.argv)} if args.text_anchor else {})}
     args.real_out.parent.mkdir(parents=True, exist_ok=True)
+    args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
+    print(f"written: {args.real_out} [{key}]")
+
+
+BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def anchor_blend(data_dir: Path, run_dir: Path, fold_list: list[int], seed: int = 42) -> dict[str, dict[str, float]]:
+    """Per fold and weight w, the log loss of w * (a run's validation probabilities, its oof.csv) + (1 - w) *
+    (the anchor's step-0 probabilities, fitted as the run fits it): shrinking the trained model towards its
+    baseline. Every weight is reported; none is chosen here."""
+    import torch
+
+    from pref_lightning.anchor import anchor_logits
+    from pref_lightning.backbone import load_tokenizer, resolve_backbone
+    from pref_lightning.datamodule import PreferenceDataModule
+    from pref_lightning.metrics import class_probabilities
+
+    tokenizer = load_tokenizer(resolve_backbone("minilm"))
+    out: dict[str, dict[str, float]] = {}
+    for k in fold_list:
+        dm = PreferenceDataModule(train_path=str(data_dir / ARENA), n_folds=N_FOLDS, fold=k, split_seed=seed,
+                                  max_length=256, batch_size=16, num_workers=0)
+        dm.attach_tokenizer(tokenizer)
+        dm.setup("fit")
+        stats_a, stats_b, labels = dm.split_statistics("val")
+        anchor = class_probabilities(torch.from_numpy(anchor_logits(dm.fit_anchor(), stats_a, stats_b)),
+                                     floor=0.002).numpy()
+        oof = pd.read_csv(run_dir / f"fold{k}" / "oof.csv", dtype={"id": str}).set_index("id").loc[dm.val_ids]
+        if not np.array_equal(oof["label"].to_numpy(), labels):
+            raise RuntimeError(f"{run_dir}/fold{k}/oof.csv: labels differ from fold {k}'s validation rows")
+        trained = oof[list(CLASS_COLUMNS)].to_numpy()
+        # oof.csv holds calibrated probabilities (a temperature fitted on this fold): undo it, so that nothing
+        # in the blend was fitted on the fold it is scored on. p = f + (1 - K f) softmax(z / T)
+        temperature = json.loads((run_dir / f"fold{k}" / "metrics.json").read_text()).get("temperature", 1.0)
+        floor, n_classes = 0.002, trained.shape[1]
+        raw = np.clip((trained - floor) / (1 - n_classes * floor), 1e-12, None) ** temperature
+        trained = floor + (1 - n_classes * floor) * raw / raw.sum(1, keepdims=True)
+        out[str(k)] = {str(w): log_loss(w * trained + (1 - w) * anchor, labels) for w in BLEND_WEIGHTS}
+        print(f"blend fold {k}: {out[str(k)]}", flush=True)
+    return out
+
+
+def run_blend(args: argparse.Namespace) -> None:
+    """`--parts blend --blend-run DIR`: `anchor_blend` of the fold runs in DIR (DIR/fold<k>/oof.csv), into
+    --real-out under "blend:<DIR name>"."""
+    folds = [int(k) for k in (args.folds or ",".join(map(str, range(N_FOLDS)))).split(",") if k]
+    run_dir = args.blend_run.resolve()
+    per_fold = anchor_blend(args.data_dir.resolve(), run_dir, folds)
+    stored = json.loads(args.real_out.read_text()) if args.real_out.exists() else {}
+    key = f"blend:{run_dir.name}"
+    stored[key] = {"what": "w * trained (oof.csv with its calibration undone) + (1 - w) * step-0 anchor",
+                   "per_fold": per_fold, "run_info": run_info(sys.argv)}
     args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"written: {args.real_out} [{key}]")
 

@@ -85,8 +85,9 @@ def real_5fold(_: Any = None) -> str:
             row("LightGBM on the statistics", base["stats_lightgbm"]["per_fold"], base["stats_lightgbm"]["oof"]),
             row("the anchor alone: the recipe at step 0 (`anchor_step0`)", base["anchor_step0"]["per_fold"],
                 base["anchor_step0"]["oof"]),
-            row("recipe, trained model as it ended", trained, recipe["oof"]),
-            row("recipe with `model.anchor_fallback` (the default)", kept, recipe["oof_with_fallback"], bold=True)]
+            row("recipe until 2026-12-04 (extra sets, one epoch), trained model as it ended", trained, recipe["oof"]),
+            row("the same with `model.anchor_fallback` (chosen on the scored fold)", kept, recipe["oof_with_fallback"],
+                bold=True)]
     return table(["model", *(f"fold {k}" for k in folds), f"OOF ({sum(sizes):,} rows)"], rows)
 
 
@@ -165,7 +166,79 @@ def throughput(_: Any = None) -> str:
                   "peak RSS MB"], rows, ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
 
 
+def stages(_: Any = None) -> str:
+    """README.md / benchmarks/README.md: the stage levers on the arena folds (results/learning_real.json `stages`,
+    `text_anchor:stage1_a`, `blend:s2_fresh`), every trained model as it ended (no fallback, one validation
+    at the end, nothing chosen on the scored fold)."""
+    real = load("learning_real")
+    result, text, blend = real["stages"], real["text_anchor:stage1_a"], real.get("blend:s2_fresh", {})
+    folds = [str(k) for k in range(5)]
+    sizes = {k: result["fold_rows"][k] for k in folds}
+
+    def oof(per_fold: dict[str, float]) -> str:
+        if any(k not in per_fold or per_fold[k] is None for k in folds):
+            return "-"
+        return f4(sum(per_fold[k] * sizes[k] for k in folds) / sum(sizes.values()))
+
+    def cells(per_fold: dict[str, float]) -> list[str]:
+        return [f4(per_fold[k]) if per_fold.get(k) is not None else "-" for k in folds]
+
+    def trained(name: str) -> dict[str, float]:
+        runs = result["variants"].get(name, {}).get("per_fold", {})
+        return {k: v["val_log_loss"] for k, v in runs.items() if isinstance(v, dict) and "val_log_loss" in v}
+
+    lines = [("class prior", result["baselines"]["class_prior"]["per_fold"]),
+             ("statistics LR, penalty by inner CV", result["baselines"]["stats_lr_cv"]["per_fold"]),
+             ("anchor alone, statistics (step 0 of arena_small)", text["anchor"]["per_fold"]),
+             ("anchor with stage 1's text score (`model.text_anchor`, step 0)", text["text_anchor"]["per_fold"]),
+             ("stage 2 from stage 1's encoder (`model.init_from`), arena rows, as ended", trained("s2_init")),
+             ("the same with stage 1's text score in the anchor (`arena_stages`), as ended", trained("s2_init_text")),
+             ("fresh MiniLM, arena rows only, 2 epochs, as ended", trained("s2_fresh"))]
+    if blend:
+        lines.append(("fresh MiniLM as above, probabilities averaged 1:1 with its anchor",
+                      {k: v["0.5"] for k, v in blend["per_fold"].items()}))
+    rows = [[label, *cells(per_fold), oof(per_fold)] for label, per_fold in lines]
+    return table(["model (5 arena folds, 2 CPU cores, fp32)", *(f"fold {k}" for k in folds),
+                  f"OOF ({sum(sizes.values()):,} rows)"], rows)
+
+
+def gpu_check(_: Any = None) -> str:
+    """benchmarks/README.md, GPU check: each stage of results/gpu_check.json."""
+    data = load("gpu_check")
+    machine = data["machine"]
+    rows = []
+    for run in data["results"]:
+        for stage in run["stages"]:
+            rows.append([run["run"], run["precision"], stage["stage"], f"{stage['seconds']:.1f}",
+                         f"{stage['tokens_per_s']:,.0f}", f"{stage['peak_memory_gib']:.2f}",
+                         str(stage["non_finite_losses"]), "yes" if run["ok"] else "no"])
+    note = (f"{machine['gpu']}, torch {machine['torch']}, {machine['steps']} steps of batch {machine['batch_size']} "
+            f"at {machine['max_length']} tokens\n\n")
+    return note + table(["run", "precision", "stage", "seconds", "tokens/s", "peak GPU GiB", "non-finite losses", "ok"],
+                        rows)
+
+
+def timings(_: Any = None) -> str:
+    """README.md, Timings: results/timings.json (benchmarks/timings.py)."""
+    data = load("timings")
+    rows = []
+    if "embedded_default" in data:
+        run = data["embedded_default"]
+        rows.append([f"`{run['command']}` (embedded default)", f"{run['wall_seconds']:.0f} s",
+                     f"val log loss {f4(run['val_log_loss'])} ({f4(run['val_log_loss_calibrated'])} calibrated), "
+                     f"oracle {f4(run['oracle_log_loss'])}, gap {run['val_log_loss'] - run['oracle_log_loss']:+.3f}; "
+                     f"{run['date']}, {run['commit']}"])
+    if "suite" in data:
+        run = data["suite"]
+        rows.append([f"`{run['command']}` (the whole suite, as `.ci/run`)", f"{run['wall_seconds'] / 60:.1f} min",
+                     f"{run['closing_line']}; {run['date']}, {run['commit']}"])
+    return table(["command", "wall time", "result"], rows)
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
+    "timings": timings,
+    "stages": stages,
+    "gpu_check": gpu_check,
     "throughput": throughput,
     "synthetic_seeds": synthetic_seeds,
     "real_split": real_split,

@@ -125,6 +125,7 @@ class PreferenceModule(L.LightningModule):
         packed: bool | str = "auto",
         lineage: Sequence[Mapping[str, Any]] | None = None,
         text_anchor: Mapping[str, Any] | None = None,
+        anchor_blend: float = 1.0,
     ) -> None:
         super().__init__()
         if str(packed).lower() not in PACKED_MODES:
@@ -138,6 +139,8 @@ class PreferenceModule(L.LightningModule):
         self.spec = spec if isinstance(spec, EncodingSpec) else EncodingSpec.from_dict(spec or {}, where="model spec")
         n_classes, layout = self.spec.n_classes, self.spec.layout
         check_floor(prob_floor, n_classes)
+        if not 0.0 <= anchor_blend <= 1.0:
+            raise UserError(f"model.anchor_blend={anchor_blend} must lie in [0, 1] (1: the trained model alone)")
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"model.label_smoothing={label_smoothing} must lie in [0, 1)")
         # train_prior: class frequencies of the training split (PriorGuard); reference: reference log
@@ -392,9 +395,24 @@ class PreferenceModule(L.LightningModule):
             return logits
         k = self.spec.n_stats  # the anchor regresses on the side statistics (not the reward) and the text score
         if self.text_scorer is not None:
-            return logits + self.anchor(torch.cat([stats_a[..., :k], stats_a[..., -1:]], -1),
-                                        torch.cat([stats_b[..., :k], stats_b[..., -1:]], -1))
-        return logits + self.anchor(stats_a[..., :k], stats_b[..., :k])
+            offset = self.anchor(torch.cat([stats_a[..., :k], stats_a[..., -1:]], -1),
+                                 torch.cat([stats_b[..., :k], stats_b[..., -1:]], -1))
+        else:
+            offset = self.anchor(stats_a[..., :k], stats_b[..., :k])
+        return self.blend(logits + offset, offset)
+
+    def blend(self, full: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits of the anchored model with `model.anchor_blend` w < 1: log(w softmax(full) +
+        (1 - w) softmax(offset)), whose softmax is that mixture of the trained model and its step-0 baseline
+        (an equal-weight ensemble for w = 0.5, a shrinkage towards the baseline). Training always uses the
+        full logits, so the network learns the whole residual."""
+        w = float(getattr(self.hparams, "anchor_blend", 1.0))
+        if self.training or w >= 1.0:
+            return full
+        if w <= 0.0:
+            return offset
+        return torch.logaddexp(math.log(w) + F.log_softmax(full.float(), -1),
+                               math.log1p(-w) + F.log_softmax(offset.float(), -1))
 
     @torch.no_grad()
     def text_scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -130,3 +130,36 @@ def test_a_model_behind_its_baseline_falls_back_to_it(tiny_tokenizer, setup, tmp
     assert again.validate(restored, dm, verbose=False)[0]["val/log_loss"] == pytest.approx(baseline, abs=1e-4)
     # a model at (or ahead of) its baseline is kept as it is
     assert fall_back_to_baseline(trainer, model, dm, path, results, logits, labels)[0] is None
+
+
+def test_anchor_blend_evaluates_the_mixture_and_trains_the_whole_model(tiny_tokenizer, setup):
+    """model.anchor_blend=w: validation and prediction read w * P(trained) + (1 - w) * P(anchor alone)
+    exactly; training steps see the full logits."""
+    dm, anchor, _ = setup
+    full = anchored(tiny_tokenizer, anchor)
+    blended = anchored(tiny_tokenizer, anchor, anchor_blend=0.5)
+    torch.manual_seed(3)
+    with torch.no_grad():  # a trained-looking head
+        for layer in output_layers_of(full):
+            layer.weight.normal_(0, 1.0)
+    blended.load_state_dict(full.state_dict())
+    batch = dm.collator()(dm.val_set.pairs[:16])
+    full.eval()
+    blended.eval()
+    p_full = full(batch).softmax(-1)
+    a, b, sa, sb = full.side_vectors(batch)
+    k = dm.spec.n_stats
+    p_anchor = full.anchor(sa[..., :k], sb[..., :k]).softmax(-1)
+    assert torch.allclose(blended(batch).softmax(-1), 0.5 * p_full + 0.5 * p_anchor, atol=1e-6)
+    assert not torch.allclose(p_full, p_anchor, atol=1e-3)
+    blended.train()
+    full.train()
+    assert torch.allclose(blended(batch), full(batch), atol=1e-6)
+    with pytest.raises(ValueError, match="anchor_blend"):
+        anchored(tiny_tokenizer, anchor, anchor_blend=1.5)
+
+
+def output_layers_of(model):
+    from pref_lightning.head import output_layers
+
+    return output_layers(model.head)

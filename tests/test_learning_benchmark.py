@@ -26,8 +26,10 @@ def test_variant_overrides_compose():
             "experiment=arena_small", *bench.variant_overrides("ties_forced", SHARED_DATA, {})])
         plain = compose(config_name="train", overrides=["experiment=arena_small", f"paths.data_dir={SHARED_DATA}"])
         tiny = compose(config_name="train", overrides=["experiment=arena_small", "model=tiny"])
-    # the recipe's sources, unchanged but for ties: true
-    assert [dict(s) for s in forced.data.sources] == [{**s, "ties": True} for s in plain.data.sources]
+    # the extra shared sets, unchanged but for ties: true
+    extra = bench.recipe_source_list(SHARED_DATA)
+    assert [dict(s) for s in forced.data.sources] == [{**s, "ties": True} for s in extra]
+    assert len(extra) == 4 and list(plain.data.sources) == []
     assert bench.variant_overrides("no_anchor", SHARED_DATA, {}) == ["model.anchor_head=false"]
     assert bench.variant_overrides("mine", SHARED_DATA, {"mine": ["model.lr=1e-4"]}) == ["model.lr=1e-4"]
     assert tiny.model.backbone == "tiny" and tiny.model.anchor_head  # model=tiny replaces MiniLM, keeps the rest
