@@ -59,14 +59,15 @@ def test_soft_capping_switch_is_refused_for_other_families(llm_dirs):
 
 
 def test_soft_capping_switch_reaches_the_model_and_its_checkpoint(llm_dirs, synthetic_csv, tmp_path):
-    from pref_lightning.backbone import load_tokenizer
+    from pref_lightning.backbone import load_tokenizer, tokenizer_files
     from pref_lightning.module import PreferenceModule
 
     from .test_llm import datamodule, lora_module, trainer
 
     tokenizer = load_tokenizer(str(llm_dirs["gemma2"]))
     dm = datamodule(tokenizer, synthetic_csv)
-    module = lora_module(llm_dirs["gemma2"], tokenizer, attn_softcapping=False, spec=dm.spec)
+    module = lora_module(llm_dirs["gemma2"], tokenizer, attn_softcapping=False, spec=dm.spec,
+                         tokenizer_files=tokenizer_files(tokenizer))
     assert module.backbone.config.attn_logit_softcapping is None
     assert all(c is None for c in attention_caps(module.backbone))
     fit = trainer(1)
