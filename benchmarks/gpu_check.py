@@ -92,6 +92,7 @@ def llm_folder(work: Path, args: argparse.Namespace) -> tuple[Path, int]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
+    from pref_lightning.backbone import load_tokenizer
     from pref_lightning.records import records_from_frame
 
     folder = work / ("qwen2-tiny" if args.smoke else "qwen2-0.5b-shaped")
@@ -109,13 +110,15 @@ def llm_folder(work: Path, args: argparse.Namespace) -> tuple[Path, int]:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=32768, eos_token="<|endoftext|>",
                                         pad_token="<|endoftext|>")
     shape = LLM_SMOKE if args.smoke else QWEN2_05B
+    tokenizer.save_pretrained(folder)
+    # every id of the tokenizer as train.py loads it back gets an embedding row (it can count one token more)
+    vocab = max(len(tokenizer), len(load_tokenizer(str(folder))))
     torch.manual_seed(0)
-    config = Qwen2Config(**shape, vocab_size=len(tokenizer), eos_token_id=0, pad_token_id=0, bos_token_id=None)
+    config = Qwen2Config(**shape, vocab_size=vocab, eos_token_id=0, pad_token_id=0, bos_token_id=None)
     model = AutoModelForCausalLM.from_config(config)
     if not args.smoke:
         model = model.to(torch.bfloat16)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     return folder, sum(p.numel() for p in model.parameters())
 
 

@@ -207,6 +207,7 @@ def causal_lm_dirs(tmp_path_factory, synthetic_frame) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pref_lightning.backbone import load_tokenizer
     from pref_lightning.records import records_from_frame
 
     texts = list(VERDICT_TEXTS)
@@ -216,9 +217,10 @@ def causal_lm_dirs(tmp_path_factory, synthetic_frame) -> dict[str, Path]:
     folders = {}
     for kind, pad, bos in (("llama", False, True), ("qwen2", True, False)):
         tokenizer = train_llm_tokenizer(texts, pad=pad, bos=bos)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(llm_config(kind, len(tokenizer)))
         folders[kind] = root / kind
-        model.save_pretrained(folders[kind])
         tokenizer.save_pretrained(folders[kind])
+        # the model embeds every id of the tokenizer as train.py loads it back (it can count one token more)
+        vocab = max(len(tokenizer), len(load_tokenizer(str(folders[kind]))))
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(llm_config(kind, vocab)).save_pretrained(folders[kind])
     return folders

@@ -141,6 +141,14 @@ def test_a_checkpoint_predicts_the_same_after_a_round_trip(setup, lora, tmp_path
     assert len(tokenizer) == len(setup["tokenizer"])
     assert restored.temperature == pytest.approx(1.3)
     assert torch.allclose(logits_of(module, batch), logits_of(restored, batch), atol=1e-6)
+    if lora:  # the adapter merged into the causal LM (its LM head kept), and fold averaging, predict the same
+        from pref_lightning.lora import average_adapters, export_merged
+
+        merged, _, _ = PreferenceModule.from_checkpoint(str(export_merged(path, tmp_path / "merged")))
+        assert merged.hparams.lora is None and merged.hparams.head == "verdict_tokens"
+        assert (logits_of(merged, batch) - logits_of(module, batch)).abs().max() < 1e-4
+        averaged, _, _ = PreferenceModule.from_checkpoint(str(average_adapters([path, path], tmp_path / "mean.ckpt")))
+        assert torch.allclose(logits_of(averaged, batch), logits_of(module, batch), atol=1e-6)
 
 
 def test_verdict_settings_are_one_line_user_errors(causal_lm_dirs, llm_dirs, local_backbone_dir, synthetic_csv):
