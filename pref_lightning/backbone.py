@@ -15,7 +15,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoModel, AutoTokenizer, DebertaV2Config, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DebertaV2Config,
+    PreTrainedModel,
+)
 
 from pref_lightning.errors import MissingFileError, UserError
 
@@ -207,6 +214,8 @@ def build_backbone(
     attn_implementation: str | None = None,
     dtype: str | None = None,
     quantization: Any = None,
+    causal_lm: bool = False,
+    attn_softcapping: bool | None = None,
 ) -> PreTrainedModel:
     """Build the encoder: an encoder (DeBERTa, BERT...) or a decoder LLM (Llama, Gemma2, Qwen2, Mistral),
     whose `AutoModel` returns the last hidden states (batch, length, hidden). A sequence-classification
@@ -217,19 +226,25 @@ def build_backbone(
     `dropout=0.0` switches the backbone's dropout off, which helps regression-like fine-tuning.
     `attn_implementation` (sdpa, eager, flash_attention_2) and `dtype` (`weight_dtype`) go to transformers;
     `quantization` is a transformers `BitsAndBytesConfig` (lora.quantization_config), GPU only.
-    Raises UserError for an unknown `dtype`.
+    `causal_lm` (model.head=verdict_tokens) builds the decoder with its LM head (`AutoModelForCausalLM`);
+    `attn_softcapping=False` switches Gemma-2's attention logit soft-capping off (`softcapping_setting`).
+    Raises UserError for an unknown `dtype`, and with `causal_lm` for a model without an LM head.
     """
     dropout_kwargs = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     load_kwargs: dict[str, Any] = {}
     torch_dtype = weight_dtype(dtype)
     if torch_dtype is not None:
         load_kwargs["dtype"] = torch_dtype
+    auto_class = AutoModelForCausalLM if causal_lm else AutoModel
     if config_dict is not None:
-        config = AutoConfig.for_model(**dict(config_dict))
+        config = softcapping_setting(AutoConfig.for_model(**dict(config_dict)), attn_softcapping)
         load_kwargs.update(attention_kwargs(config, attn_implementation))
-        return without_cache(without_unused_layers(AutoModel.from_config(
-            config, trust_remote_code=TRUST_REMOTE_CODE, **no_pooler_kwargs(config), **load_kwargs)))
+        return without_cache(without_unused_layers(auto_class.from_config(
+            check_causal_lm(config, causal_lm), trust_remote_code=TRUST_REMOTE_CODE,
+            **({} if causal_lm else no_pooler_kwargs(config)), **load_kwargs)))
     if backbone == TINY:
+        softcapping_setting(tiny_config(1), attn_softcapping)
+        check_causal_lm(tiny_config(1), causal_lm)
         if vocab_size is None:
             raise ValueError("model.backbone=tiny needs the tokenizer's vocab_size")
         config = tiny_config(vocab_size, tiny_overrides)
@@ -239,13 +254,23 @@ def build_backbone(
                                                            **no_pooler_kwargs(config)))
     backbone = resolve_backbone(backbone)
     config = AutoConfig.from_pretrained(backbone, trust_remote_code=TRUST_REMOTE_CODE, **dropout_kwargs)
+    config = check_causal_lm(softcapping_setting(config, attn_softcapping), causal_lm)
     load_kwargs.update(attention_kwargs(config, attn_implementation))
     if quantization is not None:
         # quantized weights are placed by transformers, on this process's GPU (DDP ranks build the model
         # before Lightning sets their device, so the rank's LOCAL_RANK says which)
         load_kwargs.update(quantization_config=quantization, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
-    kwargs = {**no_pooler_kwargs(config), **load_kwargs}
-    if kwargs:
+    kwargs = {**({} if causal_lm else no_pooler_kwargs(config)), **load_kwargs}
+    if causal_lm:
+        model, info = auto_class.from_pretrained(backbone, config=config, trust_remote_code=TRUST_REMOTE_CODE,
+                                                 output_loading_info=True, **kwargs)
+        missing = [k for k in info.get("missing_keys", ()) if "lm_head" in k or "embed_out" in k]
+        output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = output is not None and embeddings is not None and output.weight is embeddings.weight
+        if missing and not tied:  # a base model saved without its LM head: the head would be random, not the LM's
+            raise UserError(f"model.head=verdict_tokens reads the LM head, but {backbone} has no LM head weights "
+                            f"({missing[0]}); use the model's causal-LM checkpoint (...ForCausalLM)")
+    elif kwargs:
         # the checkpoint's pooler weights are left out on purpose: say nothing about them
         from transformers.utils import logging as hf_logging
 
@@ -258,6 +283,35 @@ def build_backbone(
     else:
         model = AutoModel.from_pretrained(backbone, config=config, trust_remote_code=TRUST_REMOTE_CODE)
     return without_cache(without_unused_layers(model))
+
+
+SOFTCAPPING_TYPES = ("gemma2",)  # families with attention logit soft-capping (config.attn_logit_softcapping)
+
+
+def softcapping_setting(config, attn_softcapping: bool | None):
+    """`config` with `model.attn_softcapping` applied: null keeps the model's own setting; false sets
+    `attn_logit_softcapping=None` (Gemma-2: tanh capping of the attention scores off, 3rd place LMSYS).
+    Raises UserError for another value, or for false on another family."""
+    if attn_softcapping is None:
+        return config
+    model_type = getattr(config, "model_type", "?")
+    if attn_softcapping is not False:
+        raise UserError(f"model.attn_softcapping={attn_softcapping!r}; choose null (the model's own) or false (off)")
+    if model_type not in SOFTCAPPING_TYPES:
+        raise UserError(f"model.attn_softcapping=false switches off Gemma-2's attention soft-capping; this backbone is "
+                        f"{model_type!r}: leave model.attn_softcapping=null")
+    config.attn_logit_softcapping = None
+    return config
+
+
+def check_causal_lm(config, causal_lm: bool):
+    """`config` when it can be built with an LM head (or `causal_lm` is off); UserError otherwise."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if causal_lm and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"model.head=verdict_tokens needs a decoder LLM with an LM head; this backbone is "
+                        f"{getattr(config, 'model_type', '?')!r}")
+    return config
 
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")

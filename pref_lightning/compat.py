@@ -24,9 +24,11 @@ from pref_lightning.backbone import (
     check_hub_backbone,
     load_tokenizer,
     resolve_backbone,
+    softcapping_setting,
     tiny_config,
 )
 from pref_lightning.errors import UserError
+from pref_lightning.head import VERDICT_TOKENS, check_head, verdict_token_ids
 
 # encoder families whose learned position table is indexed by absolute position (hard length limit)
 ABSOLUTE_POSITION_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra",
@@ -86,11 +88,17 @@ def check_backbone_settings(cfg: DictConfig):
         check_hub_backbone(cfg.model.tokenizer, key="model.tokenizer")
     config = backbone_config(cfg.model.backbone, cfg.model.get("tiny_config"))
     check_max_length(config, int(cfg.data.max_length), backbone=cfg.model.backbone)
+    head = cfg.model.get("head", "mlp")
+    check_head(head, cfg.data.get("layout", "siamese"), cfg.data.get("template", "plain"),
+               cfg.model.get("pooling", "mean"), cfg.model.backbone, bool(cfg.model.get("anchor_head", False)))
+    softcapping_setting(config, cfg.model.get("attn_softcapping"))
     if cfg.model.backbone == TINY and not cfg.model.get("tokenizer"):
         return None
     tokenizer = load_tokenizer(cfg.model.get("tokenizer") or cfg.model.backbone)
     if cfg.model.backbone != TINY:
         check_vocabulary(config, tokenizer, backbone=cfg.model.backbone)
+    if head == "verdict_tokens":
+        verdict_token_ids(tokenizer, cfg.model.get("verdict_tokens", VERDICT_TOKENS), int(cfg.data.get("n_classes", 3)))
     return tokenizer
 
 

@@ -25,6 +25,9 @@ LAYOUTS = ("siamese", "cross")
 # cross-layout templates: `plain` [CLS] prompt [SEP] A [SEP] B [SEP] (encoders); `verdict` text markers and a
 # closing question, the layout of the LMSYS / WSDM Cup winners' decoder LLMs (see pairs.VERDICT_MARKERS)
 TEMPLATES = ("plain", "verdict")
+# how a sequence longer than max_length is cut: `budgeted` (each segment keeps a share), or the whole text
+# cut at one end, `left` keeping its end (the latest turns: 9th / 16th place LMSYS) or `right` its start
+TRUNCATION_SIDES = ("budgeted", "left", "right")
 CLASS_COUNTS = (2, 3)  # binary (A wins, B wins: WSDM Cup) or the competition's A / B / tie
 
 
@@ -38,6 +41,8 @@ class EncodingSpec:
     - `prompt_fraction`: the largest share of a sequence the prompt may take; `head_fraction`: the
       share of a truncated turn kept from its start (the rest from its end).
     - `naive_truncation`: cross layout only, the public notebooks' first-`max_length`-tokens cut.
+    - `truncation_side`: `budgeted` (the budget above), `left` (the text between the first token and the
+      closing tokens keeps its last tokens: the end of a long conversation) or `right` (its first tokens).
     - `template`: cross layout only, `plain` (special tokens between the segments) or `verdict` ("# Prompt",
       "# Response A", "# Response B" markers and a closing "which response is better" question, so a
       decoder's last token has read the question: last-token pooling).
@@ -55,6 +60,7 @@ class EncodingSpec:
     head_fraction: float = 0.5
     naive_truncation: bool = False
     template: str = "plain"
+    truncation_side: str = "budgeted"
     n_classes: int = 3
     stats_features: tuple[str, ...] = STATS_FEATURES
     stats_norm: Mapping[str, Any] | None = field(default=None, compare=True, hash=False)
@@ -73,6 +79,11 @@ class EncodingSpec:
             raise UserError(f"data.template={self.template!r}; choose from {', '.join(TEMPLATES)}")
         if self.template != "plain" and self.layout != "cross":
             raise UserError(f"data.template={self.template!r} needs data.layout=cross (the siamese layout has no template)")
+        if self.truncation_side not in TRUNCATION_SIDES:
+            raise UserError(f"data.truncation_side={self.truncation_side!r}; choose from {', '.join(TRUNCATION_SIDES)}")
+        if self.naive_truncation and self.truncation_side != "budgeted":
+            raise UserError(f"data.naive_truncation=true and data.truncation_side={self.truncation_side} exclude each "
+                            "other; data.truncation_side=right is the first-max_length-tokens cut")
         if self.max_length < 8:
             raise UserError(f"data.max_length={self.max_length} is too small; use at least 8")
         if not 0.0 < self.prompt_fraction < 1.0:
@@ -97,8 +108,12 @@ class EncodingSpec:
 
     def tokenization_key(self) -> dict[str, Any]:
         """The settings tokenized pairs depend on (the cache key's share): all but the classes and the
-        fitted normalisation, which are applied after tokenizing."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("n_classes", "stats_norm")}
+        fitted normalisation, which are applied after tokenizing. `truncation_side` only when not `budgeted`
+        (its default), so that pairs cached before it existed stay valid."""
+        key = {k: v for k, v in self.to_dict().items() if k not in ("n_classes", "stats_norm")}
+        if key["truncation_side"] == "budgeted":
+            del key["truncation_side"]
+        return key
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (lists, not tuples): what hyperparameters, YAML and JSON hold."""

@@ -153,3 +153,83 @@ class CrossHead(nn.Module):
                 raise ValueError("this head was built with text statistics; the batch has none")
             x = torch.cat([x, stats_a.to(x.dtype), stats_b.to(x.dtype), (stats_a - stats_b).to(x.dtype)], -1)
         return self.mlp(x)
+
+
+HEADS = ("mlp", "verdict_tokens")
+VERDICT_TOKENS = (" A", " B", " tie")  # what follows the verdict template's question, one class each
+
+
+def verdict_token_ids(tokenizer, tokens: Sequence[str], n_classes: int) -> list[int]:
+    """The token id of each of `tokens` (`model.verdict_tokens`: A wins, B wins[, tie]). Raises UserError,
+    naming the setting, unless there are `n_classes` of them, each one token of `tokenizer`, all distinct."""
+    tokens = list(tokens or [])
+    if len(tokens) != n_classes:
+        raise UserError(f"model.verdict_tokens={tokens}: data.n_classes={n_classes} needs {n_classes} tokens "
+                        f"(A wins, B wins{', tie' if n_classes == 3 else ''})")
+    ids = []
+    for token in tokens:
+        if not isinstance(token, str) or not token:
+            raise UserError(f"model.verdict_tokens: {token!r} is not a non-empty string")
+        pieces = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            raise UserError(f"model.verdict_tokens: {token!r} is {len(pieces)} tokens of this tokenizer "
+                            f"({tokenizer.convert_ids_to_tokens(pieces)}); each verdict must be a single token")
+        ids.append(int(pieces[0]))
+    if len(set(ids)) != len(ids):
+        raise UserError(f"model.verdict_tokens={tokens}: two of them are the same token; each class needs its own")
+    return ids
+
+
+def check_head(head: str, layout: str, template: str, pooling: str, backbone: str, anchor_head: bool = False) -> None:
+    """Raise UserError (one line naming the setting) for a `model.head` this model cannot have."""
+    if head not in HEADS:
+        raise UserError(f"model.head={head!r}; choose from {', '.join(HEADS)}")
+    if head != "verdict_tokens":
+        return
+    if layout != "cross" or template != "verdict":
+        raise UserError("model.head=verdict_tokens reads the answer to the verdict question: it needs data.layout=cross "
+                        "data.template=verdict (experiment=llm_lora sets both)")
+    if pooling != "last":
+        raise UserError(f"model.head=verdict_tokens reads the last real token; model.pooling={pooling!r} must be last")
+    if backbone == "tiny":
+        raise UserError("model.head=verdict_tokens needs a decoder LLM with its LM head: model.backbone=/path/to/model")
+    if anchor_head:
+        raise UserError("model.anchor_head=true starts a head's output layer at zero; model.head=verdict_tokens has "
+                        "none (the LM head is pretrained): use one or the other")
+
+
+class VerdictHead(nn.Module):
+    """Cross layout, decoder LLM: the class logits are the language model's own logits of the verdict tokens
+    (`token_ids`, e.g. " A", " B", " tie") at each row's last real token, read through the backbone's LM head
+    (`read`): no new randomly initialised layer, so step 0 is what the LM already says. With text statistics,
+    a linear offset on (stats_a, stats_b, stats_a - stats_b) is added, starting at zero."""
+
+    def __init__(self, token_ids: Sequence[int], stats_size: int = 0, n_classes: int = 3) -> None:
+        super().__init__()
+        if len(token_ids) != n_classes:
+            raise ValueError(f"{len(token_ids)} verdict tokens for {n_classes} classes")
+        self.register_buffer("token_ids", torch.tensor(list(token_ids), dtype=torch.long))
+        self.stats_size = stats_size
+        self.stats: nn.Linear | None = None
+        if stats_size:
+            self.stats = nn.Linear(3 * stats_size, n_classes)
+            nn.init.zeros_(self.stats.weight)
+            nn.init.zeros_(self.stats.bias)
+
+    def read(self, last_hidden: torch.Tensor, lm_head: nn.Module, softcap: float | None = None) -> torch.Tensor:
+        """(n, K) logits of the verdict tokens: `lm_head(last_hidden)` (n, vocab) at `token_ids`, soft-capped
+        as the model caps its final logits (Gemma-2: cap * tanh(logits / cap)). The whole LM head runs, so a
+        LoRA adapter on it (target_modules with lm_head) takes part."""
+        logits = lm_head(last_hidden)[:, self.token_ids]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def forward(self, logits: torch.Tensor, stats_a: torch.Tensor | None = None,
+                stats_b: torch.Tensor | None = None) -> torch.Tensor:
+        if self.stats is None:
+            return logits
+        if stats_a is None or stats_b is None:
+            raise ValueError("this head was built with text statistics; the batch has none")
+        x = torch.cat([stats_a, stats_b, stats_a - stats_b], -1).to(logits.dtype)
+        return logits + self.stats(x)

@@ -15,19 +15,23 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pref_lightning.anchor import AnchorOffset
-from pref_lightning.backbone import build_backbone, reward_score_weight, tokenizer_from_files
+from pref_lightning.backbone import build_backbone, load_tokenizer, reward_score_weight, tokenizer_from_files
 from pref_lightning.checkpoint import CHECKPOINT_KEY, load_checkpoint, payload, without_unused_weights
 from pref_lightning.collate import side_groups as group_sides
 from pref_lightning.contract import EncodingSpec
 from pref_lightning.errors import UserError
 from pref_lightning.head import (
+    VERDICT_TOKENS,
     CrossHead,
     PairHead,
+    VerdictHead,
+    check_head,
     last_token_pool,
     output_layers,
     pool,
     pool_packed,
     pooled_size,
+    verdict_token_ids,
 )
 from pref_lightning.lora import (
     apply_lora,
@@ -126,6 +130,9 @@ class PreferenceModule(L.LightningModule):
         lineage: Sequence[Mapping[str, Any]] | None = None,
         text_anchor: Mapping[str, Any] | None = None,
         anchor_blend: float = 1.0,
+        head: str = "mlp",
+        verdict_tokens: Sequence[str] = VERDICT_TOKENS,
+        attn_softcapping: bool | None = None,
     ) -> None:
         super().__init__()
         if str(packed).lower() not in PACKED_MODES:
@@ -156,15 +163,21 @@ class PreferenceModule(L.LightningModule):
         lora_config = lora_settings(lora)
         if lora_config is not None and (backbone == "tiny" or backbone_config is not None):
             raise UserError("model.lora needs a pretrained backbone: model.backbone=/path/to/model or a hub name")
+        # model.head=verdict_tokens: the decoder is built with its LM head, whose verdict-token logits are the classes
+        check_head(head, layout, self.spec.template, pooling, backbone, anchor_head)
+        self.verdict = head == "verdict_tokens"
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
                                        config_dict=backbone_config, dropout=backbone_dropout,
                                        attn_implementation=attn_implementation, dtype=backbone_dtype,
-                                       quantization=quantization_config(lora_config))
+                                       quantization=quantization_config(lora_config), causal_lm=self.verdict,
+                                       attn_softcapping=attn_softcapping)
         # LoRA: the base stays frozen and out of checkpoints, which store its identity instead (lora.py)
         self.base_model: dict[str, str] | None = None
         if lora_config is not None:
             self.backbone = apply_lora(self.backbone, lora_config, gradient_checkpointing)
             self.base_model = base_identity(backbone)
+        elif self.verdict:  # the LM head stays as pretrained (with LoRA: unless target_modules names it)
+            self.backbone.get_output_embeddings().requires_grad_(False)
         self.backbone.train()  # from_pretrained returns eval mode (dropout off, Lightning's warning)
         if gradient_checkpointing:
             # transformers 5 renamed it; the old name is deprecated
@@ -176,7 +189,7 @@ class PreferenceModule(L.LightningModule):
         if compile:
             # in place (nn.Module.compile), so parameter names and checkpoints stay those of the
             # plain module; dynamic shapes because length-grouped batches vary in length
-            self.backbone.compile(backend=compile_backend, dynamic=True)
+            self.body().compile(backend=compile_backend, dynamic=True)
         hidden = self.backbone.config.hidden_size
         self.packed_mode = str(packed).lower()
         if self.packed_mode == "true" and not self.packable:
@@ -208,7 +221,10 @@ class PreferenceModule(L.LightningModule):
             self.text_scorer = PreferenceModule(**text_anchor["hparams"], backbone_config=text_anchor["backbone_config"])
             self.text_scorer.requires_grad_(False).eval()
             stats_size += 1
-        if layout == "cross":
+        if self.verdict:
+            self.head = VerdictHead(self._verdict_ids(backbone, verdict_tokens, tokenizer_files, n_classes),
+                                    stats_size, n_classes)
+        elif layout == "cross":
             self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size,
                                   n_classes=n_classes)
         elif layout == "siamese":
@@ -293,6 +309,29 @@ class PreferenceModule(L.LightningModule):
         self.anchor.reset(dict(self.hparams.anchor))
 
     # ---- forward ------------------------------------------------------------------------------
+    @staticmethod
+    def _verdict_ids(backbone: str, tokens: Sequence[str], files: Mapping[str, bytes] | None,
+                     n_classes: int) -> list[int]:
+        """Token ids of `model.verdict_tokens` in the run's tokenizer (its files, else the backbone's own)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="pref_tokenizer_") as folder:
+            tokenizer = tokenizer_from_files(files, folder) if files else load_tokenizer(backbone)
+            return verdict_token_ids(tokenizer, tokens, n_classes)
+
+    def body(self) -> nn.Module:
+        """The network the encoder calls for last hidden states: the backbone, or with verdict tokens the
+        decoder inside the causal LM (its LM head then reads the last real token of each row only)."""
+        return self.backbone.get_decoder() if self.verdict else self.backbone
+
+    def _read_out(self, pooled: torch.Tensor, last_hidden) -> torch.Tensor:
+        """What `encode` returns: the verdict tokens' logits (n, K) read from the last real token's state
+        (`last_hidden()`, (n, hidden)) by the LM head, else `pooled` (with the reward column when asked)."""
+        if self.verdict:
+            softcap = getattr(self.backbone.config, "final_logit_softcapping", None)
+            return self.head.read(last_hidden(), self.backbone.get_output_embeddings(), softcap)
+        return self._with_reward(pooled, last_hidden)
+
     @property
     def packable(self) -> bool:
         return getattr(self.backbone.config, "model_type", None) in PACKABLE_MODEL_TYPES
@@ -318,22 +357,22 @@ class PreferenceModule(L.LightningModule):
         mask = attention_mask.bool()
         lengths = attention_mask.sum(1)
         positions = (torch.cumsum(attention_mask, 1) - 1)[mask].unsqueeze(0)
-        hidden = self.backbone(input_ids=input_ids[mask].unsqueeze(0), position_ids=positions).last_hidden_state[0]
+        hidden = self.body()(input_ids=input_ids[mask].unsqueeze(0), position_ids=positions).last_hidden_state[0]
         self.last_processed_tokens = int(positions.shape[1])
         self.last_real_tokens = lengths.sum()
-        return self._with_reward(pool_packed(hidden, lengths, self.hparams.pooling),
-                                 lambda: hidden[torch.cumsum(lengths, 0) - 1])
+        return self._read_out(pool_packed(hidden, lengths, self.hparams.pooling),
+                              lambda: hidden[torch.cumsum(lengths, 0) - 1])
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(n, pooled) vectors of `input_ids` / `attention_mask` (n, L), in one backbone call (packed
         without padding when `uses_packed`)."""
         if self.uses_packed(input_ids.device):
             return self.encode_packed(input_ids, attention_mask)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.body()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         self.last_processed_tokens = attention_mask.numel()
         self.last_real_tokens = attention_mask.sum()  # a tensor: read (one host sync) only by who needs it
-        return self._with_reward(pool(hidden, attention_mask, self.hparams.pooling),
-                                 lambda: last_token_pool(hidden, attention_mask))
+        return self._read_out(pool(hidden, attention_mask, self.hparams.pooling),
+                              lambda: last_token_pool(hidden, attention_mask))
 
     def _with_reward(self, pooled: torch.Tensor, last_hidden) -> torch.Tensor:
         """`pooled` (n, pooled), with the reward model's score of each row's last real token (`last_hidden()`,

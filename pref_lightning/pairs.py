@@ -117,7 +117,10 @@ class PairEncoder:
     `naive_truncation=True`, simply the first `max_length` tokens as the public notebooks did,
     which can cut answer B away entirely. `ids_b` holds the same row with A and B exchanged.
     Where a turn is cut, `head_fraction` says which end survives (1: its start, as right truncation;
-    0: its end, as left truncation); the latest turns are kept first.
+    0: its end, as left truncation); the latest turns are kept first. `truncation_side=left` / `right`
+    replace that budget by one cut of the whole text between the first token and the closing tokens (the
+    verdict question and the last separator stay): left keeps its end (the latest turns and answer B),
+    right its start.
     """
 
     def __init__(self, tokenizer, spec: EncodingSpec | None = None, batch_size: int = 2048) -> None:
@@ -161,7 +164,19 @@ class PairEncoder:
                                       split_special_tokens=SPLIT_SPECIAL_TOKENS)["input_ids"])
         return out
 
+    def cut(self, head: Sequence[int], body: Sequence[int], tail: Sequence[int]) -> np.ndarray:
+        """`truncation_side` left or right: `head` + `body` + `tail` in `max_length` tokens, the body keeping
+        its last (left) or first (right) tokens; the first token and the closing tokens always stay."""
+        room = max(0, self.max_length - len(head) - len(tail))
+        if len(body) > room:
+            body = body[len(body) - room:] if self.spec.truncation_side == "left" else body[:room]
+        return np.asarray([*head, *body, *tail], dtype=np.int32)
+
     def build_side(self, prompt: Sequence[Sequence[int]], response: Sequence[Sequence[int]]) -> np.ndarray:
+        if self.spec.truncation_side != "budgeted":
+            whole = [*fit_turns(prompt, segment_length(prompt), self.sep_id), self.sep_id,
+                     *fit_turns(response, segment_length(response), self.sep_id)]
+            return self.cut([self.cls_id], whole, [self.sep_id])
         budget = self.max_length - 3
         p_alloc, r_alloc = split_budget(segment_length(prompt), segment_length(response), budget,
                                         self.spec.prompt_fraction)
@@ -175,6 +190,11 @@ class PairEncoder:
         # what precedes the prompt, a and b and follows b (plain: [CLS] prompt [SEP] a [SEP] b [SEP])
         m = self.markers or {"prompt": [], "a": [self.sep_id], "b": [self.sep_id], "verdict": []}
         segments = (prompt, a, b)
+        if self.spec.truncation_side != "budgeted":
+            whole = [*m["prompt"]]
+            for segment, marker in zip(segments, (m["a"], m["b"], [])):
+                whole += fit_turns(segment, segment_length(segment), self.sep_id) + marker
+            return self.cut([self.cls_id], whole, [*m["verdict"], self.sep_id])
         if self.spec.naive_truncation:
             joined = [self.cls_id, *m["prompt"]]
             for segment, marker in zip(segments, (m["a"], m["b"], m["verdict"])):

@@ -193,3 +193,34 @@ def llm_dirs(tmp_path_factory, synthetic_frame) -> dict[str, Path]:
 def local_llama_dir(llm_dirs) -> Path:
     """The tiny Llama folder (byte-level BPE tokenizer without a pad token)."""
     return llm_dirs["llama"]
+
+
+# the verdict question and its answers, so that the tiny byte-level BPE learns " A", " B", " tie" as tokens
+VERDICT_TEXTS = ["Which response is better: A, B or tie? A", "Which response is better: A, B or tie? B",
+                 "Which response is better: A, B or tie? tie"] * 200
+
+
+@pytest.fixture(scope="session")
+def causal_lm_dirs(tmp_path_factory, synthetic_frame) -> dict[str, Path]:
+    """Tiny causal LMs saved with their LM head (LlamaForCausalLM, Qwen2ForCausalLM), as hub downloads are,
+    for model.head=verdict_tokens; their tokenizers hold " A", " B" and " tie" as single tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pref_lightning.backbone import load_tokenizer
+    from pref_lightning.records import records_from_frame
+
+    texts = list(VERDICT_TEXTS)
+    for r in records_from_frame(synthetic_frame, "synthetic", require_labels=True)[:200]:
+        texts += r.prompt + r.response_a + r.response_b
+    root = tmp_path_factory.mktemp("causal_lms")
+    folders = {}
+    for kind, pad, bos in (("llama", False, True), ("qwen2", True, False)):
+        tokenizer = train_llm_tokenizer(texts, pad=pad, bos=bos)
+        folders[kind] = root / kind
+        tokenizer.save_pretrained(folders[kind])
+        # the model embeds every id of the tokenizer as train.py loads it back (it can count one token more)
+        vocab = max(len(tokenizer), len(load_tokenizer(str(folders[kind]))))
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(llm_config(kind, vocab)).save_pretrained(folders[kind])
+    return folders

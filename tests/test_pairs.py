@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pref_lightning.contract import EncodingSpec
-from pref_lightning.pairs import PairEncoder, fit_turns, head_tail, split_budget
+from pref_lightning.pairs import VERDICT_MARKERS, PairEncoder, fit_turns, head_tail, split_budget
 from pref_lightning.records import PairRecord
 
 SEP = 2
@@ -187,3 +187,56 @@ def test_the_cache_key_holds_the_special_token_policy(tiny_tokenizer):
 
     assert pairs_key_fields("0" * 64, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48)), True)[
         "split_special_tokens"] is True
+
+# ---- data.truncation_side ---------------------------------------------------------------------------
+LONG = PairRecord("x", ["first question " * 20, "alpha " * 60 + "PEND"], ["beta " * 80 + "AEND"],
+                  ["gamma " * 80 + "BEND"])
+
+
+@pytest.mark.parametrize("layout,template", [("siamese", "plain"), ("cross", "plain"), ("cross", "verdict")])
+def test_left_truncation_keeps_the_last_tokens_and_right_the_first(tiny_tokenizer, layout, template):
+    whole = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=4096, layout=layout, template=template)).encode([LONG])[0]
+    budgeted = PairEncoder(tiny_tokenizer, EncodingSpec(max_length=64, layout=layout, template=template)).encode([LONG])[0]
+    tail = 1 if template == "plain" else 1 + len(tiny_tokenizer(VERDICT_MARKERS["verdict"], add_special_tokens=False)["input_ids"])
+    for side in ("left", "right"):
+        spec = EncodingSpec(max_length=64, layout=layout, template=template, truncation_side=side)
+        pair = PairEncoder(tiny_tokenizer, spec).encode([LONG])[0]
+        for ids, full in ((pair.ids_a, whole.ids_a), (pair.ids_b, whole.ids_b)):
+            assert len(full) > 200 and len(ids) == 64
+            # the first token and the closing tokens (separator; the verdict question) always stay
+            assert ids[0] == full[0] and list(ids[-tail:]) == list(full[-tail:])
+            body, full_body = list(ids[1:-tail]), list(full[1:-tail])
+            assert body == (full_body[-len(body):] if side == "left" else full_body[:len(body)]), side
+        text = tiny_tokenizer.decode(pair.ids_a).replace(" ", "")
+        if side == "left":  # the end of the conversation: the last answer's end, not the first question
+            assert ("BEND" if layout == "cross" else "AEND") in text and "firstquestion" not in text
+        else:
+            assert "firstquestion" in text and "BEND" not in text and "AEND" not in text
+        assert not np.array_equal(pair.ids_a, budgeted.ids_a)
+    # budgeted stays the default, and its cache key is the one written before the setting existed
+    default = EncodingSpec(max_length=64, layout=layout, template=template)
+    assert default.truncation_side == "budgeted" and "truncation_side" not in default.tokenization_key()
+    assert default.replace(truncation_side="left").tokenization_key() != default.tokenization_key()
+    assert default.replace(truncation_side="left").tokenization_key() != default.replace(
+        truncation_side="right").tokenization_key()
+
+
+def test_rows_that_fit_are_the_same_whatever_the_truncation_side(tiny_tokenizer):
+    record = PairRecord("x", ["a short prompt"], ["answer one"], ["answer two"])
+    for layout, template in (("siamese", "plain"), ("cross", "verdict")):
+        encoded = [PairEncoder(tiny_tokenizer, EncodingSpec(max_length=128, layout=layout, template=template,
+                                                            truncation_side=side)).encode([record])[0]
+                   for side in ("budgeted", "left", "right")]
+        for other in encoded[1:]:
+            np.testing.assert_array_equal(other.ids_a, encoded[0].ids_a)
+            np.testing.assert_array_equal(other.ids_b, encoded[0].ids_b)
+
+
+def test_truncation_side_is_checked_and_old_specs_load_as_budgeted():
+    with pytest.raises(ValueError, match="data.truncation_side='middle'"):
+        EncodingSpec(truncation_side="middle")
+    with pytest.raises(ValueError, match="data.naive_truncation=true and data.truncation_side=left"):
+        EncodingSpec(layout="cross", naive_truncation=True, truncation_side="left")
+    old = {k: v for k, v in EncodingSpec().to_dict().items() if k != "truncation_side"}  # a checkpoint's spec
+    assert EncodingSpec.from_dict(old).truncation_side == "budgeted"
+    assert EncodingSpec.from_dict(EncodingSpec(truncation_side="left").to_dict()).truncation_side == "left"

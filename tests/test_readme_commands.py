@@ -58,6 +58,12 @@ NOT_RUN = {
         "needs a LoRA run (test_merged_export_predicts_as_adapter_plus_base: a tiny one)",
     "python -m pref_lightning.lora average mean.ckpt fold0/checkpoints/best.ckpt fold1/checkpoints/best.ckpt":
         "needs LoRA fold runs (test_averaged_adapters_are_the_mean_of_the_folds: tiny ones)",
+    "python train.py experiment=llm_lora model.head=verdict_tokens model.backbone=/models/qwen2.5-14b-instruct "
+    "data=kaggle data.train_path=train.csv trainer=gpu": "needs a GPU and Qwen2.5-14B "
+    "(test_experiment_llm_lora_with_verdict_tokens_trains_predicts_and_ensembles: a tiny Qwen2)",
+    "python train.py experiment=llm_lora model.backbone=/models/gemma-2-9b-it data.truncation_side=left "
+    "model.attn_softcapping=false data=kaggle data.train_path=train.csv trainer=gpu": "needs a GPU and Gemma-2-9B "
+    "(tests/test_pairs.py and tests/test_decoder_options.py: each setting on tiny models)",
     "python train.py -m experiment=arena_small data.fold=0,1,2,3,4 hydra.sweep.dir=runs/arena_cv":
         "five MiniLM runs on the shared files (minutes even at 4 batches); the single arena_small command runs "
         "the same experiment, tests/test_learning_benchmark.py its folds 0 and 1",
