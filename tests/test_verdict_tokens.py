@@ -199,7 +199,7 @@ def test_experiment_llm_lora_with_verdict_tokens_trains_predicts_and_ensembles(c
     from .test_end_to_end import run
 
     run_dir = tmp_path / "run"
-    run("train.py", "experiment=llm_lora", f"model.backbone={causal_lm_dirs['qwen2']}", "model.head=verdict_tokens",
+    run("train.py", "experiment=llm_lora", f"model.backbone={causal_lm_dirs['llama']}", "model.head=verdict_tokens",
         "data.synthetic_rows=200", "data.max_length=128", "data.batch_size=8", "trainer.accumulate_grad_batches=1",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "report=false",
         "model.lora.r=4", f"hydra.run.dir={run_dir}")
