@@ -484,9 +484,13 @@ class PreferenceDataModule(L.LightningDataModule):
                 pair.ties, pair.weight = bool(ties), float(weight)
         pseudo = getattr(self, "_pseudo_targets", None) or []
         if not self.teacher_path:
-            for pair, target in zip(pairs, pseudo):
-                if target is not None:
-                    pair.target = target
+            if any(t is not None for t in pseudo):
+                # a batch holds targets for every row or for none: a labelled row's target is its one-hot label
+                # (the same cross-entropy as the hard label)
+                eye = np.eye(self.spec.n_classes, dtype=np.float32)
+                for i, pair in enumerate(pairs):
+                    target = pseudo[i] if i < len(pseudo) else None
+                    pair.target = target if target is not None else eye[pair.label]
             return
         from pref_lightning.losses import mix_targets
         from pref_lightning.teacher import read_teacher

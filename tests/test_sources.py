@@ -247,7 +247,9 @@ def test_an_unlabelled_pool_trains_on_its_teachers_confident_rows(mix_files, tin
     dm.setup("fit")  # the encoded training pairs carry the teacher's probabilities as their targets
     targets = {i: p.target for i, p in zip(dm.train_ids, dm.train_set.pairs)}
     np.testing.assert_allclose(targets["u205"], probs[5], rtol=1e-6)
-    assert targets[dm.train_ids[0]] is None
+    np.testing.assert_array_equal(targets[dm.train_ids[0]], np.eye(3)[dm.train_set.pairs[0].label])
+    batch = dm.collator()(dm.train_set.pairs)  # labelled and pseudo-labelled rows batch together
+    assert batch["targets"].shape == (len(dm.train_set), 3)
 
 
 def test_a_pseudo_labelled_row_missing_from_its_teacher_is_named(mix_files):
