@@ -48,18 +48,10 @@ REAL_EXTRA = ["hh_rlhf_test.csv", "autoj_pairwise_test.csv", "pandalm_testset_v1
 
 
 def run_info(argv: list[str], precision: str = "32-true") -> dict:
-    """Where and how a result was measured: date, commit, machine, precision, command."""
-    import os
-    import platform
+    """Where and how a result was measured (`pref_lightning.runinfo`): date, commit, machine, precision, command."""
+    from pref_lightning import runinfo
 
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip() or None,
-            "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-            "torch": torch.__version__, "precision": precision, "command": "python " + " ".join(argv)}
+    return runinfo.run_info(precision, command="python " + " ".join(argv))
 
 
 def train(run_dir: Path, *overrides: str) -> tuple[dict, str, float]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,16 +20,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pref_lightning import runinfo  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "timings.json"
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def timed(command: list[str], cwd: Path) -> tuple[int, float, str]:
@@ -47,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     stored = json.loads(args.out.read_text()) if args.out.exists() else {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit.stdout.strip() or None,
-            "machine": machine()}
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": runinfo.git_commit(),
+            "machine": runinfo.machine()}
     failed = False
     if args.suite:
         code, seconds, out = timed([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], REPO)
