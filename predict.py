@@ -5,8 +5,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from pref_lightning import cli
-from pref_lightning.prediction import predict
+from pref_lightning.core import cli
+from pref_lightning.predict.prediction import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from pref_lightning import cli
-from pref_lightning.training import train
+from pref_lightning.core import cli
+from pref_lightning.train.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -18,7 +18,7 @@ folder as a hub download would be, trained with `experiment=llm_lora` (LoRA, bf1
 checkpointing, the cross verdict layout) for `--llm-steps` steps and predicted with `max_tokens=auto` (token
 budgets), once with the default head (`llm_mlp`) and once with `model.head=verdict_tokens` (`llm_verdict`).
 
-A `StageProbe` callback (pref_lightning.callbacks) raises as soon as any stage runs a batch off the
+A `StageProbe` callback (pref_lightning.train.callbacks) raises as soon as any stage runs a batch off the
 GPU, and records each stage's seconds, tokens/s and peak GPU memory; the script prints one table and
 writes `benchmarks/results/gpu_check.json`, merged into what is there (runs not run this time are kept).
 Without CUDA it says so and exits 0.
@@ -43,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pref_lightning.synthetic import generate  # noqa: E402
+from pref_lightning.data.synthetic import generate  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "gpu_check.json"
 DEBERTA_V3_SMALL = {"hidden_size": 768, "num_hidden_layers": 6, "num_attention_heads": 12,
@@ -63,7 +63,7 @@ LLM_RUNS = ("llm_mlp", "llm_verdict")
 
 
 def probe_overrides(probe: Path, device: str) -> list[str]:
-    return ["+callbacks.stage_probe._target_=pref_lightning.callbacks.StageProbe",
+    return ["+callbacks.stage_probe._target_=pref_lightning.train.callbacks.StageProbe",
             f"+callbacks.stage_probe.path={probe}", f"+callbacks.stage_probe.require_device={device}"]
 
 
@@ -92,8 +92,8 @@ def llm_folder(work: Path, args: argparse.Namespace) -> tuple[Path, int]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-    from pref_lightning.backbone import load_tokenizer
-    from pref_lightning.records import records_from_frame
+    from pref_lightning.data.records import records_from_frame
+    from pref_lightning.model.backbone import load_tokenizer
 
     folder = work / ("qwen2-tiny" if args.smoke else "qwen2-0.5b-shaped")
     texts = list(VERDICT_TEXTS)

@@ -4,7 +4,7 @@ Prints a table and writes benchmarks/results/learning.json. Parts (all on CPU, o
   synthetic  the embedded default (`python train.py`) with 3 training seeds: val log loss vs prior
              and oracle (target: every seed within 0.03 nats of the oracle)
   real       5-fold out-of-fold log loss over the 999 rows of the arena sample (prompt-grouped folds,
-             pref_lightning.folds, as `data.n_folds=5 data.fold=k` cuts them): every fold trains
+             pref_lightning.data.folds, as `data.n_folds=5 data.fold=k` cuts them): every fold trains
              `experiment=arena_small` (the other arena rows plus the extra shared sets) with parts of it
              switched off in turn (--variants), beside baselines fitted here on the same folds: the class
              prior, the text-statistics logistic regression, LightGBM on the statistics (`bench` extra;
@@ -38,18 +38,18 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pref_lightning.folds import assign_folds, fold_split, grouped_split, prompt_key  # noqa: E402
-from pref_lightning.metrics import CLASS_COLUMNS, class_prior, log_loss, prior_log_loss  # noqa: E402
-from pref_lightning.records import label_array, read_records  # noqa: E402
-from pref_lightning.text_stats import fit_logistic_regression, pair_stats_matrix, predict_proba  # noqa: E402
+from pref_lightning.core.metrics import CLASS_COLUMNS, class_prior, log_loss, prior_log_loss  # noqa: E402
+from pref_lightning.data.folds import assign_folds, fold_split, grouped_split, prompt_key  # noqa: E402
+from pref_lightning.data.records import label_array, read_records  # noqa: E402
+from pref_lightning.data.text_stats import fit_logistic_regression, pair_stats_matrix, predict_proba  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 REAL_EXTRA = ["hh_rlhf_test.csv", "autoj_pairwise_test.csv", "pandalm_testset_v1.csv", "hhh_alignment.csv"]
 
 
 def run_info(argv: list[str], precision: str = "32-true") -> dict:
-    """Where and how a result was measured (`pref_lightning.runinfo`): date, commit, machine, precision, command."""
-    from pref_lightning import runinfo
+    """Where and how a result was measured (`pref_lightning.core.runinfo`): date, commit, machine, precision, command."""
+    from pref_lightning.core import runinfo
 
     return runinfo.run_info(precision, command="python " + " ".join(argv))
 
@@ -264,7 +264,7 @@ ANCHOR_ABLATION = {
 def anchor_ablation(data_dir: Path, fold_list: list[int], seed: int) -> dict[str, dict]:
     """The anchored head's regression alone (the recipe at step 0), each of its parts switched off in turn,
     per fold: no training, so the whole table costs about a minute."""
-    from pref_lightning.contract import LEGACY_STATS_FEATURES
+    from pref_lightning.data.contract import LEGACY_STATS_FEATURES
 
     out = {}
     for name, (what, data, options) in ANCHOR_ABLATION.items():
@@ -302,10 +302,11 @@ def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length:
     counted with the recipe's tokenizer (MiniLM when installed, else a tokenizer trained on the rows).
     `text_anchor`: a frozen stage-1 checkpoint whose text score joins the regression (`model.text_anchor`),
     through the same `stages` functions the training recipe calls; its tokenizer then encodes the rows."""
-    from pref_lightning.anchor import anchor_log_loss
-    from pref_lightning.backbone import cached_trained_tokenizer, load_tokenizer, resolve_backbone
-    from pref_lightning.datamodule import PreferenceDataModule
-    from pref_lightning.errors import UserError
+    from pref_lightning.core.errors import UserError
+    from pref_lightning.data.datamodule import PreferenceDataModule
+    from pref_lightning.data.tokenizers import cached_trained_tokenizer
+    from pref_lightning.model.anchor import anchor_log_loss, fit_anchor_on
+    from pref_lightning.model.backbone import load_tokenizer, resolve_backbone
 
     try:
         tokenizer = load_tokenizer(resolve_backbone("minilm"))
@@ -316,9 +317,9 @@ def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length:
     if text_anchor is not None:
         import torch
 
-        from pref_lightning.backbone import tokenizer_from_files
-        from pref_lightning.module import PreferenceModule
-        from pref_lightning.stages import read_text_scorer
+        from pref_lightning.data.tokenizers import tokenizer_from_files
+        from pref_lightning.model.module import PreferenceModule
+        from pref_lightning.model.stages import read_text_scorer
 
         settings, weights, files = read_text_scorer(text_anchor, "siamese")
         tokenizer = tokenizer_from_files(files)
@@ -338,13 +339,13 @@ def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length:
         val_a, val_b, val_labels = dm.split_statistics("val")
         columns = None
         if score is not None:
-            from pref_lightning.stages import score_columns
+            from pref_lightning.model.stages import score_columns
 
             def columns(pairs, dm=dm):
                 return score_columns(score, pairs, dm.collator(), 32)
             text_a, text_b = columns(dm.val_set.pairs)
             val_a, val_b = np.concatenate([val_a, text_a], 1), np.concatenate([val_b, text_b], 1)
-        out[k] = anchor_log_loss(dm.fit_anchor(**(options or {}), side_columns=columns), val_a, val_b, val_labels,
+        out[k] = anchor_log_loss(fit_anchor_on(dm, **(options or {}), side_columns=columns), val_a, val_b, val_labels,
                                  True, 0.002)
         print(f"anchor fold {k}: {out[k]:.4f}", flush=True)
     return out
@@ -591,10 +592,10 @@ def anchor_blend(data_dir: Path, run_dir: Path, fold_list: list[int], seed: int 
     baseline. Every weight is reported; none is chosen here."""
     import torch
 
-    from pref_lightning.anchor import anchor_logits
-    from pref_lightning.backbone import load_tokenizer, resolve_backbone
-    from pref_lightning.datamodule import PreferenceDataModule
-    from pref_lightning.metrics import class_probabilities
+    from pref_lightning.core.metrics import class_probabilities
+    from pref_lightning.data.datamodule import PreferenceDataModule
+    from pref_lightning.model.anchor import anchor_logits, fit_anchor_on
+    from pref_lightning.model.backbone import load_tokenizer, resolve_backbone
 
     tokenizer = load_tokenizer(resolve_backbone("minilm"))
     out: dict[str, dict[str, float]] = {}
@@ -604,7 +605,7 @@ def anchor_blend(data_dir: Path, run_dir: Path, fold_list: list[int], seed: int 
         dm.attach_tokenizer(tokenizer)
         dm.setup("fit")
         stats_a, stats_b, labels = dm.split_statistics("val")
-        anchor = class_probabilities(torch.from_numpy(anchor_logits(dm.fit_anchor(), stats_a, stats_b)),
+        anchor = class_probabilities(torch.from_numpy(anchor_logits(fit_anchor_on(dm), stats_a, stats_b)),
                                      floor=0.002).numpy()
         oof = pd.read_csv(run_dir / f"fold{k}" / "oof.csv", dtype={"id": str}).set_index("id").loc[dm.val_ids]
         if not np.array_equal(oof["label"].to_numpy(), labels):

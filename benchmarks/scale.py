@@ -46,9 +46,9 @@ def child(spec: dict) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from pref_lightning import datamodule as datamodule_module
-    from pref_lightning.datamodule import PreferenceDataModule
-    from pref_lightning.pairs import PairEncoder
+    from pref_lightning.data import datamodule as datamodule_module
+    from pref_lightning.data.datamodule import PreferenceDataModule
+    from pref_lightning.data.pairs import PairEncoder
 
     # where the time goes: wrap the stages (their own cost is negligible)
     phases = {"hash_s": 0.0, "parse_s": 0.0, "tokenize_s": 0.0}
@@ -128,7 +128,7 @@ def prepare(work: Path, rows: int, seed: int, tokenizer_rows: int, vocab_size: i
     summary_path = csv.with_suffix(".json")
     if not (csv.exists() and summary_path.exists()):
         print(f"writing {rows} synthetic rows to {csv} ...", flush=True)
-        result = subprocess.run([sys.executable, "-m", "pref_lightning.synthetic", "--rows", str(rows), "--seed",
+        result = subprocess.run([sys.executable, "-m", "pref_lightning.data.synthetic", "--rows", str(rows), "--seed",
                                  str(seed), "--out", str(csv)], cwd=REPO, capture_output=True, text=True, check=True)
         summary_path.write_text(result.stdout)
     summary = json.loads(summary_path.read_text())
@@ -137,8 +137,8 @@ def prepare(work: Path, rows: int, seed: int, tokenizer_rows: int, vocab_size: i
         print(f"training the tiny tokenizer (vocab {vocab_size}) on the texts of {tokenizer_rows} rows ...", flush=True)
         import pandas as pd
 
-        from pref_lightning.backbone import cached_trained_tokenizer
-        from pref_lightning.records import records_from_frame
+        from pref_lightning.data.records import records_from_frame
+        from pref_lightning.data.tokenizers import cached_trained_tokenizer
 
         frame = pd.read_csv(csv, dtype=str, keep_default_na=False, na_filter=False, nrows=tokenizer_rows)
         texts = [t for r in records_from_frame(frame, csv, True) for t in (*r.prompt, *r.response_a, *r.response_b)]

@@ -1,7 +1,7 @@
 """Throughput benchmark: the public notebooks' HF Trainer recipe vs this project's pipeline, on CPU.
 
 Prints a markdown table and writes benchmarks/results/throughput.json. Three setups, all in one run on
-the same machine, with the same synthetic rows (`pref_lightning.synthetic.generate(rows, seed)`, real-like
+the same machine, with the same synthetic rows (`pref_lightning.data.synthetic.generate(rows, seed)`, real-like
 long-tailed lengths), the same tiny tokenizer (trained once on the rows' texts, vocabulary 8,000),
 the same tiny DeBERTa-v3 (`build_backbone("tiny")`: hidden 128, 2 layers, 4 heads, intermediate 512,
 max_position_embeddings >= max length, dropout off), the same max length (1,024), batch size and
@@ -137,7 +137,7 @@ def side_batches(side_lengths: list[list[int]], index_batches) -> list[tuple[int
 def grouped_side_batches(side_lengths: list[list[int]], index_batches, groups: int) -> list[tuple[int, int]]:
     """(real, processed) of each batch when its sequences run in up to `groups` length groups, each padded to
     its own longest (`model.side_groups`, `collate.side_groups`)."""
-    from pref_lightning.collate import side_groups
+    from pref_lightning.data.collate import side_groups
 
     out = []
     for batch in index_batches:
@@ -205,8 +205,8 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
         TrainingArguments,
     )
 
-    from pref_lightning.backbone import build_backbone
-    from pref_lightning.records import read_records
+    from pref_lightning.data.records import read_records
+    from pref_lightning.model.backbone import build_backbone
 
     started = time.perf_counter()
     max_length, batch_size = spec["max_length"], spec["batch_size"]
@@ -346,9 +346,9 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from pref_lightning.datamodule import PreferenceDataModule
-    from pref_lightning.module import PreferenceModule
-    from pref_lightning.sampler import LengthGroupedSampler
+    from pref_lightning.data.datamodule import PreferenceDataModule
+    from pref_lightning.data.sampler import LengthGroupedSampler
+    from pref_lightning.model.module import PreferenceModule
 
     started = time.perf_counter()
     layout = spec["layout"]
@@ -456,7 +456,7 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
                    predict_batch_tokens=timer.predict_tokens)
         if spec.get("predict_max_tokens"):
             # the same rows again with prediction's token budget (predict.py max_tokens) instead of batch rows
-            from pref_lightning.prediction import gather_predictions
+            from pref_lightning.predict.prediction import gather_predictions
 
             by_rows = gather_predictions(outputs, n)
             datamodule.eval_max_tokens = spec["predict_max_tokens"]
@@ -548,9 +548,9 @@ def machine() -> dict[str, Any]:
 
 def prepare_data(work: Path, rows: int, predict_rows: int, seed: int, vocab_size: int, cache_dir: str | None):
     """Synthetic rows -> train.csv (all rows) and predict.csv (the first rows); the tokenizer, trained once."""
-    from pref_lightning.backbone import cached_trained_tokenizer
-    from pref_lightning.records import records_from_frame
-    from pref_lightning.synthetic import generate, write_csv
+    from pref_lightning.data.records import records_from_frame
+    from pref_lightning.data.synthetic import generate, write_csv
+    from pref_lightning.data.tokenizers import cached_trained_tokenizer
 
     frame = generate(rows, seed=seed).frame
     write_csv(frame, work / "train.csv")

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pref_lightning import runinfo  # noqa: E402
+from pref_lightning.core import runinfo  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "timings.json"
 

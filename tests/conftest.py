@@ -48,14 +48,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def synthetic_frame():
-    from pref_lightning.synthetic import generate
+    from pref_lightning.data.synthetic import generate
 
     return generate(400, seed=3).frame
 
 
 @pytest.fixture(scope="session")
 def synthetic_csv(tmp_path_factory, synthetic_frame) -> Path:
-    from pref_lightning.synthetic import write_csv
+    from pref_lightning.data.synthetic import write_csv
 
     path = tmp_path_factory.mktemp("data") / "train.csv"
     write_csv(synthetic_frame, path)
@@ -70,7 +70,7 @@ def varied_csv(tmp_path_factory, synthetic_frame) -> Path:
 
     import numpy as np
 
-    from pref_lightning.synthetic import write_csv
+    from pref_lightning.data.synthetic import write_csv
 
     rng = np.random.default_rng(11)
     frame = synthetic_frame.copy()
@@ -84,8 +84,8 @@ def varied_csv(tmp_path_factory, synthetic_frame) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory, synthetic_frame):
-    from pref_lightning.backbone import cached_trained_tokenizer
-    from pref_lightning.records import records_from_frame
+    from pref_lightning.data.records import records_from_frame
+    from pref_lightning.data.tokenizers import cached_trained_tokenizer
 
     texts = []
     for r in records_from_frame(synthetic_frame, "synthetic", require_labels=True):
@@ -96,7 +96,7 @@ def tiny_tokenizer(tmp_path_factory, synthetic_frame):
 @pytest.fixture(scope="session")
 def local_backbone_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A folder laid out like a downloaded hub model: config, weights, tokenizer files."""
-    from pref_lightning.backbone import build_backbone
+    from pref_lightning.model.backbone import build_backbone
 
     folder = tmp_path_factory.mktemp("tiny-deberta-v3")
     model = build_backbone("tiny", vocab_size=len(tiny_tokenizer), tiny_overrides=TEST_TINY)
@@ -163,7 +163,7 @@ def llm_dirs(tmp_path_factory, synthetic_frame) -> dict[str, Path]:
     import torch
     from transformers import AutoModel, LlamaForSequenceClassification
 
-    from pref_lightning.records import records_from_frame
+    from pref_lightning.data.records import records_from_frame
 
     texts = []
     for r in records_from_frame(synthetic_frame, "synthetic", require_labels=True)[:200]:
@@ -207,8 +207,8 @@ def causal_lm_dirs(tmp_path_factory, synthetic_frame) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pref_lightning.backbone import load_tokenizer
-    from pref_lightning.records import records_from_frame
+    from pref_lightning.data.records import records_from_frame
+    from pref_lightning.model.backbone import load_tokenizer
 
     texts = list(VERDICT_TEXTS)
     for r in records_from_frame(synthetic_frame, "synthetic", require_labels=True)[:200]:

@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from pref_lightning.adapters import coin, detect_format, read_frame, read_source
-from pref_lightning.records import DataError
-from pref_lightning.text_stats import NULL_TURN
+from pref_lightning.data.adapters import coin, detect_format, read_frame, read_source
+from pref_lightning.data.records import DataError
+from pref_lightning.data.text_stats import NULL_TURN
 
 
 def arena_row(qid, winner, user=("hi",), a=("A1",), b=("B1",), language="English"):
@@ -142,7 +142,7 @@ def test_chosen_rejected_with_ids(tmp_path):
 
 
 def test_kaggle_adapter_matches_read_records(synthetic_csv):
-    from pref_lightning.records import read_records
+    from pref_lightning.data.records import read_records
 
     data = read_source(synthetic_csv)
     plain = read_records(synthetic_csv)

@@ -5,17 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from pref_lightning.anchor import anchor_logits, fit_anchor
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.ensemble import softmax
-from pref_lightning.metrics import competition_log_loss, mix_floor
-from pref_lightning.module import PreferenceModule
+from pref_lightning.core.metrics import competition_log_loss, mix_floor
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.model.anchor import anchor_logits, fit_anchor, fit_anchor_on
+from pref_lightning.model.module import PreferenceModule
+from pref_lightning.predict.ensemble import softmax
 
 from .conftest import TEST_TINY
 
 
 def test_fitted_offset_equals_the_regression_it_folds():
-    from pref_lightning.text_stats import fit_logistic_regression, predict_proba
+    from pref_lightning.data.text_stats import fit_logistic_regression, predict_proba
 
     rng = np.random.default_rng(0)
     sa, sb = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
@@ -34,7 +34,7 @@ def test_fitted_offset_equals_the_regression_it_folds():
 
 
 def test_penalty_is_chosen_by_grouped_cross_validation():
-    from pref_lightning.anchor import L2_GRID, choose_l2
+    from pref_lightning.model.anchor import L2_GRID, choose_l2
 
     rng = np.random.default_rng(1)
     n = 600
@@ -56,7 +56,7 @@ def setup(tiny_tokenizer, synthetic_csv):
     dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=16, eval_batch_size=64)
     dm.attach_tokenizer(tiny_tokenizer)
     dm.setup("fit")
-    anchor = dm.fit_anchor()
+    anchor = fit_anchor_on(dm)
     sa, sb, labels = dm.split_statistics("val")
     probs = mix_floor(softmax(anchor_logits(anchor, sa, sb)), 0.002)
     baseline = float(competition_log_loss(torch.from_numpy(probs), torch.from_numpy(labels)))
@@ -70,7 +70,7 @@ def anchored(tokenizer, anchor, **kwargs):
 
 def test_step_zero_scores_the_baseline_and_the_checkpoint_reproduces_it(tiny_tokenizer, setup, tmp_path):
     dm, anchor, baseline = setup
-    from pref_lightning.backbone import tokenizer_files
+    from pref_lightning.data.tokenizers import tokenizer_files
 
     model = anchored(tiny_tokenizer, anchor, tokenizer_files=tokenizer_files(tiny_tokenizer))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
@@ -102,9 +102,9 @@ def test_anchor_needs_statistics(tiny_tokenizer, setup):
 
 
 def test_a_model_behind_its_baseline_falls_back_to_it(tiny_tokenizer, setup, tmp_path):
-    from pref_lightning.backbone import tokenizer_files
-    from pref_lightning.head import output_layers
-    from pref_lightning.training import fall_back_to_baseline, validate_best
+    from pref_lightning.data.tokenizers import tokenizer_files
+    from pref_lightning.model.head import output_layers
+    from pref_lightning.train.training import fall_back_to_baseline, validate_best
 
     dm, anchor, baseline = setup
     model = anchored(tiny_tokenizer, anchor, reference={"baseline_log_loss": baseline},
@@ -160,6 +160,6 @@ def test_anchor_blend_evaluates_the_mixture_and_trains_the_whole_model(tiny_toke
 
 
 def output_layers_of(model):
-    from pref_lightning.head import output_layers
+    from pref_lightning.model.head import output_layers
 
     return output_layers(model.head)

@@ -1,6 +1,6 @@
 import pytest
 
-from pref_lightning.atomic import atomic_path, atomic_write_text
+from pref_lightning.core.atomic import atomic_path, atomic_write_text
 
 
 def test_atomic_write_replaces_and_is_readable(tmp_path):

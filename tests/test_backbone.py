@@ -1,13 +1,8 @@
 import pytest
 import torch
 
-from pref_lightning.backbone import (
-    build_backbone,
-    cached_trained_tokenizer,
-    load_tokenizer,
-    tokenizer_files,
-    tokenizer_from_files,
-)
+from pref_lightning.data.tokenizers import cached_trained_tokenizer, tokenizer_files, tokenizer_from_files
+from pref_lightning.model.backbone import build_backbone, load_tokenizer
 
 from .conftest import minilm_installed
 
@@ -84,7 +79,7 @@ def test_tokenizer_training_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("from pref_lightning.backbone import train_tokenizer;"
+    code = ("from pref_lightning.data.tokenizers import train_tokenizer;"
             "t = train_tokenizer(['the cat sat on the mat', 'a dog ran far away'] * 20 + ['zebra quilt'], 60);"
             "print(t.backend_tokenizer.to_str())")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -100,7 +95,7 @@ BACKBONES = ["tiny", "deberta_folder", "bert_folder",
 def test_every_backbone_parameter_gets_a_gradient_from_the_pooled_output(kind, request, tiny_tokenizer):
     """DDP (find_unused_parameters=False) fails on a parameter outside the loss: a BERT-style pooler the
     head never reads must not be built, neither from a folder nor when rebuilt from a checkpoint's config."""
-    from pref_lightning.head import pool
+    from pref_lightning.model.head import pool
 
     if kind == "tiny":
         model = build_backbone("tiny", vocab_size=len(tiny_tokenizer), tiny_overrides={
@@ -119,7 +114,7 @@ def test_every_backbone_parameter_gets_a_gradient_from_the_pooled_output(kind, r
 
 
 def test_checkpoint_weights_of_a_dropped_pooler_are_ignored():
-    from pref_lightning.checkpoint import without_unused_weights
+    from pref_lightning.model.checkpoint import without_unused_weights
 
     module = torch.nn.Module()
     module.backbone = torch.nn.Linear(2, 2)

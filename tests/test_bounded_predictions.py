@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pref_lightning.collate import PairCollator
-from pref_lightning.contract import EncodingSpec
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.module import PreferenceModule
-from pref_lightning.pairs import STATS_FEATURES, EncodedPair, PairEncoder
-from pref_lightning.stats_norm import apply_stats_norm
+from pref_lightning.data.collate import PairCollator
+from pref_lightning.data.contract import EncodingSpec
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.pairs import STATS_FEATURES, EncodedPair, PairEncoder
+from pref_lightning.data.stats_norm import apply_stats_norm
+from pref_lightning.model.module import PreferenceModule
 
 from .conftest import ARENA_SAMPLE, TEST_TINY, needs_shared_data
 
@@ -32,7 +32,7 @@ ODD_ROWS = '''id,prompt,response_a,response_b
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained 2 epochs on the real arena sample (~15 s on 2 cores)."""
-    from pref_lightning.backbone import cached_trained_tokenizer
+    from pref_lightning.data.tokenizers import cached_trained_tokenizer
 
     L.seed_everything(0)
     dm = PreferenceDataModule(train_path=str(ARENA_SAMPLE), max_length=MAX_LENGTH, batch_size=32, val_fraction=0.2,
@@ -129,7 +129,7 @@ def test_null_and_empty_answers_keep_every_class_above_the_floor(trained, tmp_pa
 
 def test_floor_is_applied_identically_in_validation_and_prediction(trained, tmp_path):
     """val/log_loss, the calibration pass and predict_step + the pipeline's guard give the same numbers."""
-    from pref_lightning.metrics import competition_log_loss, mix_floor
+    from pref_lightning.core.metrics import competition_log_loss, mix_floor
 
     model, _, dm = trained
     batch = next(iter(dm.val_dataloader()))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pref_lightning import datamodule as datamodule_module
-from pref_lightning.cache import EncodedTable, LazyRecords, PairCache, encode_table, pairs_key_fields
-from pref_lightning.contract import EncodingSpec
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.pairs import STATS_FEATURES, PairEncoder
-from pref_lightning.records import read_records
+from pref_lightning.data import datamodule as datamodule_module
+from pref_lightning.data.cache import EncodedTable, LazyRecords, PairCache, encode_table, pairs_key_fields
+from pref_lightning.data.contract import EncodingSpec
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.pairs import STATS_FEATURES, PairEncoder
+from pref_lightning.data.records import read_records
 
 
 def make_dm(path, tokenizer, cache_dir=None, **kwargs):
@@ -138,8 +138,8 @@ def test_prediction_through_the_cache(synthetic_frame, tiny_tokenizer, tmp_path,
 
 
 def test_key_changes_with_every_setting_the_pairs_depend_on(synthetic_csv, tiny_tokenizer, tmp_path):
-    from pref_lightning.backbone import cached_trained_tokenizer, tokenizer_from_files
-    from pref_lightning.cache import file_sha256
+    from pref_lightning.data.cache import file_sha256
+    from pref_lightning.data.tokenizers import cached_trained_tokenizer, tokenizer_from_files
 
     file_hash = file_sha256(synthetic_csv)
     base = pairs_key_fields(file_hash, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48)), True)
@@ -149,7 +149,7 @@ def test_key_changes_with_every_setting_the_pairs_depend_on(synthetic_csv, tiny_
         return cache.pairs_path(fields)
 
     # the same settings (and the same tokenizer, however it was loaded) give the same key
-    from pref_lightning.backbone import tokenizer_files
+    from pref_lightning.data.tokenizers import tokenizer_files
 
     reloaded = tokenizer_from_files(tokenizer_files(tiny_tokenizer), tmp_path / "reloaded")
     assert path(pairs_key_fields(file_hash, PairEncoder(reloaded, EncodingSpec(max_length=48)), True)) == path(base)
@@ -188,7 +188,7 @@ def test_corrupted_cache_files_are_rebuilt(synthetic_csv, tiny_tokenizer, tmp_pa
         data = path.read_bytes()
         path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00not a zip" * 100,
                           "empty": b""}[damage])
-    with caplog.at_level("WARNING", logger="pref_lightning.cache"):
+    with caplog.at_level("WARNING", logger="pref_lightning.data.cache"):
         rebuilt = make_dm(synthetic_csv, tiny_tokenizer, tmp_path)
     assert sum("unreadable" in r.getMessage() for r in caplog.records) == 2  # rows and pairs files
     assert_same_pairs(rebuilt.train_set.pairs, reference.train_set.pairs)

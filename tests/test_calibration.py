@@ -1,7 +1,7 @@
 import torch
 
-from pref_lightning.calibration import fit_temperature
-from pref_lightning.metrics import competition_log_loss
+from pref_lightning.core.metrics import competition_log_loss
+from pref_lightning.train.calibration import fit_temperature
 
 
 def test_temperature_recovers_overconfidence():
@@ -26,7 +26,7 @@ def test_temperature_near_one_when_calibrated():
 def test_temperature_of_a_model_worse_than_uniform_is_bounded():
     """A model whose logits are confidently wrong fits T -> infinity unbounded (2.4e6 was seen): the
     "calibrated" model is then exactly uniform. The fit stops at the range's upper bound."""
-    from pref_lightning.calibration import TEMPERATURE_RANGE
+    from pref_lightning.train.calibration import TEMPERATURE_RANGE
 
     torch.manual_seed(2)
     labels = torch.randint(0, 3, (2000,))
@@ -39,7 +39,7 @@ def test_temperature_of_a_model_worse_than_uniform_is_bounded():
 
 
 def test_temperature_fitted_with_the_floor_minimises_the_floored_loss():
-    from pref_lightning.metrics import class_probabilities
+    from pref_lightning.core.metrics import class_probabilities
 
     torch.manual_seed(3)
     true_logits = 2 * torch.randn(3000, 3)

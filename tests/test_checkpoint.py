@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pref_lightning.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, load_checkpoint
-from pref_lightning.contract import EncodingSpec
-from pref_lightning.errors import UserError
-from pref_lightning.module import PreferenceModule
-from pref_lightning.prediction import predict
+from pref_lightning.core.errors import UserError
+from pref_lightning.data.contract import EncodingSpec
+from pref_lightning.model.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, load_checkpoint
+from pref_lightning.model.module import PreferenceModule
+from pref_lightning.predict.prediction import predict
 
 DATA = Path(__file__).parent / "data"
 FORMAT1 = DATA / "format1_tiny.ckpt"

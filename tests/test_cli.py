@@ -16,15 +16,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pref_lightning import cli
-from pref_lightning.callbacks import LogProgress
-from pref_lightning.checkpoint import load_checkpoint
-from pref_lightning.compat import check_hardware
-from pref_lightning.errors import MissingFileError, UserError
-from pref_lightning.prior_guard import advice
-from pref_lightning.records import FLOAT_FORMAT, DataError
-from pref_lightning.resume import resume_checkpoint, same_config_runs
-from pref_lightning.submission import submission_frame
+from pref_lightning.core import cli
+from pref_lightning.core.errors import MissingFileError, UserError
+from pref_lightning.data.records import FLOAT_FORMAT, DataError
+from pref_lightning.data.submission import submission_frame
+from pref_lightning.model.checkpoint import load_checkpoint
+from pref_lightning.model.compat import check_hardware
+from pref_lightning.train.callbacks import LogProgress
+from pref_lightning.train.prior_guard import advice
+from pref_lightning.train.resume import resume_checkpoint, same_config_runs
 
 from .conftest import REPO
 
@@ -132,7 +132,7 @@ def test_a_settings_error_raised_inside_instantiate_is_one_line(capsys, monkeypa
     # UserError Hydra wraps in "Error in call to target": still one line, exit 2
     from hydra.errors import InstantiationException
 
-    from pref_lightning.contract import EncodingSpec
+    from pref_lightning.data.contract import EncodingSpec
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
 
@@ -171,7 +171,7 @@ def test_a_hub_backbone_without_the_hub_is_one_line_at_once(tmp_path, synthetic_
 def test_check_hub_backbone_passes_local_folders_and_refuses_an_uncached_name_offline(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from pref_lightning.backbone import check_hub_backbone
+    from pref_lightning.model.backbone import check_hub_backbone
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
@@ -189,7 +189,7 @@ def test_the_suggested_cpu_overrides_compose():
 
 
 def test_precision_on_cpu(capsys, monkeypatch):
-    from pref_lightning import compat
+    from pref_lightning.model import compat
 
     with pytest.raises(UserError, match="trainer.precision=16-true on CPU.*mixed dtype"):
         check_hardware(compose_cfg("train", ["trainer.accelerator=cpu", "trainer.precision=16-true"]))
@@ -286,7 +286,7 @@ def test_log_progress_lines(caplog):
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, world_size=2, current_epoch=0,
                               num_training_batches=4, max_epochs=1, max_steps=-1)
     bar._trainer = trainer
-    with caplog.at_level("INFO", logger="pref_lightning.callbacks"):
+    with caplog.at_level("INFO", logger="pref_lightning.train.callbacks"):
         bar.on_train_epoch_start(trainer, None)
         for i in range(2):
             bar.on_train_batch_end(trainer, None, None, {"index": torch.arange(8)}, i)
@@ -299,7 +299,7 @@ def test_log_progress_lines(caplog):
 def test_progress_bar_is_rich_on_a_terminal_only(monkeypatch):
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from pref_lightning.callbacks import progress_bar
+    from pref_lightning.train.callbacks import progress_bar
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
     assert isinstance(progress_bar(), LogProgress)
@@ -336,7 +336,7 @@ def test_single_model_and_ensemble_submissions_share_one_text_format():
 
 
 def test_cv_metrics_name_calibrated_and_uncalibrated(tmp_path):
-    from pref_lightning.sweep import combine_folds
+    from pref_lightning.train.sweep import combine_folds
 
     rng = np.random.default_rng(0)
     for fold in range(2):

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from pref_lightning.collate import PairCollator
-from pref_lightning.pairs import EncodedPair
+from pref_lightning.data.collate import PairCollator
+from pref_lightning.data.pairs import EncodedPair
 
 
 def pair(n_a, n_b, label, index):

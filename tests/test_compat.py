@@ -3,7 +3,7 @@
 import pytest
 from transformers import BertConfig, DebertaV2Config, LlamaConfig, RobertaConfig
 
-from pref_lightning.compat import check_max_length, check_vocabulary, position_limit
+from pref_lightning.model.compat import check_max_length, check_vocabulary, position_limit
 
 
 def test_position_limits_of_absolute_relative_and_rotary_families():

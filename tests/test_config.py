@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pref_lightning.datamodule import PreferenceDataModule
+from pref_lightning.data.datamodule import PreferenceDataModule
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from pref_lightning.contract import STATS_FEATURES, EncodingSpec
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.errors import UserError
-from pref_lightning.module import PreferenceModule
-from pref_lightning.pairs import PairEncoder
+from pref_lightning.core.errors import UserError
+from pref_lightning.data.contract import STATS_FEATURES, EncodingSpec
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.pairs import PairEncoder
+from pref_lightning.model.module import PreferenceModule
 
 from .conftest import TEST_TINY
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.folds import grouped_split, prompt_key
-from pref_lightning.records import PairRecord
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.folds import grouped_split, prompt_key
+from pref_lightning.data.records import PairRecord
 
 
 def records_with_shared_prompts(n_groups=40, per_group=3):

@@ -15,8 +15,8 @@ import sys
 import pandas as pd
 import pytest
 
-from pref_lightning.metrics import CLASS_COLUMNS
-from pref_lightning.records import ORACLE_COLUMNS
+from pref_lightning.core.metrics import CLASS_COLUMNS
+from pref_lightning.data.records import ORACLE_COLUMNS
 
 from .conftest import REPO, TEST_TINY_OVERRIDES, minilm_installed
 

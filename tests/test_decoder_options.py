@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from pref_lightning.backbone import build_backbone
-from pref_lightning.errors import UserError
+from pref_lightning.core.errors import UserError
+from pref_lightning.model.backbone import build_backbone
 
 
 def attention_caps(model) -> list:
@@ -59,8 +59,9 @@ def test_soft_capping_switch_is_refused_for_other_families(llm_dirs):
 
 
 def test_soft_capping_switch_reaches_the_model_and_its_checkpoint(llm_dirs, synthetic_csv, tmp_path):
-    from pref_lightning.backbone import load_tokenizer, tokenizer_files
-    from pref_lightning.module import PreferenceModule
+    from pref_lightning.data.tokenizers import tokenizer_files
+    from pref_lightning.model.backbone import load_tokenizer
+    from pref_lightning.model.module import PreferenceModule
 
     from .test_llm import datamodule, lora_module, trainer
 

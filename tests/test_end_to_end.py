@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pref_lightning.metrics import CLASS_COLUMNS
-from pref_lightning.records import ORACLE_COLUMNS
+from pref_lightning.core.metrics import CLASS_COLUMNS
+from pref_lightning.data.records import ORACLE_COLUMNS
 
 from .conftest import ARENA_SAMPLE, REPO, TEST_TINY_OVERRIDES, needs_shared_data
 

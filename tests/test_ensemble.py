@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pref_lightning.ensemble import checkpoint_paths, combine, ensemble_weights, softmax
-from pref_lightning.records import ORACLE_COLUMNS
+from pref_lightning.data.records import ORACLE_COLUMNS
+from pref_lightning.predict.ensemble import checkpoint_paths, combine, ensemble_weights, softmax
 
 from .test_end_to_end import FAST, check_submission, run
 
@@ -154,8 +154,8 @@ def test_each_member_is_released_before_the_next_loads(tmp_path, monkeypatch):
 
     from omegaconf import OmegaConf
 
-    from pref_lightning.module import PreferenceModule
-    from pref_lightning.prediction import predict
+    from pref_lightning.model.module import PreferenceModule
+    from pref_lightning.predict.prediction import predict
 
     from .conftest import REPO
 

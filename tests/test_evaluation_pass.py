@@ -4,10 +4,10 @@ logits calibration uses are the ones Lightning's validation loop computed."""
 import lightning as L
 import torch
 
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.metrics import competition_log_loss
-from pref_lightning.module import PreferenceModule
-from pref_lightning.training import calibrate, validate_best
+from pref_lightning.core.metrics import competition_log_loss
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.model.module import PreferenceModule
+from pref_lightning.train.training import calibrate, validate_best
 
 from .conftest import TEST_TINY
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.errors import UserError
-from pref_lightning.folds import assign_folds, fold_split, prompt_key
-from pref_lightning.records import label_array, read_records
+from pref_lightning.core.errors import UserError
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.folds import assign_folds, fold_split, prompt_key
+from pref_lightning.data.records import label_array, read_records
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pref_lightning.head import PairHead, pool
+from pref_lightning.model.head import PairHead, pool
 
 SWAP = [1, 0, 2]
 

@@ -22,16 +22,16 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pref_lightning.adapters import read_any, read_source
-from pref_lightning.contract import EncodingSpec
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.ensemble import softmax
-from pref_lightning.metrics import CLASS_COLUMNS
-from pref_lightning.module import PreferenceModule
-from pref_lightning.pairs import STATS_FEATURES, PairEncoder
-from pref_lightning.prediction import gather_predictions
-from pref_lightning.records import DataError, parse_turns, read_records
-from pref_lightning.submission import submission_frame, winner_frame
+from pref_lightning.core.metrics import CLASS_COLUMNS
+from pref_lightning.data.adapters import read_any, read_source
+from pref_lightning.data.contract import EncodingSpec
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.pairs import STATS_FEATURES, PairEncoder
+from pref_lightning.data.records import DataError, parse_turns, read_records
+from pref_lightning.data.submission import submission_frame, winner_frame
+from pref_lightning.model.module import PreferenceModule
+from pref_lightning.predict.ensemble import softmax
+from pref_lightning.predict.prediction import gather_predictions
 
 from .conftest import REPO, TEST_TINY
 
@@ -163,7 +163,7 @@ def test_prediction_gives_one_row_per_id_in_order_csv(frame, crlf, tmp_path_fact
 @given(frame=hostile_frames(), fmt=st.sampled_from(["kaggle", "wsdm"]), as_lists=st.booleans())
 def test_prediction_gives_one_row_per_id_in_order_parquet(frame, fmt, as_lists, tmp_path_factory, tiny_tokenizer,
                                                           tiny_model):
-    from pref_lightning.records import repair_text
+    from pref_lightning.data.records import repair_text
 
     # Arrow strings are UTF-8: lone surrogates reach parquet only JSON-escaped (as Kaggle writes them)
     frame = frame.map(repair_text)
@@ -258,7 +258,7 @@ def test_missing_column_names_file_and_column(column, tmp_path):
 @given(bad=st.one_of(st.sampled_from(["", "tie", "Model_C", "1", "model a"]), text))
 def test_wsdm_malformed_winner_names_file_id_and_column(bad, tmp_path_factory):
     assume(bad.strip().lower() not in ("model_a", "model_b", "tie", "tie (bothbad)"))
-    from pref_lightning.records import repair_text
+    from pref_lightning.data.records import repair_text
 
     frame = pd.DataFrame({"id": ["w1", "w2"], "prompt": ["p", "q"], "response_a": ["a", "b"],
                           "response_b": ["c", "d"], "winner": ["model_a", repair_text(bad)]})
@@ -287,7 +287,7 @@ def test_training_datamodule_on_bad_rows(tmp_path, caplog):
 
 # ---- the full predict.py path on a tiny checkpoint -----------------------------------------------
 def tiny_checkpoint(path, tokenizer, n_classes=3):
-    from pref_lightning.backbone import tokenizer_files
+    from pref_lightning.data.tokenizers import tokenizer_files
 
     torch.manual_seed(0)
     spec = EncodingSpec(max_length=MAX_LENGTH, n_classes=n_classes, stats_norm=NEUTRAL_NORM)

@@ -9,9 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.errors import MissingFileError, UserError
-from pref_lightning.module import PreferenceModule
+from pref_lightning.core.errors import MissingFileError, UserError
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.model.module import PreferenceModule
 
 from .conftest import REPO
 
@@ -46,7 +46,8 @@ def logits_of(module, batch):
 def lora_run(tmp_path_factory, llm_dirs, synthetic_csv):
     """A LoRA model on the tiny Llama trained 3 steps, saved with its optimizer state; the adapter's B
     matrices are then randomised (saved as `perturbed.ckpt`) so that merging changes the weights visibly."""
-    from pref_lightning.backbone import load_tokenizer, tokenizer_files
+    from pref_lightning.data.tokenizers import tokenizer_files
+    from pref_lightning.model.backbone import load_tokenizer
 
     folder = llm_dirs["llama"]
     tokenizer = load_tokenizer(str(folder))
@@ -69,8 +70,8 @@ def lora_run(tmp_path_factory, llm_dirs, synthetic_csv):
 
 # ---- backbones and pooling ------------------------------------------------------------------------
 def test_last_token_pooling_is_exact_for_right_and_left_padding(llm_dirs):
-    from pref_lightning.backbone import build_backbone
-    from pref_lightning.head import pool
+    from pref_lightning.model.backbone import build_backbone
+    from pref_lightning.model.head import pool
 
     model = build_backbone(str(llm_dirs["llama"]), attn_implementation="sdpa").eval()
     lengths = [6, 3, 5]
@@ -96,7 +97,7 @@ def test_last_token_pooling_is_exact_for_right_and_left_padding(llm_dirs):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2"])
 def test_decoder_backbones_encode_pairs_and_every_adapter_weight_learns(kind, llm_dirs, synthetic_csv):
-    from pref_lightning.backbone import load_tokenizer
+    from pref_lightning.model.backbone import load_tokenizer
 
     tokenizer = load_tokenizer(str(llm_dirs[kind]))
     assert tokenizer.pad_token is not None  # llama ships none: pad = eos
@@ -120,7 +121,7 @@ def test_decoder_backbones_encode_pairs_and_every_adapter_weight_learns(kind, ll
 def test_reward_model_folder_gives_its_base_model_hidden_states(llm_dirs):
     from transformers import LlamaForSequenceClassification
 
-    from pref_lightning.backbone import build_backbone
+    from pref_lightning.model.backbone import build_backbone
 
     backbone = build_backbone(str(llm_dirs["reward"])).eval()
     full = LlamaForSequenceClassification.from_pretrained(llm_dirs["reward"]).eval()
@@ -132,7 +133,7 @@ def test_reward_model_folder_gives_its_base_model_hidden_states(llm_dirs):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2"])
 def test_packed_batches_equal_padded_ones(kind, llm_dirs, varied_csv):
-    from pref_lightning.backbone import load_tokenizer
+    from pref_lightning.model.backbone import load_tokenizer
 
     tokenizer = load_tokenizer(str(llm_dirs[kind]))
     dm = PreferenceDataModule(train_path=str(varied_csv), max_length=96, batch_size=4, length_grouped=False)
@@ -161,7 +162,7 @@ def test_packed_batches_equal_padded_ones(kind, llm_dirs, varied_csv):
 
 
 def test_packed_mode_is_chosen_and_checked(llm_dirs, tiny_tokenizer):
-    from pref_lightning.backbone import load_tokenizer
+    from pref_lightning.model.backbone import load_tokenizer
 
     tokenizer = load_tokenizer(str(llm_dirs["llama"]))
     assert lora_module(llm_dirs["llama"], tokenizer).uses_packed(torch.device("cpu")) is False  # auto, sdpa, CPU
@@ -174,8 +175,8 @@ def test_packed_mode_is_chosen_and_checked(llm_dirs, tiny_tokenizer):
 def test_reward_model_score_is_an_extra_side_feature(llm_dirs, synthetic_csv):
     from transformers import LlamaForSequenceClassification
 
-    from pref_lightning.backbone import load_tokenizer
-    from pref_lightning.lora import without_base_weights
+    from pref_lightning.model.backbone import load_tokenizer
+    from pref_lightning.model.lora import without_base_weights
 
     tokenizer = load_tokenizer(str(llm_dirs["reward"]))
     dm = datamodule(tokenizer, synthetic_csv, batch_size=4)
@@ -200,7 +201,7 @@ def test_reward_model_score_is_an_extra_side_feature(llm_dirs, synthetic_csv):
 
 
 def test_bad_lora_settings_are_one_line_user_errors(llm_dirs):
-    from pref_lightning.lora import lora_settings, quantization_config
+    from pref_lightning.model.lora import lora_settings, quantization_config
 
     with pytest.raises(UserError, match="unknown key 'rank'"):
         lora_settings({"rank": 8})
@@ -220,7 +221,7 @@ def test_bad_lora_settings_are_one_line_user_errors(llm_dirs):
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def test_lora_checkpoint_holds_adapter_and_head_not_base_weights(lora_run):
-    from pref_lightning.lora import base_identity
+    from pref_lightning.model.lora import base_identity
 
     state = torch.load(lora_run["dir"] / "last.ckpt", weights_only=True)
     keys = list(state["state_dict"])
@@ -266,7 +267,7 @@ def test_a_mismatching_or_missing_base_is_refused(lora_run, llm_dirs, tmp_path):
 
 
 def test_merged_export_predicts_as_adapter_plus_base(lora_run, tmp_path):
-    from pref_lightning.lora import export_merged
+    from pref_lightning.model.merge import export_merged
 
     module, batch = lora_run["module"], lora_run["batch"]
     with module.backbone.disable_adapter():
@@ -281,7 +282,7 @@ def test_merged_export_predicts_as_adapter_plus_base(lora_run, tmp_path):
 
 
 def test_averaged_adapters_are_the_mean_of_the_folds(lora_run, tmp_path):
-    from pref_lightning.lora import average_adapters
+    from pref_lightning.model.merge import average_adapters
 
     first, second = lora_run["dir"] / "last.ckpt", lora_run["dir"] / "perturbed.ckpt"
     out = average_adapters([first, second], tmp_path / "mean.ckpt")
@@ -300,8 +301,9 @@ def test_averaged_adapters_are_the_mean_of_the_folds(lora_run, tmp_path):
 def test_average_refuses_adapters_of_different_inits(lora_run, tmp_path):
     # README's recipe for a second ensemble member is another seed: the element-wise mean of its adapter
     # and the first one's is not the mean of their updates (70% off on a tiny Llama), averaged without a word
-    from pref_lightning.checkpoint import store_in_payload
-    from pref_lightning.lora import average_adapters, init_fingerprint
+    from pref_lightning.model.checkpoint import store_in_payload
+    from pref_lightning.model.lora import init_fingerprint
+    from pref_lightning.model.merge import average_adapters
 
     folder, tokenizer, dm = lora_run["folder"], lora_run["tokenizer"], lora_run["dm"]
 

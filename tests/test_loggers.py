@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pref_lightning.callbacks import drop_progress_bars
-from pref_lightning.loggers import ResumableCSVLogger as CSVLogger
-from pref_lightning.pipeline import instantiate_list
+from pref_lightning.core.runtime import instantiate_list
+from pref_lightning.train.callbacks import drop_progress_bars
+from pref_lightning.train.loggers import ResumableCSVLogger as CSVLogger
 
 from .test_config import compose_train
 
@@ -68,7 +68,7 @@ def test_mlflow_config_is_a_local_store_and_optional(tmp_path):
 
 def test_rich_progress_bar_is_a_default_callback():
     cfg = compose_train()
-    assert cfg.callbacks.rich_progress_bar._target_ == "pref_lightning.callbacks.progress_bar"
+    assert cfg.callbacks.rich_progress_bar._target_ == "pref_lightning.train.callbacks.progress_bar"
     assert cfg.trainer.enable_progress_bar is True
 
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pref_lightning.collate import PairCollator
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.errors import UserError
-from pref_lightning.losses import mix_targets, preference_loss, row_losses, sharpen
-from pref_lightning.pairs import EncodedPair
-from pref_lightning.records import DataError
-from pref_lightning.sources import parse_sources
-from pref_lightning.teacher import read_teacher
+from pref_lightning.core.errors import UserError
+from pref_lightning.core.losses import mix_targets, preference_loss, row_losses, sharpen
+from pref_lightning.data.collate import PairCollator
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.pairs import EncodedPair
+from pref_lightning.data.records import DataError
+from pref_lightning.data.sources import parse_sources
+from pref_lightning.data.teacher import read_teacher
 
 LOGITS = torch.tensor([[1.0, -0.5, 0.3], [0.2, 0.9, -1.0], [-0.3, 0.1, 0.8], [0.5, 0.5, 0.0]])
 LABELS = torch.tensor([0, 1, 2, 1])
@@ -102,7 +102,7 @@ def test_collate_carries_ties_weights_and_targets():
 
 def test_module_swap_keeps_tie_less_rows_tie_less_and_swaps_targets(local_backbone_dir, tiny_tokenizer):
     """A training step with random swaps equals the closed form on the swapped logits and labels."""
-    from pref_lightning.module import PreferenceModule
+    from pref_lightning.model.module import PreferenceModule
 
     model = PreferenceModule(backbone=str(local_backbone_dir), swap_augment="random", use_text_stats=False)
     model.eval()
@@ -232,7 +232,7 @@ def test_teacher_file_checks(tmp_path):
 
 def test_anchor_fit_is_tie_aware():
     """Tie-less rows fitted plainly pull P(tie) down; fitted with the conditional loss they do not."""
-    from pref_lightning.anchor import anchor_logits, fit_anchor
+    from pref_lightning.model.anchor import anchor_logits, fit_anchor
 
     rng = np.random.default_rng(0)
     n_file, n_extra = 300, 900

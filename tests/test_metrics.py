@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from pref_lightning.metrics import LogLoss, competition_log_loss
+from pref_lightning.core.metrics import LogLoss, competition_log_loss
 
 
 def test_competition_log_loss_matches_hand_value():
@@ -32,7 +32,7 @@ def test_probability_floor_bounds_every_class_and_keeps_rows_normalised():
     import numpy as np
     import pytest
 
-    from pref_lightning.metrics import check_floor, class_probabilities, mix_floor
+    from pref_lightning.core.metrics import check_floor, class_probabilities, mix_floor
 
     logits = torch.tensor([[60.0, -60.0, 0.0], [0.0, 0.0, 0.0]])
     probs = class_probabilities(logits, floor=0.002)
@@ -53,7 +53,7 @@ def test_log_loss_of_read_only_arrays_warns_nothing():
 
     import numpy as np
 
-    from pref_lightning.metrics import log_loss, prior_log_loss
+    from pref_lightning.core.metrics import log_loss, prior_log_loss
 
     labels = np.array([0, 1, 2, 2])
     labels.setflags(write=False)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.module import PreferenceModule, warmup_decay
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.model.module import PreferenceModule, warmup_decay
 
 from .conftest import TEST_TINY
 
@@ -43,7 +43,7 @@ def test_optimizer_uses_separate_head_lr(tiny_tokenizer, synthetic_csv):
 
 
 def test_checkpoint_is_self_contained(tmp_path, tiny_tokenizer, synthetic_csv):
-    from pref_lightning.backbone import tokenizer_files
+    from pref_lightning.data.tokenizers import tokenizer_files
 
     dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=8)
     dm.attach_tokenizer(tiny_tokenizer)
@@ -74,7 +74,7 @@ def _batch(tokenizer, csv, n=6):
 
 
 def test_batches_carry_normalised_side_statistics(tiny_tokenizer, synthetic_csv):
-    from pref_lightning.pairs import STATS_FEATURES
+    from pref_lightning.data.pairs import STATS_FEATURES
 
     batch = _batch(tiny_tokenizer, synthetic_csv)
     stats = batch["stats"]
@@ -204,7 +204,7 @@ def test_ddp_padding_rows_are_left_out_of_metrics_and_predictions(tiny_tokenizer
     its real rows alone; a batch of padding only adds nothing."""
     from dataclasses import replace
 
-    from pref_lightning.collate import PairCollator
+    from pref_lightning.data.collate import PairCollator
 
     dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32)
     dm.attach_tokenizer(tiny_tokenizer)
@@ -230,7 +230,7 @@ def test_ddp_padding_rows_are_left_out_of_metrics_and_predictions(tiny_tokenizer
 def test_side_groups_split_minimises_processed_tokens():
     from itertools import combinations
 
-    from pref_lightning.collate import side_groups
+    from pref_lightning.data.collate import side_groups
 
     lengths = [5, 100, 7, 90, 30, 31, 64, 2]
     assert side_groups(lengths, 1) == [[1, 3, 6, 5, 4, 2, 0, 7]]
@@ -322,7 +322,7 @@ def test_token_budget_training_schedule_counts_the_real_steps(tiny_tokenizer, va
 
 
 def test_predictions_with_a_token_budget_equal_those_with_a_batch_size(tiny_tokenizer, synthetic_csv):
-    from pref_lightning.prediction import gather_predictions
+    from pref_lightning.predict.prediction import gather_predictions
 
     dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=48, batch_size=8)
     dm.attach_tokenizer(tiny_tokenizer)
@@ -341,7 +341,7 @@ def test_predictions_with_a_token_budget_equal_those_with_a_batch_size(tiny_toke
 
 
 def test_bad_token_budget_is_a_user_error():
-    from pref_lightning.errors import UserError
+    from pref_lightning.core.errors import UserError
 
     with pytest.raises(UserError, match="data.max_tokens"):
         PreferenceDataModule(max_tokens=-5)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pref_lightning.records import records_from_frame
+from pref_lightning.data.records import records_from_frame
 
 from .conftest import ARENA_SAMPLE, SHARED_DATA, needs_shared_data
 from .test_end_to_end import FAST, run

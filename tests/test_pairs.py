@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from pref_lightning.contract import EncodingSpec
-from pref_lightning.pairs import VERDICT_MARKERS, PairEncoder, fit_turns, head_tail, split_budget
-from pref_lightning.records import PairRecord
+from pref_lightning.data.contract import EncodingSpec
+from pref_lightning.data.pairs import VERDICT_MARKERS, PairEncoder, fit_turns, head_tail, split_budget
+from pref_lightning.data.records import PairRecord
 
 SEP = 2
 
@@ -142,7 +142,7 @@ def test_unknown_layout_rejected(tiny_tokenizer):
 
 
 def test_statistics_are_those_the_spec_names(tiny_tokenizer):
-    from pref_lightning.contract import LEGACY_STATS_FEATURES, STATS_FEATURES
+    from pref_lightning.data.contract import LEGACY_STATS_FEATURES, STATS_FEATURES
 
     records = [PairRecord("x", ["why?"], ["I'm sorry, I can't."], ["Because the sky is blue."]),
                PairRecord("y", ["hi"], ["Hello there"], ["hello   there"])]
@@ -161,7 +161,7 @@ def test_statistics_are_those_the_spec_names(tiny_tokenizer):
 def test_special_token_text_in_user_content_stays_text(family, tiny_tokenizer, llm_dirs):
     # chat data holds "</s>", "[SEP]", "<pad>" as text (code, tokenizer questions): they were tokenized to the
     # control tokens themselves (an eos mid-answer for pad = eos models; a [SEP] inside DeBERTa's segments)
-    from pref_lightning.backbone import load_tokenizer
+    from pref_lightning.model.backbone import load_tokenizer
 
     tokenizer = tiny_tokenizer if family == "deberta" else load_tokenizer(str(llm_dirs["llama"]))
     # control tokens (the unknown token is not one: characters the tiny vocabulary lacks map to it)
@@ -183,7 +183,7 @@ def test_special_token_text_in_user_content_stays_text(family, tiny_tokenizer, l
 
 
 def test_the_cache_key_holds_the_special_token_policy(tiny_tokenizer):
-    from pref_lightning.cache import pairs_key_fields
+    from pref_lightning.data.cache import pairs_key_fields
 
     assert pairs_key_fields("0" * 64, PairEncoder(tiny_tokenizer, EncodingSpec(max_length=48)), True)[
         "split_special_tokens"] is True

@@ -24,9 +24,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.module import PreferenceModule
-from pref_lightning.prior_guard import PriorCollapseWarning, PriorGuard
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.model.module import PreferenceModule
+from pref_lightning.train.prior_guard import PriorCollapseWarning, PriorGuard
 
 from .conftest import REPO, TEST_TINY
 
@@ -106,7 +106,7 @@ def test_constant_prior_logits_are_diagnosed_once_as_collapse(caplog):
     assert module.logged["val/pred_entropy"] == pytest.approx(stats["prior_entropy"])
     assert guard.bad_checks == 1 and not guard.triggered and guard.last_diagnosis is None
 
-    with caplog.at_level(logging.WARNING, logger="pref_lightning.prior_guard"), \
+    with caplog.at_level(logging.WARNING, logger="pref_lightning.train.prior_guard"), \
             pytest.warns(PriorCollapseWarning, match="stuck at the class prior"):
         run_validation(guard, trainer, module, PRIOR_LOGITS, LABELS)
     text = guard.last_diagnosis
@@ -223,7 +223,7 @@ def fit(tmp_path, tokenizer, csv, guard, use_text_stats, shuffle_labels):
 
 def test_collapsing_run_is_diagnosed_and_stopped(tmp_path, tiny_tokenizer, synthetic_csv, one_thread, caplog):
     guard = PriorGuard(patience=2, min_gain=0.01, action="stop", grad_norm_every=5)
-    with caplog.at_level(logging.WARNING, logger="pref_lightning.prior_guard"), \
+    with caplog.at_level(logging.WARNING, logger="pref_lightning.train.prior_guard"), \
             pytest.warns(PriorCollapseWarning) as caught:
         trainer, metrics = fit(tmp_path, tiny_tokenizer, synthetic_csv, guard, use_text_stats=False,
                                shuffle_labels=True)
@@ -269,7 +269,7 @@ DDP_SCRIPT = textwrap.dedent('''
     import lightning as L
     import torch
     import torch.nn.functional as F
-    from pref_lightning.prior_guard import PriorCollapseWarning, PriorGuard
+    from pref_lightning.train.prior_guard import PriorCollapseWarning, PriorGuard
 
     class Toy(L.LightningModule):
         def __init__(self):

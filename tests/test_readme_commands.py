@@ -54,9 +54,9 @@ NOT_RUN = {
         "needs 4 GPUs and Llama-3.1-8B",
     "python predict.py ckpt_path=RUN/checkpoints/best.ckpt input_path=test.csv "
     "model.backbone=/kaggle/input/gemma-2-9b": "needs a Gemma-2-9B LoRA checkpoint (tests/test_llm.py: a tiny one)",
-    "python -m pref_lightning.lora export RUN/checkpoints/best.ckpt merged/":
+    "python -m pref_lightning.model.merge export RUN/checkpoints/best.ckpt merged/":
         "needs a LoRA run (test_merged_export_predicts_as_adapter_plus_base: a tiny one)",
-    "python -m pref_lightning.lora average mean.ckpt fold0/checkpoints/best.ckpt fold1/checkpoints/best.ckpt":
+    "python -m pref_lightning.model.merge average mean.ckpt fold0/checkpoints/best.ckpt fold1/checkpoints/best.ckpt":
         "needs LoRA fold runs (test_averaged_adapters_are_the_mean_of_the_folds: tiny ones)",
     "python train.py experiment=llm_lora model.head=verdict_tokens model.backbone=/models/qwen2.5-14b-instruct "
     "data=kaggle data.train_path=train.csv trainer=gpu": "needs a GPU and Qwen2.5-14B "
@@ -108,7 +108,7 @@ def key_of(argv: list[str]) -> str:
 
 def runnable(argv: list[str]) -> bool:
     return argv[:2] in (["python", "train.py"], ["python", "predict.py"]) \
-        or argv[:3] == ["python", "-m", "pref_lightning.synthetic"] or argv == ["ruff", "check", "."]
+        or argv[:3] == ["python", "-m", "pref_lightning.data.synthetic"] or argv == ["ruff", "check", "."]
 
 
 def test_every_readme_command_is_run_or_listed():
@@ -171,8 +171,8 @@ def substitute(argv: list[str], local_backbone: Path) -> list[str]:
 
 def write_data(folder: Path, synthetic_frame: pd.DataFrame) -> None:
     """The files the README's commands name, from tiny synthetic data."""
-    from pref_lightning.records import records_from_frame
-    from pref_lightning.synthetic import generate, write_csv
+    from pref_lightning.data.records import records_from_frame
+    from pref_lightning.data.synthetic import generate, write_csv
 
     synthetic_frame = synthetic_frame.head(200)
     write_csv(synthetic_frame, folder / "train.csv")

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pref_lightning.metrics import class_prior, prior_log_loss
-from pref_lightning.records import DataError, parse_turns, read_records, repair_text
-from pref_lightning.text_stats import NULL_TURN
+from pref_lightning.core.metrics import class_prior, prior_log_loss
+from pref_lightning.data.records import DataError, parse_turns, read_records, repair_text
+from pref_lightning.data.text_stats import NULL_TURN
 
 from .conftest import ARENA_SAMPLE, needs_shared_data
 
@@ -153,8 +153,8 @@ def test_empty_prompts_get_one_notice_line(tmp_path, caplog):
     # an empty prompt cell was predicted without a word: one line with the count, for training and prediction
     import logging
 
-    from pref_lightning.adapters import read_any, read_source
-    from pref_lightning.records import read_records
+    from pref_lightning.data.adapters import read_any, read_source
+    from pref_lightning.data.records import read_records
 
     frame = pd.DataFrame({"id": ["a", "b", "c", "d"], "prompt": ['["hi"]', '[""]', "", '[null]'],
                           "response_a": ['["x"]'] * 4, "response_b": ['["y"]'] * 4,

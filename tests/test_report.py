@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pref_lightning.report import (
+from pref_lightning.train.report import (
     PLOTS,
     confusion_counts,
     expected_calibration_error,

@@ -61,7 +61,7 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
 def test_ckpt_path_accepts_a_run_folder_and_rejects_missing_files(tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from pref_lightning.resume import resume_checkpoint
+    from pref_lightning.train.resume import resume_checkpoint
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pref_lightning import backbone
-from pref_lightning.cache import PairCache, _meta, rows_key_fields
-from pref_lightning.module import PreferenceModule
+from pref_lightning.data import tokenizers
+from pref_lightning.data.cache import PairCache, _meta, rows_key_fields
+from pref_lightning.model import backbone
+from pref_lightning.model.module import PreferenceModule
 
 from .conftest import REPO
 from .test_hostile import tiny_checkpoint
@@ -73,7 +74,7 @@ def test_every_transformers_loader_gets_trust_remote_code_false(monkeypatch, tmp
     model = backbone.build_backbone(str(local_backbone_dir))
     backbone.build_backbone("tiny", vocab_size=len(tiny_tokenizer))
     backbone.build_backbone("x", config_dict=model.config.to_dict())
-    backbone.tokenizer_from_files(backbone.tokenizer_files(tiny_tokenizer))
+    tokenizers.tokenizer_from_files(tokenizers.tokenizer_files(tiny_tokenizer))
     names = {name for name, _ in calls}
     assert names == {"AutoTokenizer.from_pretrained", "AutoModel.from_pretrained", "AutoModel.from_config",
                      "AutoConfig.from_pretrained"}
@@ -100,7 +101,8 @@ def predict_cfg(ckpt, input_path, output_path):
 
 
 def test_failed_prediction_never_leaves_a_half_written_submission(tmp_path, tiny_tokenizer, monkeypatch):
-    from pref_lightning import atomic, prediction
+    from pref_lightning.core import atomic
+    from pref_lightning.predict import prediction
 
     ckpt = tiny_checkpoint(tmp_path / "tiny.ckpt", tiny_tokenizer)
     pd.DataFrame({"id": ["1", "2"], "prompt": ['["q"]'] * 2, "response_a": ['["a"]'] * 2,

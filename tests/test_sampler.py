@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pref_lightning.sampler import LengthGroupedSampler, padded_row, padding_efficiency, padding_index
+from pref_lightning.data.sampler import LengthGroupedSampler, padded_row, padding_efficiency, padding_index
 
 
 def lengths(n=1000, seed=0):

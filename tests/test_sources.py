@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.folds import prompt_key
-from pref_lightning.records import DataError, PairRecord
-from pref_lightning.sources import mix_sources, parse_sources, resample
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.folds import prompt_key
+from pref_lightning.data.records import DataError, PairRecord
+from pref_lightning.data.sources import mix_sources, parse_sources, resample
 
 from .conftest import ARENA_SAMPLE, SHARED_DATA, TEST_TINY, needs_shared_data
 
@@ -50,7 +50,7 @@ def test_extra_sources_enter_training_only_and_are_counted(mix_files, caplog):
     dm = PreferenceDataModule(train_path=str(mix_files / "train.csv"), val_fraction=0.2, split_seed=3,
                               sources=[str(mix_files / "extra.csv"),
                                        {"path": str(mix_files / "pairs.jsonl"), "weight": 2}])
-    with caplog.at_level(logging.INFO, logger="pref_lightning.sources"):
+    with caplog.at_level(logging.INFO, logger="pref_lightning.data.sources"):
         dm.load_records()
     counts = dm.data_counts
     assert counts["train_file"]["rows_read"] == 60 and counts["train_file"]["val_rows"] == len(dm.val_records)
@@ -122,7 +122,7 @@ def test_binary_datamodule_skips_ties_and_has_two_class_prior(mix_files, caplog)
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_binary_module_two_logits_and_swap(tiny_tokenizer, mix_files):
-    from pref_lightning.module import PreferenceModule
+    from pref_lightning.model.module import PreferenceModule
 
     dm = PreferenceDataModule(train_path=str(mix_files / "train.csv"), n_classes=2, on_bad_rows="skip",
                               max_length=32, batch_size=6, val_fraction=0.2)
@@ -197,8 +197,8 @@ def test_mix_and_wsdm_configs_compose():
 
 
 def test_anchor_fits_on_the_training_file_rows_unless_told_all(mix_files, tiny_tokenizer):
-    from pref_lightning.anchor import anchor_logits
-    from pref_lightning.errors import UserError
+    from pref_lightning.core.errors import UserError
+    from pref_lightning.model.anchor import anchor_logits, fit_anchor_on
 
     dm = PreferenceDataModule(train_path=str(mix_files / "train.csv"), val_fraction=0.2, split_seed=3, max_length=32,
                               sources=[str(mix_files / "extra.csv"), str(mix_files / "pairs.jsonl")])
@@ -207,18 +207,18 @@ def test_anchor_fits_on_the_training_file_rows_unless_told_all(mix_files, tiny_t
     n_file = dm.data_counts["train_file"]["train_rows"]
     assert len(dm.train_set) > n_file
     sa, sb, labels = dm.split_statistics("train")
-    own = dm.fit_anchor(l2=0.1)
+    own = fit_anchor_on(dm, l2=0.1)
     assert own["rows"] == "train_file"
-    from pref_lightning.anchor import fit_anchor
+    from pref_lightning.model.anchor import fit_anchor
 
     expected = fit_anchor(sa[:n_file], sb[:n_file], labels[:n_file], l2=0.1)
     np.testing.assert_allclose(anchor_logits(own, sa, sb), anchor_logits(expected, sa, sb), atol=1e-9)
-    every = dm.fit_anchor(l2=0.1, rows="all")
+    every = fit_anchor_on(dm, l2=0.1, rows="all")
     assert every["rows"] == "all" and not np.allclose(anchor_logits(every, sa, sb), anchor_logits(own, sa, sb))
-    chosen = dm.fit_anchor()  # the penalty by CV, recorded with each candidate's CV log loss
+    chosen = fit_anchor_on(dm)  # the penalty by CV, recorded with each candidate's CV log loss
     assert chosen["l2"] in (0.01, 0.03, 0.1, 0.3, 1.0)
     with pytest.raises(UserError, match="model.anchor_rows"):
-        dm.fit_anchor(rows="extra")
+        fit_anchor_on(dm, rows="extra")
 
 
 def test_an_unlabelled_pool_trains_on_its_teachers_confident_rows(mix_files, tiny_tokenizer):

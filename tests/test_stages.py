@@ -5,20 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-from pref_lightning.anchor import anchor_log_loss
-from pref_lightning.backbone import tokenizer_files
-from pref_lightning.checkpoint import CHECKPOINT_KEY, payload
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.errors import UserError
-from pref_lightning.module import PreferenceModule
-from pref_lightning.stages import (
+from pref_lightning.core.errors import UserError
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.tokenizers import tokenizer_files
+from pref_lightning.model.anchor import anchor_log_loss, fit_anchor_on
+from pref_lightning.model.checkpoint import CHECKPOINT_KEY, payload
+from pref_lightning.model.module import PreferenceModule
+from pref_lightning.model.stages import (
     apply_init,
-    ensure_stage,
     read_init,
     read_text_scorer,
     score_columns,
     text_side_columns,
 )
+from pref_lightning.train.stages import ensure_stage
 
 from .conftest import TEST_TINY
 
@@ -129,7 +129,7 @@ def test_the_text_anchor_is_step_zero_and_travels_in_the_checkpoint(tiny_tokeniz
     def columns(pairs):
         return score_columns(lambda b: scorer(b, tta_swap=True), pairs, dm.collator(), 64)
 
-    anchor = dm.fit_anchor(side_columns=columns)
+    anchor = fit_anchor_on(dm, side_columns=columns)
     n_stats = dm.spec.n_stats
     assert np.asarray(anchor["weight"]).shape[0] == 4 * (n_stats + 1)
     text_a, text_b = columns(dm.val_set.pairs)
@@ -137,7 +137,7 @@ def test_the_text_anchor_is_step_zero_and_travels_in_the_checkpoint(tiny_tokeniz
     val_a, val_b, labels = dm.split_statistics("val")
     baseline = anchor_log_loss(anchor, np.concatenate([val_a, text_a], 1), np.concatenate([val_b, text_b], 1),
                                labels, True, 0.002)
-    stats_only = anchor_log_loss(dm.fit_anchor(), val_a, val_b, labels, True, 0.002)
+    stats_only = anchor_log_loss(fit_anchor_on(dm), val_a, val_b, labels, True, 0.002)
     assert abs(baseline - stats_only) > 1e-4  # the text score changed the regression's predictions
     model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), head_hidden=16,
                              spec=dm.spec, anchor_head=True, anchor=anchor, text_anchor=settings,
@@ -185,7 +185,7 @@ def test_a_missing_stage_is_trained_once_then_reused(tmp_path, monkeypatch):
         (tmp_path / "s1" / "checkpoints" / "best.ckpt").write_bytes(b"x")
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr("pref_lightning.stages.subprocess.run", fake_run)
+    monkeypatch.setattr("pref_lightning.train.stages.subprocess.run", fake_run)
     stage = {"experiment": "pairs_stage1", "dir": str(tmp_path / "s1"), "overrides": ["trainer.max_epochs=2"]}
     assert ensure_stage(stage, "/data", 7) == tmp_path / "s1" / "checkpoints" / "best.ckpt"
     assert ensure_stage(stage, "/data", 7) == tmp_path / "s1" / "checkpoints" / "best.ckpt"
@@ -194,15 +194,15 @@ def test_a_missing_stage_is_trained_once_then_reused(tmp_path, monkeypatch):
     assert "paths.data_dir=/data" in command and "seed=7" in command and "trainer.max_epochs=2" in command
     assert ensure_stage(None, "/data", 7) is None
 
-    monkeypatch.setattr("pref_lightning.stages.subprocess.run",
+    monkeypatch.setattr("pref_lightning.train.stages.subprocess.run",
                         lambda command, **_: subprocess.CompletedProcess(command, 1))
     with pytest.raises(UserError, match="stage pairs_stage1 failed.*experiment=pairs_stage1"):
         ensure_stage({**stage, "dir": str(tmp_path / "s2")}, "/data", 7)
 
 
 def test_vocabularies_compare_by_ids_not_file_bytes(tiny_tokenizer, llm_dirs):
-    from pref_lightning.backbone import load_tokenizer
-    from pref_lightning.stages import same_vocabulary
+    from pref_lightning.model.backbone import load_tokenizer
+    from pref_lightning.model.stages import same_vocabulary
 
     files = tokenizer_files(tiny_tokenizer)
     files["tokenizer.json"] = files["tokenizer.json"].replace(b'"truncation":null', b'"truncation": null')

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pref_lightning.pairs import STATS_FEATURES
-from pref_lightning.stats_norm import LOG1P_AT_NORM, Z_LIMIT, apply_stats_norm, fit_stats_norm_array
+from pref_lightning.data.pairs import STATS_FEATURES
+from pref_lightning.data.stats_norm import LOG1P_AT_NORM, Z_LIMIT, apply_stats_norm, fit_stats_norm_array
 
 FLAGS = [STATS_FEATURES.index(name) for name in ("empty", "null_turn")]
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pref_lightning.metrics import CLASS_COLUMNS, competition_log_loss
+from pref_lightning.core.metrics import CLASS_COLUMNS, competition_log_loss
 
 from .test_end_to_end import FAST, run
 

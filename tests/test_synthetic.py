@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pref_lightning import synthetic, text_stats
-from pref_lightning.records import parse_turns
+from pref_lightning.data import synthetic, text_stats
+from pref_lightning.data.records import parse_turns
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from pref_lightning import text_stats as ts
-from pref_lightning.metrics import log_loss
+from pref_lightning.core.metrics import log_loss
+from pref_lightning.data import text_stats as ts
 
 
 def _feat(vec: np.ndarray, name: str) -> float:
@@ -165,7 +165,7 @@ def test_log_loss_clips_and_validates() -> None:
 
 
 def test_refusal_flag_looks_at_the_start_of_each_turn() -> None:
-    from pref_lightning.text_stats import refusal
+    from pref_lightning.data.text_stats import refusal
 
     assert refusal(["I'm sorry, but I can't help with that."]) == 1.0
     assert refusal(["Sure!", "As an AI language model, I do not browse."]) == 1.0
@@ -175,7 +175,7 @@ def test_refusal_flag_looks_at_the_start_of_each_turn() -> None:
 
 
 def test_answer_overlap_and_identity() -> None:
-    from pref_lightning.text_stats import answer_overlap
+    from pref_lightning.data.text_stats import answer_overlap
 
     assert answer_overlap(["The cat sat."], ["the  CAT sat."]) == (1.0, 1.0)
     overlap, identical = answer_overlap(["a b c d"], ["c d e f"])

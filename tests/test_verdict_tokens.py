@@ -8,11 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pref_lightning.backbone import load_tokenizer, tokenizer_files
-from pref_lightning.datamodule import PreferenceDataModule
-from pref_lightning.errors import UserError
-from pref_lightning.head import last_token_pool
-from pref_lightning.module import PreferenceModule
+from pref_lightning.core.errors import UserError
+from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.tokenizers import tokenizer_files
+from pref_lightning.model.backbone import load_tokenizer
+from pref_lightning.model.head import last_token_pool
+from pref_lightning.model.module import PreferenceModule
 
 from .test_llm import LORA, logits_of, trainer
 
@@ -142,7 +143,7 @@ def test_a_checkpoint_predicts_the_same_after_a_round_trip(setup, lora, tmp_path
     assert restored.temperature == pytest.approx(1.3)
     assert torch.allclose(logits_of(module, batch), logits_of(restored, batch), atol=1e-6)
     if lora:  # the adapter merged into the causal LM (its LM head kept), and fold averaging, predict the same
-        from pref_lightning.lora import average_adapters, export_merged
+        from pref_lightning.model.merge import average_adapters, export_merged
 
         merged, _, _ = PreferenceModule.from_checkpoint(str(export_merged(path, tmp_path / "merged")))
         assert merged.hparams.lora is None and merged.hparams.head == "verdict_tokens"
@@ -152,7 +153,7 @@ def test_a_checkpoint_predicts_the_same_after_a_round_trip(setup, lora, tmp_path
 
 
 def test_verdict_settings_are_one_line_user_errors(causal_lm_dirs, llm_dirs, local_backbone_dir, synthetic_csv):
-    from pref_lightning.compat import check_backbone_settings
+    from pref_lightning.model.compat import check_backbone_settings
 
     folder = causal_lm_dirs["llama"]
     tokenizer = load_tokenizer(str(folder))

@@ -1,0 +1,235 @@
+"""Pooled side vectors -> 3 logits (A wins, B wins, tie), or 2 (A wins, B wins) in binary tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pref_lightning.core.errors import UserError
+
+COMBINATIONS = ("a", "b", "diff", "prod", "absdiff")
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) states of each row's last non-padding token (the position of the last 1 in `mask`),
+    exact for right and left padding alike: what a causal decoder has read the whole sequence at.
+    `hidden` (batch, length, hidden), `mask` (batch, length); a row without tokens gives position 0."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask.bool(), positions, 0).amax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+POOLINGS = ("mean", "cls", "mean_cls", "last", "last_mean")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
+    """(batch, hidden) vectors (twice as wide for `mean_cls`, `last_mean`) of `hidden` (batch, length,
+    hidden) under `mask` (batch, length). `cls` suits encoders; `last` suits causal decoder LLMs, whose
+    first token has seen nothing. Raises UserError for an unknown `method`."""
+    if method == "mean":
+        return mean_pool(hidden, mask)
+    if method == "cls":
+        return hidden[:, 0]
+    if method == "mean_cls":
+        return torch.cat([mean_pool(hidden, mask), hidden[:, 0]], dim=-1)
+    if method == "last":
+        return last_token_pool(hidden, mask)
+    if method == "last_mean":
+        return torch.cat([last_token_pool(hidden, mask), mean_pool(hidden, mask)], dim=-1)
+    raise UserError(f"model.pooling={method!r}; choose from {', '.join(POOLINGS)}")
+
+
+def pool_packed(hidden: torch.Tensor, lengths: torch.Tensor, method: str) -> torch.Tensor:
+    """`pool` of sequences packed end to end: `hidden` (T, hidden) holds n sequences of `lengths` (n,)
+    tokens each (sum T), the packed (padding-free) layout; (n, pooled) vectors equal to `pool` of the same
+    sequences right-padded. Raises UserError for an unknown `method`."""
+    ends = torch.cumsum(lengths, 0)
+    starts = ends - lengths
+
+    def mean() -> torch.Tensor:
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+        sums = torch.zeros(len(lengths), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        return sums.index_add_(0, rows, hidden) / lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+
+    def last() -> torch.Tensor:
+        return hidden[(ends - 1).clamp(min=0)]
+
+    parts = {"mean": [mean], "cls": [lambda: hidden[starts]], "mean_cls": [mean, lambda: hidden[starts]],
+             "last": [last], "last_mean": [last, mean]}
+    if method not in parts:
+        raise UserError(f"model.pooling={method!r}; choose from {', '.join(POOLINGS)}")
+    return torch.cat([part() for part in parts[method]], dim=-1)
+
+
+def pooled_size(hidden_size: int, method: str) -> int:
+    return 2 * hidden_size if method in ("mean_cls", "last_mean") else hidden_size
+
+
+def mlp(in_size: int, hidden: int, out_size: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(in_size, hidden), nn.GELU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, out_size))
+    return nn.Sequential(*layers)
+
+
+def output_layers(head: nn.Module) -> list[nn.Linear]:
+    """The last Linear of each of the head's MLPs (what the anchored head starts at zero)."""
+    return [m[-1] for m in head.modules() if isinstance(m, nn.Sequential) and isinstance(m[-1], nn.Linear)]
+
+
+class PairHead(nn.Module):
+    """Two side vectors (pooled encoder output, optionally with per-side text statistics) -> 3 logits.
+
+    `symmetric=False`: an MLP over the combination `combine` ([a, b, a-b, a*b] by default).
+    `symmetric=True`: position-equivariant by construction. One MLP scores "this side wins" from
+    (self, other, self-other, self*other), applied as f(a, b) and f(b, a); another scores the tie from
+    the order-free (a+b, |a-b|, a*b). Swapping A and B swaps the two win logits exactly and leaves the
+    tie logit unchanged. Freshly initialised, so it gets its own (higher) learning rate.
+    """
+
+    def __init__(self, in_size: int, combine: Sequence[str] = ("a", "b", "diff", "prod"), hidden: int = 256,
+                 dropout: float = 0.0, n_classes: int = 3, stats_size: int = 0, symmetric: bool = False) -> None:
+        super().__init__()
+        unknown = [c for c in combine if c not in COMBINATIONS]
+        if unknown or not combine:
+            raise UserError(f"model.combine={list(combine)}; choose from {', '.join(COMBINATIONS)}")
+        if symmetric and n_classes != 3:
+            raise UserError("the symmetric head predicts exactly A wins, B wins, tie")
+        self.combine = tuple(combine)
+        self.symmetric = symmetric
+        self.stats_size = stats_size
+        self.norm = nn.LayerNorm(in_size)  # keeps the head's input scale fixed whatever the backbone
+        side = in_size + stats_size
+        if symmetric:
+            self.win = mlp(4 * side, hidden, 1, dropout)
+            self.tie = mlp(3 * side, hidden, 1, dropout)
+        else:
+            self.mlp = mlp(side * len(self.combine), hidden, n_classes, dropout)
+
+    def features(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        parts = {"a": lambda: a, "b": lambda: b, "diff": lambda: a - b, "prod": lambda: a * b,
+                 "absdiff": lambda: (a - b).abs()}
+        return torch.cat([parts[c]() for c in self.combine], dim=-1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, stats_a: torch.Tensor | None = None,
+                stats_b: torch.Tensor | None = None) -> torch.Tensor:
+        a, b = self.norm(a), self.norm(b)
+        if self.stats_size:
+            if stats_a is None or stats_b is None:
+                raise ValueError("this head was built with text statistics; the batch has none")
+            a, b = torch.cat([a, stats_a.to(a.dtype)], -1), torch.cat([b, stats_b.to(b.dtype)], -1)
+        if not self.symmetric:
+            return self.mlp(self.features(a, b))
+        win_a = self.win(torch.cat([a, b, a - b, a * b], -1))
+        win_b = self.win(torch.cat([b, a, b - a, a * b], -1))
+        tie = self.tie(torch.cat([a + b, (a - b).abs(), a * b], -1))
+        return torch.cat([win_a, win_b, tie], -1)
+
+
+class CrossHead(nn.Module):
+    """Cross-encoder layout: one pooled vector per row (prompt, A and B read together) -> 3 logits,
+    with the two sides' text statistics (and their difference) beside it when enabled."""
+
+    def __init__(self, in_size: int, hidden: int = 256, dropout: float = 0.0, stats_size: int = 0,
+                 n_classes: int = 3) -> None:
+        super().__init__()
+        self.stats_size = stats_size
+        self.norm = nn.LayerNorm(in_size)
+        self.mlp = mlp(in_size + 3 * stats_size, hidden, n_classes, dropout)
+
+    def forward(self, pooled: torch.Tensor, stats_a: torch.Tensor | None = None,
+                stats_b: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(pooled)
+        if self.stats_size:
+            if stats_a is None or stats_b is None:
+                raise ValueError("this head was built with text statistics; the batch has none")
+            x = torch.cat([x, stats_a.to(x.dtype), stats_b.to(x.dtype), (stats_a - stats_b).to(x.dtype)], -1)
+        return self.mlp(x)
+
+
+HEADS = ("mlp", "verdict_tokens")
+VERDICT_TOKENS = (" A", " B", " tie")  # what follows the verdict template's question, one class each
+
+
+def verdict_token_ids(tokenizer, tokens: Sequence[str], n_classes: int) -> list[int]:
+    """The token id of each of `tokens` (`model.verdict_tokens`: A wins, B wins[, tie]). Raises UserError,
+    naming the setting, unless there are `n_classes` of them, each one token of `tokenizer`, all distinct."""
+    tokens = list(tokens or [])
+    if len(tokens) != n_classes:
+        raise UserError(f"model.verdict_tokens={tokens}: data.n_classes={n_classes} needs {n_classes} tokens "
+                        f"(A wins, B wins{', tie' if n_classes == 3 else ''})")
+    ids = []
+    for token in tokens:
+        if not isinstance(token, str) or not token:
+            raise UserError(f"model.verdict_tokens: {token!r} is not a non-empty string")
+        pieces = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            raise UserError(f"model.verdict_tokens: {token!r} is {len(pieces)} tokens of this tokenizer "
+                            f"({tokenizer.convert_ids_to_tokens(pieces)}); each verdict must be a single token")
+        ids.append(int(pieces[0]))
+    if len(set(ids)) != len(ids):
+        raise UserError(f"model.verdict_tokens={tokens}: two of them are the same token; each class needs its own")
+    return ids
+
+
+def check_head(head: str, layout: str, template: str, pooling: str, backbone: str, anchor_head: bool = False) -> None:
+    """Raise UserError (one line naming the setting) for a `model.head` this model cannot have."""
+    if head not in HEADS:
+        raise UserError(f"model.head={head!r}; choose from {', '.join(HEADS)}")
+    if head != "verdict_tokens":
+        return
+    if layout != "cross" or template != "verdict":
+        raise UserError("model.head=verdict_tokens reads the answer to the verdict question: it needs data.layout=cross "
+                        "data.template=verdict (experiment=llm_lora sets both)")
+    if pooling != "last":
+        raise UserError(f"model.head=verdict_tokens reads the last real token; model.pooling={pooling!r} must be last")
+    if backbone == "tiny":
+        raise UserError("model.head=verdict_tokens needs a decoder LLM with its LM head: model.backbone=/path/to/model")
+    if anchor_head:
+        raise UserError("model.anchor_head=true starts a head's output layer at zero; model.head=verdict_tokens has "
+                        "none (the LM head is pretrained): use one or the other")
+
+
+class VerdictHead(nn.Module):
+    """Cross layout, decoder LLM: the class logits are the language model's own logits of the verdict tokens
+    (`token_ids`, e.g. " A", " B", " tie") at each row's last real token, read through the backbone's LM head
+    (`read`): no new randomly initialised layer, so step 0 is what the LM already says. With text statistics,
+    a linear offset on (stats_a, stats_b, stats_a - stats_b) is added, starting at zero."""
+
+    def __init__(self, token_ids: Sequence[int], stats_size: int = 0, n_classes: int = 3) -> None:
+        super().__init__()
+        if len(token_ids) != n_classes:
+            raise ValueError(f"{len(token_ids)} verdict tokens for {n_classes} classes")
+        self.register_buffer("token_ids", torch.tensor(list(token_ids), dtype=torch.long))
+        self.stats_size = stats_size
+        self.stats: nn.Linear | None = None
+        if stats_size:
+            self.stats = nn.Linear(3 * stats_size, n_classes)
+            nn.init.zeros_(self.stats.weight)
+            nn.init.zeros_(self.stats.bias)
+
+    def read(self, last_hidden: torch.Tensor, lm_head: nn.Module, softcap: float | None = None) -> torch.Tensor:
+        """(n, K) logits of the verdict tokens: `lm_head(last_hidden)` (n, vocab) at `token_ids`, soft-capped
+        as the model caps its final logits (Gemma-2: cap * tanh(logits / cap)). The whole LM head runs, so a
+        LoRA adapter on it (target_modules with lm_head) takes part."""
+        logits = lm_head(last_hidden)[:, self.token_ids]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def forward(self, logits: torch.Tensor, stats_a: torch.Tensor | None = None,
+                stats_b: torch.Tensor | None = None) -> torch.Tensor:
+        if self.stats is None:
+            return logits
+        if stats_a is None or stats_b is None:
+            raise ValueError("this head was built with text statistics; the batch has none")
+        x = torch.cat([stats_a, stats_b, stats_a - stats_b], -1).to(logits.dtype)
+        return logits + self.stats(x)
