@@ -267,6 +267,49 @@ def test_ckpt_path_last_suggests_only_a_run_of_the_same_config(tmp_path, capsys)
     assert "starting fresh" in out and "pass it as ckpt_path" not in out
 
 
+
+# ---- configs saved before the wings layout (0.1: one flat package) -----------------------------------
+def test_an_old_layout_target_is_rewritten_and_every_old_module_exists_today():
+    import importlib
+
+    assert cli.current_target("pref_lightning.module.PreferenceModule") == "pref_lightning.model.module.PreferenceModule"
+    assert cli.current_target("pref_lightning.callbacks.SigtermCheckpoint") == \
+        "pref_lightning.train.callbacks.SigtermCheckpoint"
+    assert cli.current_target("pref_lightning.model.module.PreferenceModule") == \
+        "pref_lightning.model.module.PreferenceModule"  # today's name unchanged
+    assert cli.current_target("lightning.Trainer") == "lightning.Trainer"
+    for old, new in cli.MOVED_MODULES.items():
+        assert importlib.util.find_spec(f"pref_lightning.{new}") is not None, (old, new)
+    nested = {"model": {"_target_": "pref_lightning.module.PreferenceModule", "lr": 1},
+              "callbacks": [{"_target_": "pref_lightning.prior_guard.PriorGuard"}]}
+    assert cli.current_targets(nested) == {"model": {"_target_": "pref_lightning.model.module.PreferenceModule", "lr": 1},
+                                           "callbacks": [{"_target_": "pref_lightning.train.prior_guard.PriorGuard"}]}
+
+
+def test_an_old_layout_target_in_a_config_is_one_line_naming_the_new_module(tmp_path):
+    run_dir = tmp_path / "outputs" / "run"
+    done = run("train.py", "model._target_=pref_lightning.module.PreferenceModule", "data.synthetic_rows=60",
+               f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"HYDRA_FULL_ERROR": ""})
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: _target_ pref_lightning.module.PreferenceModule") and \
+        "pref_lightning.model.module.PreferenceModule" in last
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_ckpt_path_last_finds_a_run_whose_saved_config_has_old_layout_targets(tmp_path):
+    from omegaconf import OmegaConf
+
+    folder = tmp_path / "old"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (folder / ".hydra").mkdir()
+    saved = OmegaConf.to_container(compose_cfg("train", ["model.lr=5e-4"]), resolve=False)
+    saved["model"]["_target_"] = "pref_lightning.module.PreferenceModule"
+    saved["data"]["_target_"] = "pref_lightning.datamodule.PreferenceDataModule"
+    OmegaConf.save(OmegaConf.create(saved), folder / ".hydra" / "config.yaml")
+    assert same_config_runs(_cfg_for(tmp_path / "new", ["model.lr=5e-4", "ckpt_path=last"]), tmp_path / "new") == [folder]
+
 # ---- PriorGuard's advice -------------------------------------------------------------------------
 def test_prior_guard_advises_only_changes():
     synthetic = SimpleNamespace(train_path=None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -91,14 +92,53 @@ def remove_if_empty(run_dir: Path | None) -> bool:
     return True
 
 
+# Modules of the flat layout before the wings redesign (0.1 -> 0.2): `_target_` strings in configs saved by
+# older runs (RUN/.hydra/config.yaml) name them. Old name -> its module today.
+MOVED_MODULES = {
+    **{m: f"core.{m}" for m in ("errors", "atomic", "metrics", "losses", "distributed", "cli", "runinfo")},
+    **{m: f"data.{m}" for m in ("records", "adapters", "sources", "folds", "text_stats", "stats_norm", "contract",
+                                "pairs", "collate", "sampler", "cache", "teacher", "synthetic", "datamodule",
+                                "submission")},
+    **{m: f"model.{m}" for m in ("backbone", "head", "anchor", "lora", "module", "checkpoint", "compat", "stages")},
+    **{m: f"train.{m}" for m in ("training", "callbacks", "prior_guard", "calibration", "resume", "loggers",
+                                 "report", "sweep")},
+    **{m: f"predict.{m}" for m in ("prediction", "ensemble")},
+}
+_OLD_TARGET = re.compile(r"pref_lightning\.(" + "|".join(MOVED_MODULES) + r")\.([A-Za-z_][A-Za-z0-9_.]*)")
+
+
+def current_target(target: str) -> str:
+    """A `_target_` of the flat layout rewritten to today's module (`pref_lightning.module.PreferenceModule`
+    -> `pref_lightning.model.module.PreferenceModule`); any other string unchanged."""
+    match = _OLD_TARGET.fullmatch(target)
+    return f"pref_lightning.{MOVED_MODULES[match.group(1)]}.{match.group(2)}" if match else target
+
+
+def current_targets(node: Any) -> Any:
+    """A config container (dicts and lists) with every old-layout `_target_` rewritten by `current_target`."""
+    if isinstance(node, dict):
+        return {k: current_target(v) if k == "_target_" and isinstance(v, str) else current_targets(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [current_targets(v) for v in node]
+    return node
+
+
 def user_error(err: BaseException) -> UserError | None:
     """`err` itself when a `UserError`, or the `UserError` that Hydra's `instantiate` wrapped in its
-    "Error in call to target" exception (a constructor refusing a setting); else None."""
+    "Error in call to target" exception (a constructor refusing a setting); a config naming a module of the
+    old flat layout (a saved run config) becomes a UserError naming its new place; else None."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, UserError):
             return err
         seen.add(id(err))
+        # hydra's instantiate says "Error locating target", its get_class "Error loading"
+        old = _OLD_TARGET.search(str(err))
+        if old and ("Error locating target" in str(err) or "Error loading" in str(err)):
+            return UserError(f"_target_ {old.group(0)} names a module of the layout before 0.2 (a config saved by "
+                             f"an older run); it is now {current_target(old.group(0))}: change the _target_ in "
+                             "that config, or rerun with today's conf/ and the same overrides")
         if type(err).__name__ != "InstantiationException":
             return None
         err = err.__cause__

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pref_lightning.core.cli import current_targets
 from pref_lightning.core.errors import MissingFileError
 from pref_lightning.model.checkpoint import check_checkpoint_file
 
@@ -50,7 +51,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 def same_config_runs(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = ("model", "data")) -> list[Path]:
     """Sibling run folders holding a `last.ckpt` whose saved `.hydra/config.yaml` has the same `keys`
     sections as `cfg`, oldest first."""
-    mine = {k: OmegaConf.to_container(cfg[k], resolve=False) if k in cfg else None for k in keys}
+    # configs saved before the wings layout name old modules in `_target_`: compared as today's
+    mine = {k: current_targets(OmegaConf.to_container(cfg[k], resolve=False)) if k in cfg else None for k in keys}
     found = []
     for last in run_dir.parent.glob("*/checkpoints/last.ckpt"):
         folder = last.parent.parent
@@ -58,6 +60,7 @@ def same_config_runs(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = ("m
         if folder == run_dir or not saved.is_file():
             continue
         other = OmegaConf.load(saved)
-        if all((OmegaConf.to_container(other[k], resolve=False) if k in other else None) == v for k, v in mine.items()):
+        if all((current_targets(OmegaConf.to_container(other[k], resolve=False)) if k in other else None) == v
+               for k, v in mine.items()):
             found.append((last.stat().st_mtime, folder))
     return [folder for _, folder in sorted(found)]
