@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pref_lightning.core.metrics import competition_log_loss, mix_floor
+from pref_lightning.core.metrics import competition_log_loss, mix_floor, softmax
 from pref_lightning.data.datamodule import PreferenceDataModule
 from pref_lightning.model.anchor import anchor_logits, fit_anchor, fit_anchor_on
 from pref_lightning.model.module import PreferenceModule
-from pref_lightning.predict.ensemble import softmax
 
 from .conftest import TEST_TINY
 

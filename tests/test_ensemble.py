@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pref_lightning.core.metrics import softmax
 from pref_lightning.data.records import ORACLE_COLUMNS
-from pref_lightning.predict.ensemble import checkpoint_paths, combine, ensemble_weights, softmax
+from pref_lightning.predict.ensemble import checkpoint_paths, combine, ensemble_weights
 
 from .test_end_to_end import FAST, check_submission, run
 

@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pref_lightning.core.metrics import CLASS_COLUMNS
+from pref_lightning.core.metrics import CLASS_COLUMNS, softmax
 from pref_lightning.data.adapters import read_any, read_source
 from pref_lightning.data.contract import EncodingSpec
 from pref_lightning.data.datamodule import PreferenceDataModule
@@ -30,7 +30,6 @@ from pref_lightning.data.pairs import STATS_FEATURES, PairEncoder
 from pref_lightning.data.records import DataError, parse_turns, read_records
 from pref_lightning.data.submission import submission_frame, winner_frame
 from pref_lightning.model.module import PreferenceModule
-from pref_lightning.predict.ensemble import softmax
 from pref_lightning.predict.prediction import gather_predictions
 
 from .conftest import REPO, TEST_TINY

@@ -45,6 +45,14 @@ def class_probabilities(logits: torch.Tensor, temperature: float = 1.0, floor: f
     return mix_floor((logits.float() / temperature).softmax(-1), floor)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of numpy (n, K) logits (max-shifted), float64 for float64 input; the numpy twin of
+    `class_probabilities` for the regressions, the synthetic oracle and ensembles."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
 def competition_log_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Mean negative log likelihood as Kaggle scores it: each row divided by its sum, then clipped."""
     probs = probs.double()

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pref_lightning.core.atomic import atomic_path
-from pref_lightning.core.metrics import log_loss, prior_log_loss
+from pref_lightning.core.metrics import log_loss, prior_log_loss, softmax
 from pref_lightning.data import text_stats
 from pref_lightning.data.records import parse_turns
 
@@ -542,10 +542,7 @@ def _davidson(s_a: np.ndarray, s_b: np.ndarray, tie_bonus: np.ndarray) -> np.nda
     subtracting the common (sA + sB) / 2. With kappa = 0 this is Davidson's (1970) tie model.
     """
     d = s_a - s_b
-    logits = np.stack([d / 2, -d / 2, _LOG_NU - _TIE_KAPPA * np.abs(d) + tie_bonus], axis=1)
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=1, keepdims=True)
+    return softmax(np.stack([d / 2, -d / 2, _LOG_NU - _TIE_KAPPA * np.abs(d) + tie_bonus], axis=1))
 
 
 def _score(ans: _Answer, total_chars: int, prompt_topic: int) -> float:

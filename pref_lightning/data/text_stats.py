@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pref_lightning.core.losses import preference_loss
-from pref_lightning.core.metrics import log_loss
+from pref_lightning.core.metrics import log_loss, softmax
 
 __all__ = [
     "LOG1P_FEATURES",
@@ -248,10 +248,7 @@ def fit_logistic_regression(
 
 def predict_proba(model: LogisticModel, X: np.ndarray) -> np.ndarray:
     """Class probabilities (n, k) in float64."""
-    logits = ((np.asarray(X, dtype=np.float64) - model.mean) / model.std) @ model.weights + model.bias
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=1, keepdims=True)
+    return softmax(((np.asarray(X, dtype=np.float64) - model.mean) / model.std) @ model.weights + model.bias)
 
 
 def cross_validated_log_loss(

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pref_lightning.core.errors import MissingFileError, UserError
+from pref_lightning.core.metrics import softmax
 
 MODES = ("probs", "logits")
 BEST = Path("checkpoints") / "best.ckpt"
@@ -55,12 +56,6 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise UserError(f"ensemble_mode={mode!r}; choose {' or '.join(MODES)}")
     return mode
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def combine(logits: Sequence[np.ndarray], weights: np.ndarray, mode: str = "probs") -> np.ndarray:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from pref_lightning.core.distributed import settle_logged_metrics
 from pref_lightning.core.errors import UserError
-from pref_lightning.core.metrics import CLASS_LABELS, EPS
+from pref_lightning.core.metrics import CLASS_LABELS, EPS, competition_log_loss
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,10 @@ class PriorGuard(L.Callback):
             # the probabilities validation reports (with the module's probability floor, if it has one)
             probs = pl_module.probabilities(logits).double() if hasattr(pl_module, "probabilities") \
                 else logits.softmax(-1)
-            clipped = probs.clamp(EPS, 1 - EPS)
-            clipped = clipped / clipped.sum(-1, keepdim=True)
             row = torch.zeros(size, dtype=torch.float64, device=logits.device)
             row[_N] = len(labels)
-            row[_NLL] = -clipped.gather(1, labels.view(-1, 1)).log().sum()
-            row[_ENTROPY] = -(probs * clipped.log()).sum()
+            row[_NLL] = competition_log_loss(probs, labels) * len(labels)  # summed: reduced across ranks
+            row[_ENTROPY] = -(probs * probs.clamp(EPS, 1 - EPS).log()).sum()
             row[probs_at] = probs.sum(0)
             row[hist_at] = torch.bincount(probs.argmax(-1), minlength=k).double()
             row[labels_at] = torch.bincount(labels, minlength=k).double()
