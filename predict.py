@@ -1,19 +1,9 @@
 """Write a Kaggle submission from a checkpoint, offline:
 `python predict.py ckpt_path=RUN/checkpoints/best.ckpt input_path=test.csv output_path=submission.csv`
+(the same as `python -m pref_lightning.predict ...` once the package is installed)
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from pref_lightning.core import cli
-from pref_lightning.predict.prediction import predict
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    cli.run(lambda: predict(cfg))
-
+from pref_lightning.predict.__main__ import run
 
 if __name__ == "__main__":
-    cli.check_override_keys("predict")  # a typo in a key: one line, before Hydra makes a run folder
-    main()
+    run()

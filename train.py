@@ -1,18 +1,7 @@
-"""Train a preference model: `python train.py [experiment=full_data] [key=value ...]`."""
+"""Train a preference model: `python train.py [experiment=full_data] [key=value ...]` (the same as
+`python -m pref_lightning.train ...` once the package is installed)."""
 
-import hydra
-from omegaconf import DictConfig
-
-from pref_lightning.core import cli
-from pref_lightning.train.training import train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float:
-    # the value is returned for Hydra sweepers that optimise it
-    return cli.run(lambda: train(cfg), clean_run_dir=True)[cfg.get("optimized_metric", "val_log_loss")]
-
+from pref_lightning.train.__main__ import run
 
 if __name__ == "__main__":
-    cli.check_override_keys("train")  # a typo in a key: one line, before Hydra makes a run folder
-    main()
+    run()

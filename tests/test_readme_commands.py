@@ -54,6 +54,8 @@ NOT_RUN = {
         "needs 4 GPUs and Llama-3.1-8B",
     "python predict.py ckpt_path=RUN/checkpoints/best.ckpt input_path=test.csv "
     "model.backbone=/kaggle/input/gemma-2-9b": "needs a Gemma-2-9B LoRA checkpoint (tests/test_llm.py: a tiny one)",
+    "python -m pref_lightning.kaggle pack kit/ ckpt_path=RUN/checkpoints/best.ckpt": "downloads ~60 wheels "
+    "(tests/test_kaggle.py runs it, slow, and installs the kit offline into a torch-only environment)",
     "python -m pref_lightning.model.merge export RUN/checkpoints/best.ckpt merged/":
         "needs a LoRA run (test_merged_export_predicts_as_adapter_plus_base: a tiny one)",
     "python -m pref_lightning.model.merge average mean.ckpt fold0/checkpoints/best.ckpt fold1/checkpoints/best.ckpt":

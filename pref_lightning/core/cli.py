@@ -161,7 +161,8 @@ def run(task: Callable[[], T], clean_run_dir: bool = False) -> T:
 
 
 # ---- override keys: a typo reads as one line, before Hydra composes (and makes a run folder) ---------
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# the configs ship inside the package (the repository's top-level conf/ is a link to them)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _config_groups(conf_dir: Path) -> set[str]:

@@ -16,7 +16,6 @@ from pref_lightning.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-REPO_TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 
 
 def stage_checkpoint(stage: Mapping[str, Any]) -> Path:
@@ -39,7 +38,7 @@ def ensure_stage(stage: Mapping[str, Any] | None, data_dir: str, seed: int) -> P
     if int(os.environ.get("LOCAL_RANK", 0)) != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
         raise UserError(f"stage {stage['experiment']}: {checkpoint} is missing on a DDP rank other than 0; "
                         f"train that stage first: python train.py experiment={stage['experiment']} hydra.run.dir={stage['dir']}")
-    command = [sys.executable, str(REPO_TRAIN), f"experiment={stage['experiment']}", f"hydra.run.dir={stage['dir']}",
+    command = [sys.executable, "-m", "pref_lightning.train", f"experiment={stage['experiment']}", f"hydra.run.dir={stage['dir']}",
                f"paths.data_dir={data_dir}", f"seed={seed}", *[str(o) for o in stage.get("overrides") or []]]
     print(f"[pref-lightning] stage {stage['experiment']}: no {checkpoint}; training it first "
           f"({' '.join(command[1:])})", flush=True)

@@ -1,0 +1,23 @@
+"""`python -m pref_lightning.predict ckpt_path=RUN/checkpoints/best.ckpt input_path=test.csv
+output_path=submission.csv`: write a submission from checkpoints, offline (the same command line as the
+repository's `predict.py`, which calls this; the configs ship inside the package)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from pref_lightning.core import cli
+from pref_lightning.predict.prediction import predict
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    cli.run(lambda: predict(cfg))
+
+
+def run() -> None:
+    cli.check_override_keys("predict")  # a typo in a key: one line, before Hydra makes a run folder
+    main()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,23 @@
+"""`python -m pref_lightning.train [experiment=full_data] [key=value ...]`: train a preference model (the same
+command line as the repository's `train.py`, which calls this; the configs ship inside the package)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from pref_lightning.core import cli
+from pref_lightning.train.training import train
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    # the value is returned for Hydra sweepers that optimise it
+    return cli.run(lambda: train(cfg), clean_run_dir=True)[cfg.get("optimized_metric", "val_log_loss")]
+
+
+def run() -> None:
+    cli.check_override_keys("train")  # a typo in a key: one line, before Hydra makes a run folder
+    main()
+
+
+if __name__ == "__main__":
+    run()
