@@ -50,15 +50,18 @@ def canonical(name: str) -> str:
 
 
 def requirement_closure(roots: Iterable[str]) -> dict[str, str]:
-    """{normalised name: installed version} of `roots` and everything they require at run time (no extras),
-    as installed in this environment. Raises UserError when a required package is not installed."""
+    """{normalised name: installed version} of `roots` and everything they require at run time, following
+    the extras a requirement asks for (`fsspec[http]` brings aiohttp), as installed in this environment.
+    Raises UserError when a required package is not installed."""
     found: dict[str, str] = {}
-    stack = list(roots)
+    done: set[tuple[str, str]] = set()
+    stack = [(name, "") for name in roots]
     while stack:
-        name = stack.pop()
+        name, extra = stack.pop()
         key = canonical(name)
-        if key in found:
+        if (key, extra) in done:
             continue
+        done.add((key, extra))
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
@@ -67,8 +70,8 @@ def requirement_closure(roots: Iterable[str]) -> dict[str, str]:
         found[key] = dist.version
         for line in dist.requires or []:
             requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                stack.append(requirement.name)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": extra}):
+                stack += [(requirement.name, "")] + [(requirement.name, e) for e in requirement.extras]
     return found
 
 
