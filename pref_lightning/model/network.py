@@ -3,9 +3,9 @@ math from token ids to (n, K) logits, as a plain `nn.Module`. `PreferenceModule`
 plus the training loop, so every parameter keeps its name (`backbone.*`, `head.*`, `anchor.*`,
 `reward_head.*`, `text_scorer.*`) and checkpoints written before the split load unchanged.
 
-Over 300 lines: the constructor wires ten optional parts (LoRA, verdict tokens, reward score, text scorer,
-anchor, packing, compile...) and the forward paths (padded, grouped, packed; siamese and cross) share
-their state; cut in two, each half would need the other's private attributes."""
+`PreferenceNetwork` is a little over 300 lines: 40 of them are its signature (33 plain arguments, the names
+a checkpoint's hyperparameters use), and its encoding paths (padded, grouped, packed; siamese, cross) share
+the state the constructor sets up."""
 
 from __future__ import annotations
 
@@ -49,6 +49,50 @@ PACKED_MODES = ("auto", "true", "false")
 # decoder families whose transformers models read packed sequences (one row, positions restarting at 0 per
 # sequence: a block-diagonal causal mask, or flash-attention's variable-length kernel)
 PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+
+
+def prepare_backbone(model: nn.Module, lora_config: Mapping[str, Any] | None, backbone: str, verdict: bool,
+                     gradient_checkpointing: bool, freeze_embeddings: bool) -> tuple[nn.Module, dict[str, str] | None]:
+    """The built backbone `model` made ready to train, and the base's identity with LoRA (None without).
+    LoRA: the base stays frozen and out of checkpoints, which store its identity instead (lora.py); verdict
+    tokens: the LM head stays as pretrained (with LoRA: unless target_modules names it)."""
+    base_model = None
+    if lora_config is not None:
+        model = apply_lora(model, lora_config, gradient_checkpointing)
+        base_model = base_identity(backbone)
+    elif verdict:
+        model.get_output_embeddings().requires_grad_(False)
+    model.train()  # from_pretrained returns eval mode (dropout off, Lightning's warning)
+    if gradient_checkpointing:
+        # transformers 5 renamed it; the old name is deprecated
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    if freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model, base_model
+
+
+def frozen_reward_head(backbone: str, backbone_config: Mapping[str, Any] | None, hidden: int,
+                       layout: str) -> nn.Linear:
+    """`model.reward_score`: the reward model's own score head (hidden -> 1, frozen), read at each answer's
+    last real token as the reward model reads it. From a checkpoint (`backbone_config` set) the state dict
+    fills it. UserError unless a siamese layout over a real (not `tiny`) backbone."""
+    if layout != "siamese":
+        raise UserError("model.reward_score=true scores each answer on its own: it needs data.layout=siamese")
+    if backbone == "tiny":
+        raise UserError("model.reward_score=true needs a reward model: model.backbone=/path/to/reward-model")
+    head = nn.Linear(hidden, 1, bias=False)
+    weight = reward_score_weight(backbone) if backbone_config is None else torch.zeros(1, hidden)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return head.requires_grad_(False)
+
+
+def verdict_ids(backbone: str, tokens: Sequence[str], files: Mapping[str, bytes] | None, n_classes: int) -> list[int]:
+    """Token ids of `model.verdict_tokens` in the run's tokenizer (its files, else the backbone's own)."""
+    with tempfile.TemporaryDirectory(prefix="pref_tokenizer_") as folder:
+        tokenizer = tokenizer_from_files(files, folder) if files else load_tokenizer(backbone)
+        return verdict_token_ids(tokenizer, tokens, n_classes)
 
 
 class PreferenceNetwork(nn.Module):
@@ -118,21 +162,8 @@ class PreferenceNetwork(nn.Module):
                                        attn_implementation=attn_implementation, dtype=backbone_dtype,
                                        quantization=quantization_config(lora_config), causal_lm=self.verdict,
                                        attn_softcapping=attn_softcapping)
-        # LoRA: the base stays frozen and out of checkpoints, which store its identity instead (lora.py)
-        self.base_model: dict[str, str] | None = None
-        if lora_config is not None:
-            self.backbone = apply_lora(self.backbone, lora_config, gradient_checkpointing)
-            self.base_model = base_identity(backbone)
-        elif self.verdict:  # the LM head stays as pretrained (with LoRA: unless target_modules names it)
-            self.backbone.get_output_embeddings().requires_grad_(False)
-        self.backbone.train()  # from_pretrained returns eval mode (dropout off, Lightning's warning)
-        if gradient_checkpointing:
-            # transformers 5 renamed it; the old name is deprecated
-            enable = getattr(self.backbone, "activation_checkpointing_enable", None) \
-                or self.backbone.gradient_checkpointing_enable
-            enable()
-        if freeze_embeddings:
-            self.backbone.get_input_embeddings().weight.requires_grad_(False)
+        self.backbone, self.base_model = prepare_backbone(self.backbone, lora_config, backbone, self.verdict,
+                                                          gradient_checkpointing, freeze_embeddings)
         if compile:
             # in place (nn.Module.compile), so parameter names and checkpoints stay those of the
             # plain module; dynamic shapes because length-grouped batches vary in length
@@ -146,19 +177,8 @@ class PreferenceNetwork(nn.Module):
         stats_size = self.spec.n_stats if use_text_stats else 0
         # a reward model's own score of each answer, beside the side statistics (frozen: its head, read
         # at the last real token as the reward model reads it)
-        self.reward_head: nn.Linear | None = None
-        if reward_score:
-            if layout != "siamese":
-                raise UserError("model.reward_score=true scores each answer on its own: it needs data.layout=siamese")
-            if backbone == "tiny":
-                raise UserError("model.reward_score=true needs a reward model: model.backbone=/path/to/reward-model")
-            self.reward_head = nn.Linear(hidden, 1, bias=False)
-            # from a checkpoint (backbone_config set) the state dict fills it
-            weight = reward_score_weight(backbone) if backbone_config is None else torch.zeros(1, hidden)
-            with torch.no_grad():
-                self.reward_head.weight.copy_(weight)
-            self.reward_head.requires_grad_(False)
-            stats_size += 1
+        self.reward_head = frozen_reward_head(backbone, backbone_config, hidden, layout) if reward_score else None
+        stats_size += int(reward_score)
         # a frozen earlier stage (model.text_anchor, stages.py) scores each pair from the text alone; its
         # per-side score is one more column for the head and for the anchored head's regression
         self.text_scorer: PreferenceNetwork | None = None
@@ -169,7 +189,7 @@ class PreferenceNetwork(nn.Module):
             self.text_scorer.requires_grad_(False).eval()
             stats_size += 1
         if self.verdict:
-            self.head = VerdictHead(self._verdict_ids(backbone, verdict_tokens, tokenizer_files, n_classes),
+            self.head = VerdictHead(verdict_ids(backbone, verdict_tokens, tokenizer_files, n_classes),
                                     stats_size, n_classes)
         elif layout == "cross":
             self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size,
@@ -238,14 +258,6 @@ class PreferenceNetwork(nn.Module):
         self.anchor.reset(dict(self.fitted_anchor))
 
     # ---- encoding -----------------------------------------------------------------------------
-    @staticmethod
-    def _verdict_ids(backbone: str, tokens: Sequence[str], files: Mapping[str, bytes] | None,
-                     n_classes: int) -> list[int]:
-        """Token ids of `model.verdict_tokens` in the run's tokenizer (its files, else the backbone's own)."""
-        with tempfile.TemporaryDirectory(prefix="pref_tokenizer_") as folder:
-            tokenizer = tokenizer_from_files(files, folder) if files else load_tokenizer(backbone)
-            return verdict_token_ids(tokenizer, tokens, n_classes)
-
     def body(self) -> nn.Module:
         """The network the encoder calls for last hidden states: the backbone, or with verdict tokens the
         decoder inside the causal LM (its LM head then reads the last real token of each row only)."""
