@@ -318,12 +318,12 @@ def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length:
         import torch
 
         from pref_lightning.data.tokenizers import tokenizer_from_files
-        from pref_lightning.model.module import PreferenceModule
+        from pref_lightning.model.network import PreferenceNetwork
         from pref_lightning.model.stages import read_text_scorer
 
         settings, weights, files = read_text_scorer(text_anchor, "siamese")
         tokenizer = tokenizer_from_files(files)
-        scorer = PreferenceModule(**settings["hparams"], backbone_config=settings["backbone_config"])
+        scorer = PreferenceNetwork.from_hparams(settings["hparams"], settings["backbone_config"])
         scorer.load_state_dict(weights)
         scorer.eval()
         torch.set_flush_denormal(True)

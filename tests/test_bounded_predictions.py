@@ -104,13 +104,13 @@ def test_bounded_statistics_alone_keep_out_of_range_rows_as_confident_as_trainin
     """The kind, without the output guard: out-of-range inputs give logits no more extreme than the
     model's own on real validation rows allow (the floor is switched off here)."""
     model, tokenizer, dm = trained
-    floor = model.hparams.prob_floor
-    model.hparams.prob_floor = 0.0
+    floor = model.evaluation.prob_floor
+    model.set_evaluation(prob_floor=0.0)
     try:
         val = probabilities(model, normalised(raw_pairs(dm, tokenizer, dm.val_records), dm.spec.stats_norm))
         odd = probabilities(model, extreme_pairs(trained, factor))
     finally:
-        model.hparams.prob_floor = floor
+        model.set_evaluation(prob_floor=floor)
     assert odd.min() >= min(FLOOR_TARGET, float(val.min()) / 10)
 
 

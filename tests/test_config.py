@@ -81,3 +81,36 @@ def test_arena_small_composes():
     assert cfg.data.train_path.endswith("lmsys_arena_sample.csv") and cfg.data.n_folds == 5
     assert list(cfg.data.sources) == [] and cfg.model.anchor_blend == 0.5
     assert cfg.trainer.max_epochs == cfg.trainer.check_val_every_n_epoch == 2
+
+
+@pytest.mark.parametrize("model", ["tiny", "deberta_v3_small", "minilm", "llm_lora"])
+def test_model_files_inherit_the_shared_keys_of_one_base_file(model):
+    """conf/model/_base.yaml holds the keys every model shares; each model file states only its own."""
+    import yaml
+
+    base = yaml.safe_load((Path(CONF) / "model" / "_base.yaml").read_text())
+    cfg = compose_train([f"model={model}"])
+    assert set(base) <= set(cfg.model)
+    for name in ("tiny", "deberta_v3_small"):
+        own = yaml.safe_load((Path(CONF) / "model" / f"{name}.yaml").read_text())
+        assert own["defaults"] == ["_base"] and not set(own) & (set(base) - {"tiny_config", "tokenizer_vocab_size"})
+
+
+def test_the_model_config_instantiates_with_the_data_facts(tiny_tokenizer, synthetic_csv):
+    """Every key of conf/model/*.yaml is a constructor argument: `instantiate(cfg.model, spec=..., ...)`
+    builds the module (tokenizer and anchor-fit keys are recorded, not used), and a model-key override
+    reaches it."""
+    from pref_lightning.model.module import PreferenceModule
+
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=4)
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")
+    cfg = compose_train(["model.tiny_config.hidden_size=32", "model.tiny_config.num_hidden_layers=1",
+                         "model.tiny_config.num_attention_heads=2", "model.tiny_config.intermediate_size=64",
+                         "model.head_hidden=8", "model.lr=0.5", "model.anchor_l2=2.0"])
+    model = instantiate(cfg.model, _convert_="all", vocab_size=len(tiny_tokenizer), spec=dm.spec,
+                        train_prior=dm.train_prior.tolist(), reference={"prior_log_loss": 1.0})
+    assert isinstance(model, PreferenceModule) and model.spec == dm.spec
+    assert model.hparams.lr == 0.5 and model.hparams.anchor_l2 == 2.0 and model.hparams.tokenizer_vocab_size == 8000
+    batch = next(iter(dm.val_dataloader()))
+    assert model(batch).shape == (len(batch["labels"]), 3)

@@ -345,3 +345,28 @@ def test_bad_token_budget_is_a_user_error():
 
     with pytest.raises(UserError, match="data.max_tokens"):
         PreferenceDataModule(max_tokens=-5)
+
+
+def test_evaluation_policy_is_set_through_one_method(tiny_tokenizer, synthetic_csv):
+    """TTA, temperature (and whether prediction applies it) and the floor change through
+    `set_evaluation` only: checked there, read by validation, calibration and prediction."""
+    from pref_lightning.core.errors import UserError
+
+    batch = _batch(tiny_tokenizer, synthetic_csv, n=4)
+    module = tiny_module(tiny_tokenizer).eval()
+    with torch.no_grad():
+        plain, swapped = module(batch), module(batch, tta_swap=True)
+        assert torch.allclose(module.predict_step(batch, 0)["logits"], swapped)
+        module.set_evaluation(tta_swap=False, temperature=2.0)
+        assert module.temperature == 2.0 and torch.allclose(module.predict_step(batch, 0)["logits"], plain / 2)
+        module.set_evaluation(calibrated=False)
+        assert torch.allclose(module.predict_step(batch, 0)["logits"], plain)
+    module.set_evaluation(prob_floor=0.0)
+    assert module.probabilities(torch.tensor([[100.0, 0.0, 0.0]]))[0, 1] == 0.0
+    assert module.evaluation.temperature == 2.0 and not module.evaluation.tta_swap  # the rest kept
+    with pytest.raises(UserError, match="model.prob_floor"):
+        module.set_evaluation(prob_floor=0.5)
+    with pytest.raises(UserError, match="temperature"):
+        module.set_evaluation(temperature=0.0)
+    with pytest.raises(AttributeError):
+        module.temperature = 1.5  # not an attribute to assign from outside

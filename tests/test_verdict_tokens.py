@@ -126,7 +126,7 @@ def test_a_checkpoint_predicts_the_same_after_a_round_trip(setup, lora, tmp_path
     fit.fit(module, dm)
     if lora:
         randomise_adapter(module)
-    module.temperature = 1.3
+    module.set_evaluation(temperature=1.3)
     path = tmp_path / "verdict.ckpt"
     fit.save_checkpoint(path)
     state = torch.load(path, weights_only=True, map_location="cpu")["state_dict"]

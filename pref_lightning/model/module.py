@@ -1,80 +1,35 @@
-"""LightningModule: shared backbone encodes both sides, `PairHead` turns them into 3 logits."""
+"""LightningModule: the network (network.py) plus the training loop around it: steps, swap augmentation
+(augment.py), metrics, optimiser and schedule (optim.py), self-contained checkpoints.
+
+`PreferenceModule` is a `PreferenceNetwork` (its parent class, not a submodule), so the parameters keep
+the names they had before the split (`backbone.*`, `head.*`...) and every older checkpoint loads as is."""
 
 from __future__ import annotations
 
-import logging
-import math
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pref_lightning.core.errors import UserError
 from pref_lightning.core.losses import batch_loss
-from pref_lightning.core.metrics import (
-    PROB_FLOOR,
-    SWAP,
-    LogLoss,
-    PaddingEfficiency,
-    check_floor,
-    class_probabilities,
-)
-from pref_lightning.data.collate import side_groups as group_sides
+from pref_lightning.core.metrics import PROB_FLOOR, LogLoss, PaddingEfficiency
 from pref_lightning.data.contract import EncodingSpec
 from pref_lightning.data.tokenizers import tokenizer_from_files
-from pref_lightning.model.anchor import AnchorOffset
-from pref_lightning.model.backbone import build_backbone, load_tokenizer, reward_score_weight
+from pref_lightning.model.augment import SWAP_MODES, augment_generator, flip_coins, swap_labels, swap_sides
 from pref_lightning.model.checkpoint import CHECKPOINT_KEY, load_checkpoint, payload, without_unused_weights
-from pref_lightning.model.head import (
-    VERDICT_TOKENS,
-    CrossHead,
-    PairHead,
-    VerdictHead,
-    check_head,
-    last_token_pool,
-    output_layers,
-    pool,
-    pool_packed,
-    pooled_size,
-    verdict_token_ids,
-)
-from pref_lightning.model.lora import (
-    apply_lora,
-    base_identity,
-    check_base,
-    lora_settings,
-    quantization_config,
-    trainable_summary,
-    with_base_weights,
-    without_base_weights,
-)
-from pref_lightning.model.stages import text_side_columns
+from pref_lightning.model.head import VERDICT_TOKENS
+from pref_lightning.model.lora import check_base, trainable_summary, with_base_weights, without_base_weights
+from pref_lightning.model.network import PACKABLE_MODEL_TYPES, PACKED_MODES, PreferenceNetwork
+from pref_lightning.model.optim import backbone_depths, optimizer_and_schedule, parameter_groups, warmup_decay
 
-log = logging.getLogger(__name__)
-SWAP_MODES = ("none", "random", "full")
-PACKED_MODES = ("auto", "true", "false")
-# decoder families whose transformers models read packed sequences (one row, positions restarting at 0 per
-# sequence: a block-diagonal causal mask, or flash-attention's variable-length kernel)
-PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
-
-
-def warmup_decay(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
-    """LR multiplier: linear warmup, then cosine or linear decay to `min_ratio`."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-    raise UserError(f"model.schedule={schedule!r}; choose cosine, linear or constant")
+__all__ = ["PACKABLE_MODEL_TYPES", "PACKED_MODES", "SWAP_MODES", "PreferenceModule", "valid_rows", "warmup_decay"]
+# the constructor arguments that build the network (the rest are training settings and data facts)
+NETWORK_ARGUMENTS = tuple(name for name in inspect.signature(PreferenceNetwork.__init__).parameters if name != "self")
 
 
 def valid_rows(batch: Mapping[str, torch.Tensor], values: torch.Tensor) -> torch.Tensor:
@@ -83,8 +38,16 @@ def valid_rows(batch: Mapping[str, torch.Tensor], values: torch.Tensor) -> torch
     return values if valid is None else values[valid.to(values.device)]
 
 
-class PreferenceModule(L.LightningModule):
-    """Siamese preference model; every constructor argument is a plain value saved in hparams."""
+class PreferenceModule(PreferenceNetwork, L.LightningModule):
+    """Siamese preference model; every constructor argument is a plain value saved in hparams.
+
+    The network's arguments (network.py) come first; then optimisation (`lr` ... `min_lr_ratio`,
+    `layer_lr_decay`), augmentation (`swap_augment`, `augment_seed`), the loss (`label_smoothing`), data
+    facts (`train_prior`: the training split's class frequencies; `reference`: reference log losses on the
+    validation rows, logged beside val/log_loss), `lineage`, and settings of the training recipe that the
+    model config carries and the module only records (`tokenizer*`, `cache_dir`: how the tokenizer was
+    chosen; `anchor_l2`, `anchor_rows`: how the anchor was fitted; `anchor_fallback`, `init_from`), so that
+    `hydra.utils.instantiate(cfg.model, spec=..., ...)` takes the whole model config."""
 
     def __init__(
         self,
@@ -134,129 +97,35 @@ class PreferenceModule(L.LightningModule):
         head: str = "mlp",
         verdict_tokens: Sequence[str] = VERDICT_TOKENS,
         attn_softcapping: bool | None = None,
+        tokenizer: str | None = None,
+        tokenizer_vocab_size: int | None = None,
+        cache_dir: str | None = None,
+        anchor_l2: float | None = None,
+        anchor_rows: str = "train_file",
+        anchor_fallback: bool = False,
+        init_from: str | None = None,
     ) -> None:
-        super().__init__()
-        if str(packed).lower() not in PACKED_MODES:
-            raise UserError(f"model.packed={packed!r}; choose auto, true or false")
-        if int(side_groups) < 1:
-            raise UserError(f"model.side_groups={side_groups} must be >= 1 (1: one (2B, L) backbone call)")
         if swap_augment not in SWAP_MODES:
             raise UserError(f"model.swap_augment={swap_augment!r}; choose from {', '.join(SWAP_MODES)}")
-        # the data side's contract (layout, classes, statistics...): a plain dict in hparams, so every
-        # checkpoint carries it and prediction encodes rows exactly as training did
-        self.spec = spec if isinstance(spec, EncodingSpec) else EncodingSpec.from_dict(spec or {}, where="model spec")
-        n_classes, layout = self.spec.n_classes, self.spec.layout
-        check_floor(prob_floor, n_classes)
-        if not 0.0 <= anchor_blend <= 1.0:
-            raise UserError(f"model.anchor_blend={anchor_blend} must lie in [0, 1] (1: the trained model alone)")
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"model.label_smoothing={label_smoothing} must lie in [0, 1)")
-        # train_prior: class frequencies of the training split (PriorGuard); reference: reference log
-        # losses on the validation rows (logged beside val/log_loss)
+        if text_anchor is not None and not isinstance(text_anchor, Mapping):
+            raise UserError(f"model.text_anchor={text_anchor!r}: a checkpoint path is read by the training recipe "
+                            "(train.training.build_model); the module takes what stages.read_text_scorer returns")
+        arguments = locals()
+        super().__init__(**{name: arguments[name] for name in NETWORK_ARGUMENTS})
         self.train_prior = [float(p) for p in (train_prior or [])]
         self.reference = {str(k): float(v) for k, v in (reference or {}).items()}
         # save_hyperparameters reads these locals: plain values only. The tokenizer's files travel in the
         # checkpoint payload instead (loggers write hyperparameters as YAML).
         spec, train_prior, reference = self.spec.to_dict(), self.train_prior, self.reference
         self.save_hyperparameters(ignore=["backbone_config", "tokenizer_files"])
-        self.tokenizer_files = dict(tokenizer_files or {})
-        self.swap_index = SWAP[:n_classes]
-        lora_config = lora_settings(lora)
-        if lora_config is not None and (backbone == "tiny" or backbone_config is not None):
-            raise UserError("model.lora needs a pretrained backbone: model.backbone=/path/to/model or a hub name")
-        # model.head=verdict_tokens: the decoder is built with its LM head, whose verdict-token logits are the classes
-        check_head(head, layout, self.spec.template, pooling, backbone, anchor_head)
-        self.verdict = head == "verdict_tokens"
-        self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
-                                       config_dict=backbone_config, dropout=backbone_dropout,
-                                       attn_implementation=attn_implementation, dtype=backbone_dtype,
-                                       quantization=quantization_config(lora_config), causal_lm=self.verdict,
-                                       attn_softcapping=attn_softcapping)
-        # LoRA: the base stays frozen and out of checkpoints, which store its identity instead (lora.py)
-        self.base_model: dict[str, str] | None = None
-        if lora_config is not None:
-            self.backbone = apply_lora(self.backbone, lora_config, gradient_checkpointing)
-            self.base_model = base_identity(backbone)
-        elif self.verdict:  # the LM head stays as pretrained (with LoRA: unless target_modules names it)
-            self.backbone.get_output_embeddings().requires_grad_(False)
-        self.backbone.train()  # from_pretrained returns eval mode (dropout off, Lightning's warning)
-        if gradient_checkpointing:
-            # transformers 5 renamed it; the old name is deprecated
-            enable = getattr(self.backbone, "activation_checkpointing_enable", None) \
-                or self.backbone.gradient_checkpointing_enable
-            enable()
-        if freeze_embeddings:
-            self.backbone.get_input_embeddings().weight.requires_grad_(False)
-        if compile:
-            # in place (nn.Module.compile), so parameter names and checkpoints stay those of the
-            # plain module; dynamic shapes because length-grouped batches vary in length
-            self.body().compile(backend=compile_backend, dynamic=True)
-        hidden = self.backbone.config.hidden_size
-        self.packed_mode = str(packed).lower()
-        if self.packed_mode == "true" and not self.packable:
-            raise UserError(f"model.packed=true needs a decoder LLM backbone ({', '.join(PACKABLE_MODEL_TYPES)}); "
-                            f"this one is {self.backbone.config.model_type!r}")
-        self._packed_path: bool | None = None  # decided (and logged) at the first forward pass
-        stats_size = self.spec.n_stats if use_text_stats else 0
-        # a reward model's own score of each answer, beside the side statistics (frozen: its head, read
-        # at the last real token as the reward model reads it)
-        self.reward_head: nn.Linear | None = None
-        if reward_score:
-            if layout != "siamese":
-                raise UserError("model.reward_score=true scores each answer on its own: it needs data.layout=siamese")
-            if backbone == "tiny":
-                raise UserError("model.reward_score=true needs a reward model: model.backbone=/path/to/reward-model")
-            self.reward_head = nn.Linear(hidden, 1, bias=False)
-            # from a checkpoint (backbone_config set) the state dict fills it
-            weight = reward_score_weight(backbone) if backbone_config is None else torch.zeros(1, hidden)
-            with torch.no_grad():
-                self.reward_head.weight.copy_(weight)
-            self.reward_head.requires_grad_(False)
-            stats_size += 1
-        # a frozen earlier stage (model.text_anchor, stages.py) scores each pair from the text alone; its
-        # per-side score is one more column for the head and for the anchored head's regression
-        self.text_scorer: PreferenceModule | None = None
-        if text_anchor is not None:
-            if layout != "siamese":
-                raise UserError("model.text_anchor scores one side at a time: it needs data.layout=siamese")
-            self.text_scorer = PreferenceModule(**text_anchor["hparams"], backbone_config=text_anchor["backbone_config"])
-            self.text_scorer.requires_grad_(False).eval()
-            stats_size += 1
-        if self.verdict:
-            self.head = VerdictHead(self._verdict_ids(backbone, verdict_tokens, tokenizer_files, n_classes),
-                                    stats_size, n_classes)
-        elif layout == "cross":
-            self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size,
-                                  n_classes=n_classes)
-        elif layout == "siamese":
-            self.head = PairHead(pooled_size(hidden, pooling), combine, head_hidden, head_dropout,
-                                 n_classes=n_classes, stats_size=stats_size, symmetric=symmetric_head)
-        else:  # EncodingSpec admits no other layout
-            raise AssertionError(layout)
-        # anchored head: the statistics' logistic regression as an offset, the head's last layer at zero
-        self.anchor = None
-        if anchor_head:
-            if not use_text_stats:
-                raise UserError("model.anchor_head=true needs model.use_text_stats=true (it regresses on them)")
-            if anchor is None:
-                raise UserError("model.anchor_head=true needs the fitted anchor (model.anchor.fit_anchor_on(datamodule))")
-            self.anchor = AnchorOffset(dict(anchor), trainable=anchor_trainable)
-            self.reset_to_baseline()
+        n_classes = self.spec.n_classes
         self.val_log_loss = LogLoss()
         self.val_accuracy = MulticlassAccuracy(num_classes=n_classes, average="micro")
         self.train_log_loss = LogLoss()
         # real / processed tokens of the epoch: a summed metric that Lightning syncs with the others
         self.train_padding = PaddingEfficiency()
-        self.last_processed_tokens = 0  # token positions the backbone ran over in the last forward pass
-        self.last_real_tokens: torch.Tensor | int = 0  # real (unmasked) tokens among them
-        self.temperature: float = 1.0  # fitted on validation logits after training (calibration)
-        self.apply_temperature = True
-
-    def train(self, mode: bool = True) -> PreferenceModule:
-        super().train(mode)
-        if self.text_scorer is not None:  # frozen: no dropout, whatever the loop asks
-            self.text_scorer.eval()
-        return self
 
     # ---- runtime ------------------------------------------------------------------------------
     def _flush_denormals(self) -> None:
@@ -300,202 +169,6 @@ class PreferenceModule(L.LightningModule):
     def on_predict_epoch_start(self) -> None:
         self._flush_denormals()
 
-    @torch.no_grad()
-    def reset_to_baseline(self) -> None:
-        """The anchored model at step 0: the head's output layers at zero and the anchor at its fitted
-        regression (it may have moved with `anchor_trainable`), so the logits are the regression's alone."""
-        for layer in output_layers(self.head):
-            layer.weight.zero_()
-            layer.bias.zero_()
-        self.anchor.reset(dict(self.hparams.anchor))
-
-    # ---- forward ------------------------------------------------------------------------------
-    @staticmethod
-    def _verdict_ids(backbone: str, tokens: Sequence[str], files: Mapping[str, bytes] | None,
-                     n_classes: int) -> list[int]:
-        """Token ids of `model.verdict_tokens` in the run's tokenizer (its files, else the backbone's own)."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="pref_tokenizer_") as folder:
-            tokenizer = tokenizer_from_files(files, folder) if files else load_tokenizer(backbone)
-            return verdict_token_ids(tokenizer, tokens, n_classes)
-
-    def body(self) -> nn.Module:
-        """The network the encoder calls for last hidden states: the backbone, or with verdict tokens the
-        decoder inside the causal LM (its LM head then reads the last real token of each row only)."""
-        return self.backbone.get_decoder() if self.verdict else self.backbone
-
-    def _read_out(self, pooled: torch.Tensor, last_hidden) -> torch.Tensor:
-        """What `encode` returns: the verdict tokens' logits (n, K) read from the last real token's state
-        (`last_hidden()`, (n, hidden)) by the LM head, else `pooled` (with the reward column when asked)."""
-        if self.verdict:
-            softcap = getattr(self.backbone.config, "final_logit_softcapping", None)
-            return self.head.read(last_hidden(), self.backbone.get_output_embeddings(), softcap)
-        return self._with_reward(pooled, last_hidden)
-
-    @property
-    def packable(self) -> bool:
-        return getattr(self.backbone.config, "model_type", None) in PACKABLE_MODEL_TYPES
-
-    def uses_packed(self, device: torch.device) -> bool:
-        """Padding-free batches? `model.packed=true`: yes (a packable decoder); `auto`: with flash-attention
-        on a CUDA GPU, where packing saves the padded tokens' compute (elsewhere the packed mask is dense,
-        T x T for T packed tokens, and the padded path is cheaper); `false`: never. Logged once."""
-        if self._packed_path is None:
-            implementation = getattr(self.backbone.config, "_attn_implementation", None)
-            auto = self.packable and implementation == "flash_attention_2" and device.type == "cuda"
-            self._packed_path = self.packed_mode == "true" or (self.packed_mode == "auto" and auto)
-            if self.packable:  # encoders never pack: nothing to say
-                log.info("padding-free packed batches: %s (model.packed=%s, %s, attention %s, %s)",
-                         "on" if self._packed_path else "off, padded batches", self.packed_mode,
-                         getattr(self.backbone.config, "model_type", "?"), implementation, device.type)
-        return self._packed_path
-
-    def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """`encode` with the rows' real tokens packed end to end into one (1, T) row, positions restarting
-        at 0 for each (transformers then keeps the sequences apart: a block-diagonal causal mask, or
-        flash-attention's variable-length kernel): no padded token is computed. Right or left padding."""
-        mask = attention_mask.bool()
-        lengths = attention_mask.sum(1)
-        positions = (torch.cumsum(attention_mask, 1) - 1)[mask].unsqueeze(0)
-        hidden = self.body()(input_ids=input_ids[mask].unsqueeze(0), position_ids=positions).last_hidden_state[0]
-        self.last_processed_tokens = int(positions.shape[1])
-        self.last_real_tokens = lengths.sum()
-        return self._read_out(pool_packed(hidden, lengths, self.hparams.pooling),
-                              lambda: hidden[torch.cumsum(lengths, 0) - 1])
-
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(n, pooled) vectors of `input_ids` / `attention_mask` (n, L), in one backbone call (packed
-        without padding when `uses_packed`)."""
-        if self.uses_packed(input_ids.device):
-            return self.encode_packed(input_ids, attention_mask)
-        hidden = self.body()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        self.last_processed_tokens = attention_mask.numel()
-        self.last_real_tokens = attention_mask.sum()  # a tensor: read (one host sync) only by who needs it
-        return self._read_out(pool(hidden, attention_mask, self.hparams.pooling),
-                              lambda: last_token_pool(hidden, attention_mask))
-
-    def _with_reward(self, pooled: torch.Tensor, last_hidden) -> torch.Tensor:
-        """`pooled` (n, pooled), with the reward model's score of each row's last real token (`last_hidden()`,
-        (n, hidden)) as one more column when `model.reward_score` (split off again in `side_vectors`)."""
-        if self.reward_head is None:
-            return pooled
-        score = self.reward_head(last_hidden().float())
-        return torch.cat([pooled, score.to(pooled.dtype)], -1)
-
-    def encode_grouped(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """`encode` of right-padded rows (n, L), run as up to `side_groups` backbone calls over rows of
-        similar length (`collate.side_groups`), each cut to its own longest row, so that a short side is not
-        padded to the longest one of the batch; (n, pooled) vectors back in row order. Padding positions
-        are masked, so the result equals one call over (n, L) up to float rounding; every pooling
-        (`last` included) reads each row's own mask. `last_processed_tokens`: what the calls really ran."""
-        groups = int(getattr(self.hparams, "side_groups", 1))
-        if groups <= 1 or input_ids.shape[0] <= 1 or self.uses_packed(input_ids.device):
-            return self.encode(input_ids, attention_mask)
-        lengths = attention_mask.sum(1).tolist()  # one host sync per step
-        parts, rows, processed = [], [], 0
-        for group in group_sides(lengths, groups):
-            width = max(1, max(int(lengths[i]) for i in group))
-            index = torch.tensor(group, device=input_ids.device)
-            parts.append(self.encode(input_ids[index, :width], attention_mask[index, :width]))
-            rows.append(index)
-            processed += len(group) * width
-        self.last_processed_tokens = processed
-        self.last_real_tokens = attention_mask.sum()
-        return torch.cat(parts)[torch.argsort(torch.cat(rows))]
-
-    @property
-    def is_cross(self) -> bool:
-        return self.spec.layout == "cross"
-
-    @property
-    def n_classes(self) -> int:
-        return self.spec.n_classes
-
-    def cross_logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        """(len(rows), K) logits of cross-layout rows: `batch` holds (2B, L) rows, row i < B showing pair i
-        as (A, B) and row B + i as (B, A); the logits of an exchanged row are in its own order's classes
-        (its "A wins" means B wins). Statistics follow the same order: (2B, F), side A's then side B's."""
-        pooled = self.encode_grouped(batch["input_ids"][rows], batch["attention_mask"][rows]).float()
-        stats = batch.get("stats")
-        if stats is None:
-            return self.anchored(self.head(pooled), None, None)
-        stats = stats.float()
-        first, second = stats[rows], stats[(rows + len(stats) // 2) % len(stats)]
-        return self.anchored(self.head(pooled, first, second), first, second)
-
-    def pair_logits(self, a: torch.Tensor, b: torch.Tensor, stats_a: torch.Tensor | None,
-                    stats_b: torch.Tensor | None) -> torch.Tensor:
-        """(n, K) logits of side vectors (n, hidden) and statistics (n, n_stats): head, plus the anchor."""
-        return self.anchored(self.head(a, b, stats_a, stats_b), stats_a, stats_b)
-
-    def anchored(self, logits: torch.Tensor, stats_a: torch.Tensor | None, stats_b: torch.Tensor | None) -> torch.Tensor:
-        """`logits` plus the anchor's offset (anchored head), else unchanged."""
-        if self.anchor is None:
-            return logits
-        k = self.spec.n_stats  # the anchor regresses on the side statistics (not the reward) and the text score
-        if self.text_scorer is not None:
-            offset = self.anchor(torch.cat([stats_a[..., :k], stats_a[..., -1:]], -1),
-                                 torch.cat([stats_b[..., :k], stats_b[..., -1:]], -1))
-        else:
-            offset = self.anchor(stats_a[..., :k], stats_b[..., :k])
-        return self.blend(logits + offset, offset)
-
-    def blend(self, full: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Evaluation logits of the anchored model with `model.anchor_blend` w < 1: log(w softmax(full) +
-        (1 - w) softmax(offset)), whose softmax is that mixture of the trained model and its step-0 baseline
-        (an equal-weight ensemble for w = 0.5, a shrinkage towards the baseline). Training always uses the
-        full logits, so the network learns the whole residual."""
-        w = float(getattr(self.hparams, "anchor_blend", 1.0))
-        if self.training or w >= 1.0:
-            return full
-        if w <= 0.0:
-            return offset
-        return torch.logaddexp(math.log(w) + F.log_softmax(full.float(), -1),
-                               math.log1p(-w) + F.log_softmax(offset.float(), -1))
-
-    @torch.no_grad()
-    def text_scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(B, K') swap-averaged logits of the frozen text scorer (`model.text_anchor`) for the batch's
-        (2B, L) siamese sides, read from the tokens alone."""
-        sides = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return self.text_scorer(sides, tta_swap=True).float()
-
-    def side_vectors(self, batch: Mapping[str, torch.Tensor]):
-        """Pooled vectors (B, pooled) and statistics (B, n_stats) of sides A and B from the batch's (2B, L)
-        sides: one backbone call, or (`side_groups` > 1) calls over sides grouped by their own lengths."""
-        pooled = self.encode_grouped(batch["input_ids"], batch["attention_mask"]).float()
-        n = pooled.shape[0] // 2
-        stats = batch.get("stats")
-        if self.reward_head is not None:  # each side's reward: one more statistic for the head
-            pooled, score = pooled[:, :-1], pooled[:, -1:]
-            stats = score if stats is None else torch.cat([stats.float(), score], -1)
-        if self.text_scorer is not None:  # each side's text score: the last column
-            text_a, text_b = text_side_columns(self.text_scores(batch))
-            text = torch.cat([text_a, text_b]).to(pooled.dtype)
-            stats = text if stats is None else torch.cat([stats.float(), text], -1)
-        stats_a, stats_b = (None, None) if stats is None else (stats[:n].float(), stats[n:].float())
-        return pooled[:n], pooled[n:], stats_a, stats_b
-
-    def forward(self, batch: Mapping[str, torch.Tensor], tta_swap: bool = False) -> torch.Tensor:
-        """Logits (A wins, B wins, tie); `tta_swap` also scores B-vs-A and averages the two views."""
-        if self.is_cross:
-            n = len(batch["labels"])
-            rows = torch.arange(2 * n if tta_swap else n, device=batch["input_ids"].device)
-            logits = self.cross_logits(batch, rows)  # both orders in one call under TTA
-            return 0.5 * (logits[:n] + logits[n:][:, self.swap_index]) if tta_swap else logits
-        a, b, stats_a, stats_b = self.side_vectors(batch)
-        logits = self.pair_logits(a, b, stats_a, stats_b)
-        if tta_swap:
-            logits = 0.5 * (logits + self.pair_logits(b, a, stats_b, stats_a)[:, self.swap_index])
-        return logits
-
-    def probabilities(self, logits: torch.Tensor, calibrated: bool = False) -> torch.Tensor:
-        """(n, K) class probabilities of (n, K) logits as validation, calibration and prediction report them:
-        softmax (of logits / temperature when `calibrated`), floored at `prob_floor` (metrics.mix_floor)."""
-        temperature = self.temperature if calibrated else 1.0
-        return class_probabilities(logits, temperature, self.hparams.prob_floor)
-
     # ---- steps --------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         labels, targets = batch["labels"], batch.get("targets")
@@ -507,14 +180,9 @@ class PreferenceModule(L.LightningModule):
         self._log_padding(batch["attention_mask"])
         if mode == "random":
             # each pair is seen as (A, B) or (B, A) with labels exchanged; the backbone pass is shared
-            flip = (torch.rand(len(labels), generator=self._augment_generator(batch_idx)) < 0.5).to(labels.device)
-            col = flip.unsqueeze(1)
-            a, b = torch.where(col, b, a), torch.where(col, a, b)
-            if stats_a is not None:
-                stats_a, stats_b = torch.where(col, stats_b, stats_a), torch.where(col, stats_a, stats_b)
-            labels = torch.where(flip, swap[labels], labels)
-            if targets is not None:
-                targets = torch.where(col, targets[:, swap], targets)
+            flip = flip_coins(len(labels), self._augment_generator(batch_idx), labels.device)
+            a, b, stats_a, stats_b = swap_sides(flip, a, b, stats_a, stats_b)
+            labels, targets = swap_labels(flip, labels, targets, swap)
         logits = self.pair_logits(a, b, stats_a, stats_b)
         loss = self._loss(logits, labels, batch, targets)
         if mode == "full":  # both orders in the same step
@@ -529,11 +197,9 @@ class PreferenceModule(L.LightningModule):
         n = len(labels)
         device = batch["input_ids"].device
         if mode == "random":
-            flip = (torch.rand(n, generator=self._augment_generator(batch_idx)) < 0.5).to(device)
+            flip = flip_coins(n, self._augment_generator(batch_idx), device)
             rows = torch.arange(n, device=device) + n * flip.long()
-            labels = torch.where(flip.to(labels.device), swap[labels], labels)
-            if targets is not None:
-                targets = torch.where(flip.unsqueeze(1).to(targets.device), targets[:, swap], targets)
+            labels, targets = swap_labels(flip, labels, targets, swap)
         else:
             rows = torch.arange(2 * n if mode == "full" else n, device=device)
         logits = self.cross_logits(batch, rows)
@@ -556,11 +222,8 @@ class PreferenceModule(L.LightningModule):
         return batch_loss(logits, labels, batch, targets, self.hparams.label_smoothing)
 
     def _augment_generator(self, batch_idx: int) -> torch.Generator:
-        """Swap coins drawn from (seed, epoch, batch, rank), not from the global RNG: a run resumed
-        mid-epoch flips exactly the coins the uninterrupted run would have flipped."""
-        state = np.random.SeedSequence([self.hparams.augment_seed, self.current_epoch, batch_idx,
-                                        self.global_rank]).generate_state(1, dtype=np.uint64)[0]
-        return torch.Generator().manual_seed(int(state >> np.uint64(1)))
+        """The swap coins' generator of this batch (augment.augment_generator)."""
+        return augment_generator(self.hparams.augment_seed, self.current_epoch, batch_idx, self.global_rank)
 
     def _log_train(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor:
         if loss is None:
@@ -572,7 +235,7 @@ class PreferenceModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Logits of the batch's real rows: DDP padding rows (`valid` False) are scored, then dropped."""
-        logits = valid_rows(batch, self(batch, tta_swap=self.hparams.tta_swap))
+        logits = valid_rows(batch, self(batch, tta_swap=self.evaluation.tta_swap))
         labels = valid_rows(batch, batch["labels"])
         if hasattr(self, "_validation_rows"):
             self._validation_rows.append((logits.detach().float(), labels.detach(),
@@ -591,54 +254,22 @@ class PreferenceModule(L.LightningModule):
             self.log(f"val/{name}", float(value), sync_dist=False)
 
     def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self(batch, tta_swap=self.hparams.tta_swap).float()
-        if self.apply_temperature:
-            logits = logits / self.temperature
+        logits = self(batch, tta_swap=self.evaluation.tta_swap).float()
+        if self.evaluation.calibrated:
+            logits = logits / self.evaluation.temperature
         return {"index": valid_rows(batch, batch["index"]), "logits": valid_rows(batch, logits)}
 
     # ---- optimisation -------------------------------------------------------------------------
     def backbone_depths(self) -> dict[str, int]:
-        """Depth of each backbone parameter: 0 embeddings, i+1 for layer i, top for the rest."""
-        n_layers = int(getattr(self.backbone.config, "num_hidden_layers", 0))
-        depths = {}
-        for name, _ in self.backbone.named_parameters():
-            depth = n_layers
-            if "embeddings" in name and "rel_embeddings" not in name:
-                depth = 0
-            else:
-                for part in (".layer.", ".layers."):
-                    if part in name:
-                        depth = int(name.split(part)[1].split(".")[0]) + 1
-                        break
-            depths[name] = depth
-        return depths
+        """Depth of each backbone parameter: 0 embeddings, i+1 for layer i, top for the rest (optim.py)."""
+        return backbone_depths(self.backbone)
 
     def configure_optimizers(self):
         hp = self.hparams
-        top = int(getattr(self.backbone.config, "num_hidden_layers", 0))
-        depths = self.backbone_depths()
-        buckets: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
-        for name, param in self.backbone.named_parameters():
-            if not param.requires_grad:
-                continue
-            no_decay = param.ndim < 2 or "LayerNorm" in name or "bias" in name
-            buckets.setdefault((depths[name], no_decay), []).append(param)
-        groups = [
-            {"params": params, "lr": hp.lr * hp.layer_lr_decay ** (top - depth),
-             "weight_decay": 0.0 if no_decay else hp.weight_decay,
-             "name": f"backbone_d{depth}" + ("_no_decay" if no_decay else "")}
-            for (depth, no_decay), params in sorted(buckets.items())
-        ]
         head_params = [*self.head.parameters(), *(self.anchor.parameters() if self.anchor is not None else [])]
-        groups.append({"params": [p for p in head_params if p.requires_grad], "lr": hp.head_lr,
-                       "weight_decay": 0.0, "name": "head"})
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_decay(step, warmup, total, hp.schedule, hp.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        groups = parameter_groups(self.backbone, head_params, hp.lr, hp.head_lr, hp.weight_decay, hp.layer_lr_decay)
+        return optimizer_and_schedule(groups, hp.lr, self.trainer.estimated_stepping_batches, hp.warmup_ratio,
+                                      hp.schedule, hp.min_lr_ratio)
 
     # ---- self-contained checkpoints -----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -675,5 +306,5 @@ class PreferenceModule(L.LightningModule):
         else:
             module = cls(**hparams, backbone_config=stored["backbone_config"], tokenizer_files=stored["tokenizer_files"])
             module.load_state_dict(without_unused_weights(checkpoint["state_dict"], module))
-        module.temperature = float(stored.get("temperature", 1.0))
+        module.set_evaluation(temperature=float(stored.get("temperature", 1.0)))
         return module, tokenizer_from_files(stored["tokenizer_files"]), module.spec

@@ -130,9 +130,8 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
     # model.backbone: where the base weights of a LoRA checkpoint are (default: the folder it names)
     model, tokenizer, spec = PreferenceModule.from_checkpoint(str(ckpt_path),
                                                               backbone=(cfg.get("model") or {}).get("backbone"))
-    if cfg.get("tta_swap") is not None:
-        model.hparams.tta_swap = bool(cfg.tta_swap)
-    model.apply_temperature = bool(cfg.get("calibrate", True))
+    model.set_evaluation(tta_swap=None if cfg.get("tta_swap") is None else bool(cfg.tta_swap),
+                         calibrated=bool(cfg.get("calibrate", True)))
     if cfg.get("max_length"):
         spec = spec.replace(max_length=int(cfg.max_length))
         check_max_length(model.backbone.config, spec.max_length, key="max_length", backbone=str(ckpt_path))
@@ -150,7 +149,7 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
     if not trainer.is_global_zero:
         return None
     return (records, gather_predictions([{"index": index, "logits": logits}], len(records)),
-            float(model.hparams.prob_floor))
+            model.evaluation.prob_floor)
 
 
 def release_model(trainer: L.Trainer) -> None:

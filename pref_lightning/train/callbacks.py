@@ -217,10 +217,10 @@ class ScheduleGuard(L.Callback):
 
 def keep_schedule_length(trainer: L.Trainer, pl_module: L.LightningModule, total_steps: int) -> bool:
     """Point the module's warmup/decay LambdaLR at `total_steps` instead of the new estimate; False when the
-    schedulers are not those `PreferenceModule.configure_optimizers` builds (nothing changed)."""
+    schedulers are not those `PreferenceModule.configure_optimizers` builds (optim.py; nothing changed)."""
     import functools
 
-    from pref_lightning.model.module import warmup_decay
+    from pref_lightning.model.optim import warmup_decay
 
     hp = pl_module.hparams
     configs = trainer.lr_scheduler_configs

@@ -3,7 +3,6 @@ validation pass of the best checkpoint -> calibration -> metrics.json, oof.csv, 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -13,9 +12,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pref_lightning.core.atomic import atomic_write_text
 from pref_lightning.core.distributed import all_ranks, hydra_job_processes
@@ -30,7 +29,9 @@ from pref_lightning.model.anchor import anchor_log_loss, fit_anchor_on
 from pref_lightning.model.backbone import build_tokenizer
 from pref_lightning.model.checkpoint import store_in_payload, store_temperature
 from pref_lightning.model.compat import check_backbone_settings, check_hardware
+from pref_lightning.model.evaluation import EvaluationPolicy
 from pref_lightning.model.module import PreferenceModule
+from pref_lightning.model.network import PreferenceNetwork
 from pref_lightning.model.stages import (
     apply_init,
     read_init,
@@ -45,8 +46,6 @@ from pref_lightning.train.resume import output_dir, resume_checkpoint
 from pref_lightning.train.stages import ensure_stage
 
 log = logging.getLogger(__name__)
-# model-config keys that choose the tokenizer, not the model
-TOKENIZER_KEYS = ("tokenizer", "tokenizer_vocab_size", "cache_dir")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -102,26 +101,18 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def model_default(name: str) -> Any:
-    """`PreferenceModule`'s default for constructor argument `name`."""
-    return inspect.signature(PreferenceModule).parameters[name].default
-
-
 def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: Any,
                 tokenizer_folder: Path | None) -> PreferenceModule:
-    """The model of `cfg.model`, given every data fact through its constructor: the encoding spec, the
-    training split's class prior, the validation references (with the anchored head, the baseline it
-    starts from), the tokenizer's files (also saved to `tokenizer_folder` when given) and, with
-    `model.anchor_head`, the statistics' regression fitted on the training split. With `model.init_from`
-    the network starts from that checkpoint (stages.py, recorded as `lineage`); with `model.text_anchor`
-    that checkpoint's frozen network scores every pair and its score joins the regression."""
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in TOKENIZER_KEYS}
-    model_class = get_class(settings.pop("_target_"))
-    # how the anchor is fitted (recorded in it, hence in the checkpoint); not constructor arguments
-    anchor_fit = {"l2": settings.pop("anchor_l2", None), "rows": settings.pop("anchor_rows", "train_file")}
-    settings.pop("anchor_fallback", None)  # a training-recipe choice (fall_back_to_baseline), not the model's
-    init_path, text_path = settings.pop("init_from", None), settings.pop("text_anchor", None)
+    """The model of `cfg.model` (`hydra.utils.instantiate`), given every data fact through its constructor:
+    the encoding spec, the training split's class prior, the validation references (with the anchored head,
+    the baseline it starts from), the tokenizer's files (also saved to `tokenizer_folder` when given) and,
+    with `model.anchor_head`, the statistics' regression fitted on the training split (`model.anchor_l2`,
+    `model.anchor_rows`). With `model.init_from` the network starts from that checkpoint (stages.py,
+    recorded as `lineage`); with `model.text_anchor` that checkpoint's frozen network scores every pair and
+    its score joins the regression."""
+    settings = cfg.model
     files = tokenizer_files(tokenizer, tokenizer_folder)
+    init_path, text_path = settings.get("init_from"), settings.get("text_anchor")
     init = read_init(init_path) if init_path else None
     text_anchor, scorer, side_columns = None, None, None
     if text_path:
@@ -129,7 +120,7 @@ def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: An
         if not same_vocabulary(scorer_files, tokenizer):
             raise UserError(f"model.text_anchor={text_path}: that checkpoint's tokenizer is not this run's "
                             "(another backbone or vocabulary); train the text anchor with the same model.backbone")
-        scorer = model_class(**text_anchor["hparams"], backbone_config=text_anchor["backbone_config"])
+        scorer = PreferenceNetwork.from_hparams(text_anchor["hparams"], text_anchor["backbone_config"])
         scorer.load_state_dict(weights)
         scorer.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         device = next(scorer.parameters()).device
@@ -139,20 +130,26 @@ def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: An
 
         def side_columns(pairs):
             return score_columns(score, pairs, datamodule.collator(), datamodule.eval_batch_size)
-    anchor = fit_anchor_on(datamodule, **anchor_fit, side_columns=side_columns) if settings.get("anchor_head") else None
+    anchor = None
+    if settings.get("anchor_head"):
+        anchor = fit_anchor_on(datamodule, l2=settings.get("anchor_l2"), rows=settings.get("anchor_rows", "train_file"),
+                               side_columns=side_columns)
     reference = datamodule.validation_reference()
     if anchor is not None:  # the anchored model's step-0 validation loss: what training must beat
         val_a, val_b, val_labels = datamodule.split_statistics("val")
         if side_columns is not None:
             text_a, text_b = side_columns(datamodule.val_set.pairs)
             val_a, val_b = np.concatenate([val_a, text_a], 1), np.concatenate([val_b, text_b], 1)
+        policy = EvaluationPolicy()  # the model's defaults where the config leaves a key out
         reference["baseline_log_loss"] = anchor_log_loss(
-            anchor, val_a, val_b, val_labels, bool(settings.get("tta_swap", model_default("tta_swap"))),
-            float(settings.get("prob_floor", model_default("prob_floor"))))
-    model = model_class(**settings, vocab_size=len(tokenizer), spec=datamodule.spec, anchor=anchor,
-                        train_prior=datamodule.train_prior.tolist(), reference=reference, tokenizer_files=files,
-                        augment_seed=int(cfg.seed), lineage=init["lineage"] if init else [],
-                        text_anchor=text_anchor)
+            anchor, val_a, val_b, val_labels, bool(settings.get("tta_swap", policy.tta_swap)),
+            float(settings.get("prob_floor", policy.prob_floor)))
+    # _partial_: the data facts join as plain Python objects (a merge into the config would turn the spec,
+    # a dataclass, into a config node)
+    build = instantiate(settings, _partial_=True, _convert_="all")
+    model = build(vocab_size=len(tokenizer), spec=datamodule.spec, anchor=anchor,
+                  train_prior=datamodule.train_prior.tolist(), reference=reference, tokenizer_files=files,
+                  augment_seed=int(cfg.seed), lineage=init["lineage"] if init else [], text_anchor=text_anchor)
     if scorer is not None:
         model.text_scorer.load_state_dict(scorer.cpu().state_dict())
     if init is not None:
@@ -206,8 +203,8 @@ def calibrate(model: PreferenceModule, logits: torch.Tensor, labels: torch.Tenso
     before = float(competition_log_loss(model.probabilities(logits), labels))
     if not enabled:
         return {"val_log_loss_uncalibrated": before}
-    temperature = fit_temperature(logits, labels, floor=model.hparams.prob_floor)
-    model.temperature = temperature
+    temperature = fit_temperature(logits, labels, floor=model.evaluation.prob_floor)
+    model.set_evaluation(temperature=temperature)
     after = float(competition_log_loss(model.probabilities(logits, calibrated=True), labels))
     if checkpoint:
         store_temperature(checkpoint, temperature)
