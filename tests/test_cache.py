@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pref_lightning.data import datamodule as datamodule_module
+from pref_lightning.data import loading
 from pref_lightning.data.cache import EncodedTable, LazyRecords, PairCache, encode_table, pairs_key_fields
 from pref_lightning.data.contract import EncodingSpec
 from pref_lightning.data.datamodule import PreferenceDataModule
@@ -51,7 +51,7 @@ def forbid_parsing_and_tokenizing(monkeypatch):
         raise AssertionError("the cached run parsed or tokenized again")
 
     monkeypatch.setattr(PairEncoder, "tokenize_turns", refuse)
-    monkeypatch.setattr(datamodule_module, "read_records", refuse)
+    monkeypatch.setattr(loading, "read_records", refuse)
 
 
 def cache_files(folder, kind):
