@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 from pref_lightning.core.distributed import all_ranks, hydra_job_processes
 from pref_lightning.core.errors import MissingFileError
@@ -140,7 +141,7 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
                                      predict_token_budget(cfg.get("max_tokens"), trainer),
                                      input_format=cfg.get("input_format"), cache_dir=cfg.get("cache_dir"),
                                      replicas=trainer.world_size, rank=trainer.global_rank)
-    outputs = trainer.predict(model, dataloaders=loader)
+    outputs = trainer.predict(model, datamodule=OneLoader(loader))
     # each rank predicted its own share of the (unpadded) rows: collect them all (a rank may have none)
     index = torch.cat([o["index"] for o in outputs]) if outputs else torch.zeros(0, dtype=torch.long)
     logits = torch.cat([o["logits"] for o in outputs]) if outputs else torch.zeros(0, model.n_classes)
@@ -149,6 +150,18 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
         return None
     return (records, gather_predictions([{"index": index, "logits": logits}], len(records)),
             float(model.hparams.prob_floor))
+
+
+class OneLoader(L.LightningDataModule):
+    """A prediction loader handed to `trainer.predict` as a datamodule: given `dataloaders=`, the trainer keeps
+    the model itself as the data source of its other loops, so `release_model` could not free it."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        super().__init__()
+        self.loader = loader
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader
 
 
 def release_model(trainer: L.Trainer) -> None:
