@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pref_lightning.data import datamodule as datamodule_module
+from pref_lightning.data import loading
 from pref_lightning.data.cache import EncodedTable, LazyRecords, PairCache, encode_table, pairs_key_fields
 from pref_lightning.data.contract import EncodingSpec
 from pref_lightning.data.datamodule import PreferenceDataModule
@@ -51,7 +51,7 @@ def forbid_parsing_and_tokenizing(monkeypatch):
         raise AssertionError("the cached run parsed or tokenized again")
 
     monkeypatch.setattr(PairEncoder, "tokenize_turns", refuse)
-    monkeypatch.setattr(datamodule_module, "read_records", refuse)
+    monkeypatch.setattr(loading, "read_records", refuse)
 
 
 def cache_files(folder, kind):
@@ -237,3 +237,27 @@ def test_unwritable_cache_dir_falls_back_to_memory(synthetic_csv, tiny_tokenizer
     blocker.write_text("not a folder")
     dm = make_dm(synthetic_csv, tiny_tokenizer, blocker / "cache")
     assert len(dm.train_set) + len(dm.val_set) == 400
+
+
+def test_the_row_tables_key_follows_the_split_key_code(tmp_path, monkeypatch):
+    """The code fingerprint takes modules and functions by reference (a function: its whole module), and the
+    row table's covers folds.prompt_key, whose keys it stores: a change there serves no stale split keys."""
+    import importlib
+    import sys
+
+    from pref_lightning.data import cache, folds
+
+    assert folds.prompt_key in cache.ROWS_CODE
+    module_file = tmp_path / "split_keys_probe.py"
+    module_file.write_text("def key(record):\n    return record.prompt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe = importlib.import_module("split_keys_probe")
+    try:
+        before = cache._code_fingerprint(probe.key)
+        assert before == cache._code_fingerprint(probe)
+        module_file.write_text("def key(record):\n    return record.prompt.lower()\n")
+        cache._code_fingerprint.cache_clear()
+        assert cache._code_fingerprint(probe.key) != before
+    finally:
+        cache._code_fingerprint.cache_clear()
+        sys.modules.pop("split_keys_probe", None)

@@ -40,11 +40,12 @@ def test_the_cache_key_ignores_what_is_applied_after_tokenizing():
 
 def test_datamodule_encoder_and_model_share_one_spec(synthetic_csv, tiny_tokenizer):
     dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, layout="cross", batch_size=8)
-    assert dm.spec == EncodingSpec(max_length=32, layout="cross")
+    assert dm.encoding == EncodingSpec(max_length=32, layout="cross")
+    with pytest.raises(RuntimeError, match="before the statistics' normalisation is fitted"):
+        dm.spec  # noqa: B018 (a model built now would fail only at prediction)
     with pytest.raises(UserError, match="max_lenght"):  # a misspelt data key is named, not swallowed
         PreferenceDataModule(train_path=str(synthetic_csv), max_lenght=32)
-    dm.attach_tokenizer(tiny_tokenizer)
-    dm.setup("fit")
+    assert dm.fit_spec(tiny_tokenizer) is dm.spec
     assert dm.spec.stats_norm is not None and isinstance(dm.encoder, PairEncoder) and dm.encoder.max_length == 32
     model = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), head_hidden=16,
                              spec=dm.spec, swap_augment="none", tta_swap=False)

@@ -121,3 +121,26 @@ def test_token_budget_training_loader_resumes_mid_epoch(tiny_tokenizer, varied_c
     assert all(dm.train_set.pairs[i] is not None for b in expected for i in b)
     _, resumed = loader({"epoch": 1, "batches": 3})
     assert [b["index"].tolist() for b in resumed] == expected[3:]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_predict_loader_gives_the_datamodules_rows_batches_and_order(tiny_tokenizer, synthetic_csv, tmp_path, cache):
+    """Prediction's own loader (no training-shaped object) reads, encodes and batches a file exactly as the
+    datamodule's predict path does, with or without the on-disk cache."""
+    from pref_lightning.data.loaders import predict_loader
+
+    trained = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32)
+    spec = trained.fit_spec(tiny_tokenizer)
+    cache_dir = str(tmp_path / "cache") if cache else None
+    dm = PreferenceDataModule(predict_path=str(synthetic_csv), spec=spec, eval_batch_size=8, eval_max_tokens=300,
+                              cache_dir=cache_dir)
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("predict")
+    records, loader = predict_loader(synthetic_csv, spec, tiny_tokenizer, 8, 300, cache_dir=cache_dir)
+    assert [r.id for r in records] == [r.id for r in dm.predict_records]
+    expected = list(dm.predict_dataloader())
+    got = list(loader)
+    assert len(got) == len(expected) > 1
+    for batch, other in zip(got, expected):
+        assert batch.keys() == other.keys() and all(batch[k].equal(other[k]) for k in batch)
+    assert sorted(torch.cat([b["index"] for b in got]).tolist()) == list(range(len(records)))

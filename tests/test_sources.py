@@ -238,11 +238,11 @@ def test_an_unlabelled_pool_trains_on_its_teachers_confident_rows(mix_files, tin
     (count,) = dm.data_counts["sources"]
     # u202 (|0.45 - 0.44| = 0.01) and u203 (|0.2 - 0.2| = 0) are below the margin
     assert count["removed_low_margin"] == 2 and count["added_to_train"] == 4 and count["ties"] is True
-    pseudo = {r.id: (r.label, t) for r, t in zip(dm.train_records, dm._pseudo_targets) if t is not None}
+    pseudo = {r.id: (r.label, t) for r, t in zip(dm.train_records, dm.data.pseudo_targets) if t is not None}
     assert sorted(pseudo) == ["u200", "u201", "u204", "u205"]
     assert [pseudo[i][0] for i in sorted(pseudo)] == [0, 1, 0, 1]
     np.testing.assert_allclose(pseudo["u201"][1], probs[1], rtol=1e-6)
-    assert all(t is None for r, t in zip(dm.train_records, dm._pseudo_targets) if not r.id.startswith("u"))
+    assert all(t is None for r, t in zip(dm.train_records, dm.data.pseudo_targets) if not r.id.startswith("u"))
     dm.attach_tokenizer(tiny_tokenizer)
     dm.setup("fit")  # the encoded training pairs carry the teacher's probabilities as their targets
     targets = {i: p.target for i, p in zip(dm.train_ids, dm.train_set.pairs)}

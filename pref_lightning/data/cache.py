@@ -16,8 +16,9 @@ Two kinds of file live in the cache folder, both plain `.npz` archives read with
   statistics (float32, before normalisation, which is fitted per split), labels and row positions.
   Keyed by `pairs_key_fields`: file content hash, tokenizer files hash, the encoding spec's
   tokenization settings (`EncodingSpec.tokenization_key`), whether labels were required, the format
-  version and a fingerprint of the encoding code (records.py, contract.py, pairs.py, text_stats.py), so that a change to how
-  rows are parsed or encoded never serves stale pairs.
+  version and a fingerprint of the encoding code (`PAIRS_CODE`: records.py, contract.py, pairs.py,
+  text_stats.py; the row table's `ROWS_CODE` adds folds.py, whose `prompt_key` it stores), so that a change
+  to how rows are parsed, split or encoded never serves stale tables.
 
 A missing, truncated or otherwise unreadable cache file is rebuilt, never crashed on.
 """
@@ -29,13 +30,20 @@ import functools
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from pref_lightning.core.atomic import atomic_path
+from pref_lightning.data import contract as _contract
+from pref_lightning.data import folds as _folds
+from pref_lightning.data import pairs as _pairs
+from pref_lightning.data import records as _records
+from pref_lightning.data import text_stats as _text_stats
 from pref_lightning.data.pairs import (
     CHARS_PER_TOKEN_CAP,
     SPLIT_SPECIAL_TOKENS,
@@ -99,18 +107,24 @@ def tokenizer_sha256(tokenizer) -> str:
 
 
 @functools.cache
-def _code_fingerprint(*modules: str) -> str:
-    """Hash of the source files that decide what gets cached (a code change invalidates the cache)."""
-    import importlib
-
+def _code_fingerprint(*code: ModuleType | Callable) -> str:
+    """Hash of the source files of `code` (modules, or functions: their whole module) that decide what gets
+    cached, so that a code change invalidates the cache. Given by reference, so a renamed or moved module
+    is followed (or fails at import), never silently dropped from the key."""
     digest = hashlib.sha256()
-    for name in modules:
-        module = importlib.import_module(name)
+    for item in code:
+        module = item if isinstance(item, ModuleType) else sys.modules[item.__module__]
         try:
             digest.update(Path(module.__file__).read_bytes())
         except (OSError, TypeError):  # no source file (frozen install): fall back to the name
-            digest.update(name.encode())
+            digest.update(module.__name__.encode())
     return digest.hexdigest()[:16]
+
+
+# what the stored tables depend on: the row table holds parsed labels, oracle and split keys (folds.prompt_key);
+# the pairs table the encoded rows
+ROWS_CODE: tuple[ModuleType | Callable, ...] = (_records, _text_stats, _folds.prompt_key)
+PAIRS_CODE: tuple[ModuleType | Callable, ...] = (_records, _text_stats, _contract, _pairs)
 
 
 def _key(fields: dict) -> str:
@@ -119,7 +133,7 @@ def _key(fields: dict) -> str:
 
 def rows_key_fields(file_hash: str, require_labels: bool) -> dict:
     return {"kind": "rows", "format": FORMAT_VERSION, "file_sha256": file_hash, "require_labels": require_labels,
-            "code": _code_fingerprint("pref_lightning.data.records", "pref_lightning.data.text_stats")}
+            "code": _code_fingerprint(*ROWS_CODE)}
 
 
 def pairs_key_fields(file_hash: str, encoder: PairEncoder, require_labels: bool) -> dict:
@@ -133,8 +147,7 @@ def pairs_key_fields(file_hash: str, encoder: PairEncoder, require_labels: bool)
         "require_labels": bool(require_labels),
         "chars_per_token_cap": CHARS_PER_TOKEN_CAP,
         "split_special_tokens": SPLIT_SPECIAL_TOKENS,  # user text spelling "</s>" is text (ids cached before: not)
-        "code": _code_fingerprint("pref_lightning.data.records", "pref_lightning.data.text_stats", "pref_lightning.data.contract",
-                                  "pref_lightning.data.pairs"),
+        "code": _code_fingerprint(*PAIRS_CODE),
     }
 
 
@@ -286,7 +299,7 @@ class EncodedTable:
 
     def select(self, rows: Sequence[int] | np.ndarray, stats_norm: dict[str, list[float]] | None) -> list[EncodedPair]:
         """`EncodedPair`s of `rows` (file positions), `index` = position within `rows`, statistics normalised
-        with `stats_norm` exactly as `datamodule.normalise_stats` does. Token ids are views of the table."""
+        with `stats_norm` exactly as `stats_norm.normalise_stats` does. Token ids are views of the table."""
         rows = np.asarray(rows, dtype=np.int64)
         stats_a, stats_b = self.stats_a[rows], self.stats_b[rows]
         if stats_norm is not None:

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from pref_lightning.data.pairs import STATS_FEATURES
+from pref_lightning.data.pairs import STATS_FEATURES, EncodedPair
 
-__all__ = ["LOG1P_AT_NORM", "STATS_NORM_VERSION", "Z_LIMIT", "apply_stats_norm", "fit_stats_norm_array"]
+__all__ = ["LOG1P_AT_NORM", "STATS_NORM_VERSION", "Z_LIMIT", "apply_stats_norm", "fit_stats_norm",
+           "fit_stats_norm_array", "fit_stats_norm_table", "normalise_stats"]
 
 STATS_NORM_VERSION = 2
 Z_LIMIT = 5.0
@@ -67,3 +68,22 @@ def apply_stats_norm(stats: np.ndarray, norm: Mapping[str, Any]) -> np.ndarray:
     if "low" in norm:
         low, high = np.maximum(low, norm["low"]), np.minimum(high, norm["high"])
     return np.clip(z, low, high).astype(np.float32).reshape(stats.shape)
+
+
+def fit_stats_norm(pairs: Sequence[EncodedPair]) -> dict[str, Any]:
+    """The bounded normalisation of both sides' raw statistics of the training pairs."""
+    return fit_stats_norm_array(np.stack([p.stats_a for p in pairs] + [p.stats_b for p in pairs]))
+
+
+def fit_stats_norm_table(table: Any, rows: np.ndarray) -> dict[str, Any]:
+    """`fit_stats_norm` of the pairs at `rows` (file positions) of an encoded table (a `cache.EncodedTable`,
+    not imported: cache.py imports this module): the same numbers, no per-pair objects."""
+    return fit_stats_norm_array(np.concatenate([table.stats_a[rows], table.stats_b[rows]]))
+
+
+def normalise_stats(pairs: list[EncodedPair], norm: Mapping[str, Any]) -> list[EncodedPair]:
+    """Normalise each pair's raw statistics in place with the fitted `norm`; returns `pairs`."""
+    for pair in pairs:
+        pair.stats_a = apply_stats_norm(pair.stats_a, norm)
+        pair.stats_b = apply_stats_norm(pair.stats_b, norm)
+    return pairs

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 from pref_lightning.core.distributed import all_ranks, hydra_job_processes
 from pref_lightning.core.errors import MissingFileError
 from pref_lightning.core.metrics import competition_log_loss, mix_floor
 from pref_lightning.core.runtime import instantiate_list, set_runtime_defaults
-from pref_lightning.data.datamodule import PreferenceDataModule
+from pref_lightning.data.loaders import predict_loader
 from pref_lightning.data.records import PairRecord, label_array
 from pref_lightning.data.submission import submission_format, write_submission
 from pref_lightning.model.checkpoint import check_checkpoint_file, recorded_precision
@@ -135,13 +136,11 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
     if cfg.get("max_length"):
         spec = spec.replace(max_length=int(cfg.max_length))
         check_max_length(model.backbone.config, spec.max_length, key="max_length", backbone=str(ckpt_path))
-    datamodule = PreferenceDataModule(predict_path=cfg.input_path, eval_batch_size=cfg.batch_size, spec=spec,
-                                      eval_max_tokens=predict_token_budget(cfg.get("max_tokens"), trainer),
-                                      cache_dir=cfg.get("cache_dir"), predict_format=cfg.get("input_format"))
-    datamodule.attach_tokenizer(tokenizer)
-    datamodule.setup("predict")
-    outputs = trainer.predict(model, datamodule=datamodule)
-    records = datamodule.predict_records
+    records, loader = predict_loader(cfg.input_path, spec, tokenizer, cfg.batch_size,
+                                     predict_token_budget(cfg.get("max_tokens"), trainer),
+                                     input_format=cfg.get("input_format"), cache_dir=cfg.get("cache_dir"),
+                                     replicas=trainer.world_size, rank=trainer.global_rank)
+    outputs = trainer.predict(model, datamodule=OneLoader(loader))
     # each rank predicted its own share of the (unpadded) rows: collect them all (a rank may have none)
     index = torch.cat([o["index"] for o in outputs]) if outputs else torch.zeros(0, dtype=torch.long)
     logits = torch.cat([o["logits"] for o in outputs]) if outputs else torch.zeros(0, model.n_classes)
@@ -150,6 +149,18 @@ def checkpoint_logits(cfg: DictConfig, ckpt_path: str | Path, trainer: L.Trainer
         return None
     return (records, gather_predictions([{"index": index, "logits": logits}], len(records)),
             model.evaluation.prob_floor)
+
+
+class OneLoader(L.LightningDataModule):
+    """A prediction loader handed to `trainer.predict` as a datamodule: given `dataloaders=`, the trainer keeps
+    the model itself as the data source of its other loops, so `release_model` could not free it."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        super().__init__()
+        self.loader = loader
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader
 
 
 def release_model(trainer: L.Trainer) -> None:

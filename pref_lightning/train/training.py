@@ -66,13 +66,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     tokenizer = check_backbone_settings(cfg)  # settings that contradict the backbone: refused before any data is read
     datamodule: PreferenceDataModule = instantiate(cfg.data)
-    datamodule.load_records()
-    tokenizer = tokenizer or build_tokenizer(cfg.model, datamodule.tokenizer_texts)
-    datamodule.attach_tokenizer(tokenizer)
+    data = datamodule.load_records()  # the split records (read once)
+    tokenizer = tokenizer or build_tokenizer(cfg.model, data.tokenizer_texts)
     callbacks = drop_progress_bars(instantiate_list(cfg.get("callbacks")), cfg.trainer.get("enable_progress_bar", True))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
                                      logger=instantiate_list(cfg.get("logger")) or False, **hardware)
-    datamodule.setup("fit")  # tokenizes once and fits the statistics' normalisation (part of the spec)
+    # tokenizes once and fits the statistics' normalisation: datamodule.spec is complete from here (it raises
+    # before), so the anchor fit, the validation references and the model all read the fitted spec
+    datamodule.fit_spec(tokenizer)
     model = build_model(cfg, datamodule, tokenizer, run_dir / "tokenizer" if trainer.is_global_zero else None)
     record_init(model)  # the weights training starts from (lora average checks it)
 
