@@ -640,6 +640,17 @@ class PreferenceModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ---- FSDP (trainer=fsdp) ------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy (`trainer=fsdp`): shard with FSDP2 (model/sharding.py);
+        nothing under any other strategy."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            from pref_lightning.model.sharding import configure_sharding
+
+            configure_sharding(self, self.trainer)
+
     # ---- self-contained checkpoints -----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = payload(self.backbone.config.to_dict(), self.tokenizer_files, self.temperature)
