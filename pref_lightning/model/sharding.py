@@ -94,6 +94,18 @@ def check_same_weights(module: nn.Module, device: torch.device) -> None:
                            f"{[float(s) for s in sums]}); every rank must build the model from the same seed and files")
 
 
+def world_mesh(device: torch.device):
+    """A 1-D device mesh over every rank on the strategy's device type (FSDP2's own default mesh takes the
+    machine's accelerator, a CUDA mesh under gloo for `trainer.accelerator=cpu` on a GPU machine); None
+    without a process group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        return None
+    return init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
+
+
 def one_backbone_call(module: nn.Module) -> None:
     """Every rank must issue the same collectives in the same order: a sharded block gathers its weights at
     each call. `encode_grouped` splits a batch's sides into up to `model.side_groups` backbone calls by
@@ -117,10 +129,11 @@ def shard_module(module: nn.Module, backbone: nn.Module, precision: str, device:
     check_same_weights(module, device)
     blocks = transformer_blocks(backbone)
     policy = mixed_precision_policy(precision, device.type)
+    mesh = world_mesh(device)
     block_options = {"reshard_after_forward": reshard_after_forward, **({"mp_policy": policy} if policy else {})}
     for block in blocks:
-        fully_shard(block, **block_options)
-    fully_shard(module)
+        fully_shard(block, mesh=mesh, **block_options)
+    fully_shard(module, mesh=mesh)
     for name in STEP_METHODS:
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
