@@ -22,10 +22,11 @@ from pref_lightning.model.sharding import mixed_precision_policy, transformer_bl
 from .test_cli import compose_cfg
 from .test_ddp import run_ranks
 
-FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        "trainer.accumulate_grad_batches=1"]
 # 256 rows, a quarter validation: 192 training rows = 24 batches of 8 = 12 optimizer steps either way;
 # nothing random per rank or per batch index (swap coins are drawn per (batch, rank); LoRA dropout)
-SMALL = ["experiment=llm_lora", "data.synthetic_rows=256", "data.val_fraction=0.25", "data.max_length=64",
+SMALL = ["experiment=llm_lora", "data.synthetic_rows=256", "data.val_fraction=0.25", "data.max_length=96",
          "data.batch_size=8", "data.eval_batch_size=16", "model.head_hidden=16", "model.swap_augment=none",
          "model.lora.dropout=0.0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
          "report=false"]
@@ -102,16 +103,17 @@ def test_fsdp_full_fine_tuning_matches_one_process(full_runs, tmp_path, syntheti
     fsdp, single = (json.loads((root / name / "metrics.json").read_text()) for name in ("fsdp", "single"))
     assert fsdp["train_rows"] == single["train_rows"] == 192 and fsdp["val_rows"] == 64
     assert global_step(root / "fsdp") == global_step(root / "single") == 12
-    # same steps on the same global batches: the same model up to float rounding (measured: see the report)
+    # same steps on the same global batches: the same model up to float rounding (measured 2026-12-04 on 2 CPU
+    # cores: weights within 9e-7, validation log loss equal to 1e-9, submission probabilities within 6e-8)
     for key in ("val_log_loss", "val_log_loss_uncalibrated", "temperature"):
-        assert fsdp[key] == pytest.approx(single[key], abs=1e-4), key
+        assert fsdp[key] == pytest.approx(single[key], abs=1e-5), key
     # best.ckpt is one file holding every weight; predict.py loads it in one process and scores every row
     best = root / "fsdp" / "checkpoints" / "best.ckpt"
     state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
     one = torch.load(root / "single" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert sorted(state) == sorted(one)
     worst = max(float((state[k].float() - one[k].float()).abs().max()) for k in state)
-    assert worst < 1e-4, worst
+    assert worst < 1e-5, worst
     rows = synthetic_frame.drop(columns=[c for c in synthetic_frame.columns if c.startswith(("winner_", "oracle_"))])
     rows.iloc[:50].to_csv(tmp_path / "test.csv", index=False)
     for name in ("fsdp", "single"):
@@ -120,7 +122,7 @@ def test_fsdp_full_fine_tuning_matches_one_process(full_runs, tmp_path, syntheti
                   f"hydra.run.dir={tmp_path}/p_{name}")
     a, b = (pd.read_csv(tmp_path / f"{name}.csv") for name in ("fsdp", "single"))
     assert len(a) == 50 and a["id"].tolist() == b["id"].tolist()
-    assert (a[list(CLASS_COLUMNS)] - b[list(CLASS_COLUMNS)]).abs().to_numpy().max() < 1e-4
+    assert (a[list(CLASS_COLUMNS)] - b[list(CLASS_COLUMNS)]).abs().to_numpy().max() < 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -664,7 +664,8 @@ class PreferenceModule(L.LightningModule):
         stored = checkpoint.get(CHECKPOINT_KEY, {}).get("base_model")
         if stored and self.base_model is not None:
             check_base(stored, self.base_model["folder"])
-            checkpoint["state_dict"] = with_base_weights(checkpoint["state_dict"], self)
+            if "state_dict" in checkpoint:  # trainer=fsdp: the strategy has loaded (and removed) it already
+                checkpoint["state_dict"] = with_base_weights(checkpoint["state_dict"], self)
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu", compile: bool = False,
