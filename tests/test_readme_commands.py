@@ -42,6 +42,14 @@ NOT_RUN = {
     "python train.py trainer=ddp trainer.devices=8 trainer.num_nodes=2": "needs SLURM and 2 nodes of 8 GPUs",
     "python train.py -m hydra/launcher=slurm trainer=ddp trainer.devices=4 trainer.num_nodes=2 "
     "hydra.launcher.partition=gpu model.lr=1e-5,2e-5": "submits SLURM jobs (its config is composed in test_sweep.py)",
+    "python train.py experiment=llm_lora model.backbone=/models/gemma-2-9b model.lora=null data=kaggle "
+    "data.train_path=train.csv trainer=fsdp trainer.devices=2": "needs 2 GPUs and Gemma-2-9B (tests/test_fsdp.py: "
+                                                                 "a tiny Llama on 2 CPU ranks)",
+    "python train.py -m hydra/launcher=slurm experiment=llm_lora model.backbone=/models/gemma-2-9b "
+    "data=kaggle data.train_path=train.csv trainer=fsdp trainer.devices=4 trainer.num_nodes=2 "
+    "hydra.launcher.partition=gpu": "submits SLURM jobs of 2 GPU nodes",
+    "python train.py trainer=fsdp trainer.accelerator=cpu trainer.devices=2 trainer.precision=32-true":
+        "2 CPU ranks (tests/test_fsdp.py runs this form on a tiny Llama, full and LoRA)",
     "python benchmarks/gpu_check.py": "needs a CUDA GPU; tests/test_gpu_check.py runs it without one and with --smoke",
     # LLM backbones: 8-9B models on GPUs; the same code runs on tiny random LLMs in tests/test_llm.py
     "pip install -e .[llm]": "installs an optional extra (network)",

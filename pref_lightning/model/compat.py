@@ -114,11 +114,13 @@ def check_hardware(cfg: DictConfig) -> dict[str, Any]:
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
         asked = " and ".join(f"{k}={v}" for k, v in hydra_choices(("experiment", "trainer")).items()
-                             if v in ("full_data", "ddp", "gpu")) or f"trainer.accelerator={accelerator}"
+                             if v in ("full_data", "ddp", "fsdp", "gpu")) or f"trainer.accelerator={accelerator}"
         raise UserError(f"{asked} asks for GPUs, but torch finds none on this machine; on CPU add "
                         "trainer=cpu (one process) or trainer.accelerator=cpu trainer.devices=2 (DDP, 2 processes)")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     precision = str(trainer.get("precision"))
+    if uses_fsdp(trainer):
+        check_fsdp(trainer, precision, on_cpu)
     if on_cpu and precision in HALF_TRUE:
         raise UserError(f"trainer.precision={precision} on CPU: PyTorch's CPU kernels cannot run a float16 model "
                         "(it fails with 'mixed dtype (CPU)'); use trainer.precision=bf16-mixed (the default) or 32")
@@ -132,6 +134,34 @@ def check_hardware(cfg: DictConfig) -> dict[str, Any]:
             "emulated and many times slower; running 32-true instead (on CPUs with native bf16 it is kept)")
         precision = "32-true"
     return {"precision": precision} if precision != str(trainer.get("precision")) else {}
+
+
+FSDP_STRATEGY = "ModelParallelStrategy"
+# what Lightning's ModelParallelStrategy accepts (it raises ValueError for the rest, 16-mixed among them)
+FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true")
+
+
+def uses_fsdp(trainer: DictConfig) -> bool:
+    """Whether the trainer config is `trainer=fsdp` (a strategy whose `_target_` is Lightning's
+    ModelParallelStrategy, which model/sharding.py drives)."""
+    strategy = trainer.get("strategy")
+    return hasattr(strategy, "get") and str(strategy.get("_target_", "")).endswith(FSDP_STRATEGY)
+
+
+def check_fsdp(trainer: DictConfig, precision: str, on_cpu: bool) -> None:
+    """UserError for `trainer=fsdp` settings it cannot run: one process (nothing to shard across), or a
+    precision FSDP2 under Lightning has no support for (16-mixed: no gradient scaler)."""
+    devices, nodes = trainer.get("devices"), int(trainer.get("num_nodes", 1) or 1)
+    if str(devices) in ("1", "[0]") and nodes == 1:
+        raise UserError("trainer=fsdp with trainer.devices=1: one process has nothing to shard across; use "
+                        "trainer=gpu (or trainer=cpu), or trainer.devices=2 or more (on CPU: trainer.accelerator=cpu "
+                        "trainer.devices=2)")
+    if precision in ("16-mixed", "16") and not on_cpu:
+        raise UserError(f"trainer.precision={precision} with trainer=fsdp: Lightning's FSDP2 strategy has no float16 "
+                        "gradient scaler; use trainer.precision=bf16-mixed (GPUs since Ampere) or 32-true")
+    if precision not in FSDP_PRECISIONS and precision not in ("16-mixed", "16"):
+        raise UserError(f"trainer.precision={precision} with trainer=fsdp; choose one of "
+                        f"{', '.join(p for p in FSDP_PRECISIONS if p != '32')}")
 
 
 def say(message: str) -> None:

@@ -271,6 +271,17 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
         return optimizer_and_schedule(groups, hp.lr, self.trainer.estimated_stepping_batches, hp.warmup_ratio,
                                       hp.schedule, hp.min_lr_ratio)
 
+    # ---- FSDP (trainer=fsdp) ------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy (`trainer=fsdp`): shard with FSDP2 (model/sharding.py);
+        nothing under any other strategy."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            from pref_lightning.model.sharding import configure_sharding
+
+            configure_sharding(self, self.trainer)
+
     # ---- self-contained checkpoints -----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = payload(self.backbone.config.to_dict(), self.tokenizer_files, self.temperature)
@@ -284,7 +295,8 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
         stored = checkpoint.get(CHECKPOINT_KEY, {}).get("base_model")
         if stored and self.base_model is not None:
             check_base(stored, self.base_model["folder"])
-            checkpoint["state_dict"] = with_base_weights(checkpoint["state_dict"], self)
+            if "state_dict" in checkpoint:  # trainer=fsdp: the strategy has loaded (and removed) it already
+                checkpoint["state_dict"] = with_base_weights(checkpoint["state_dict"], self)
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu", compile: bool = False,
