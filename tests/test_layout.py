@@ -90,3 +90,19 @@ def test_no_import_circle():
     for module in sorted(graph):
         if module not in state and (cycle := visit(module)):
             pytest.fail("import circle: " + " -> ".join(cycle))
+
+
+CLASS_LINES = 300
+
+
+def test_no_class_over_300_lines_without_a_reason_at_its_top():
+    """A class longer than CLASS_LINES names itself and its size ("... lines") in its module's docstring."""
+    unexplained = []
+    for module, path in modules().items():
+        tree = ast.parse(path.read_text())
+        doc = ast.get_docstring(tree) or ""
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > CLASS_LINES:
+                if node.name not in doc or "lines" not in doc:
+                    unexplained.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not unexplained, unexplained

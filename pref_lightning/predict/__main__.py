@@ -2,14 +2,19 @@
 output_path=submission.csv`: write a submission from checkpoints, offline (the same command line as the
 repository's `predict.py`, which calls this; the configs ship inside the package)."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from pref_lightning.core import cli
 from pref_lightning.predict.prediction import predict
 
+# absolute: Hydra reads a relative config_path as a Python package path when this runs as an import
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="predict")
 def main(cfg: DictConfig) -> None:
     cli.run(lambda: predict(cfg))
 

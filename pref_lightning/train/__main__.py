@@ -1,14 +1,19 @@
 """`python -m pref_lightning.train [experiment=full_data] [key=value ...]`: train a preference model (the same
 command line as the repository's `train.py`, which calls this; the configs ship inside the package)."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from pref_lightning.core import cli
 from pref_lightning.train.training import train
 
+# absolute: Hydra reads a relative config_path as a Python package path when this runs as an import
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def main(cfg: DictConfig) -> float:
     # the value is returned for Hydra sweepers that optimise it
     return cli.run(lambda: train(cfg), clean_run_dir=True)[cfg.get("optimized_metric", "val_log_loss")]
