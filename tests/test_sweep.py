@@ -173,8 +173,8 @@ def test_rerun_of_one_fold_never_overwrites_another_and_resumes_its_own(tmp_path
     assert not (sweep / "oof.csv").exists()  # folds 0 and 1 of 3: nothing to combine yet
 
     out = run("train.py", "-m", "data.fold=2", "ckpt_path=last", *common)
-    assert f"this job trains in {sweep / '2'}, a new folder" in out
     assert {p: (sweep / p).read_bytes() for p in fold0} == fold0  # fold 0's run untouched, .hydra/ included
+    assert f"this job trains in {sweep / '2'}, a new folder" in out
     assert json.loads((sweep / "2" / "metrics.json").read_text())["fold"] == 2
     summary = pd.read_csv(sweep / "summary.csv")
     assert sorted(summary["data.fold"].tolist()) == [0, 1, 2] and len(summary) == 3

@@ -160,7 +160,7 @@ def summarise_sweep(sweep_dir: Path) -> pd.DataFrame | None:
 
 
 def combine_folds(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Join the `oof.csv` of runs that differ only in `data.fold`, when they cover every fold.
+    """Join the `oof.csv` of runs that differ only in `data.fold` (and `ckpt_path`), when they cover every fold.
 
     Each complete group gives an out-of-fold file with every training id exactly once (checked against
     the run's `folds.csv`) and its CV log loss / accuracy, saved in `cv_metrics.json`.
@@ -168,7 +168,8 @@ def combine_folds(sweep_dir: Path) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in sweep_runs(sweep_dir):
         if r["metrics"] and r["metrics"].get("n_folds") and (r["dir"] / "oof.csv").is_file():
-            key = tuple(sorted((k, v) for k, v in r["overrides"].items() if k != FOLD_KEY))
+            # ckpt_path says how a run started (a rerun of a failed fold resumes it), not what it is
+            key = tuple(sorted((k, v) for k, v in r["overrides"].items() if k not in (FOLD_KEY, "ckpt_path")))
             groups.setdefault(key, []).append(r)
     complete = {k: g for k, g in groups.items()
                 if sorted(r["metrics"]["fold"] for r in g) == list(range(g[0]["metrics"]["n_folds"]))}
