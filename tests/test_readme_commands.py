@@ -308,7 +308,8 @@ def check_training_run(run_dir: Path, args: list[str]) -> dict:
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert Path(metrics["best_checkpoint"]) == (run_dir / "checkpoints" / "best.ckpt").resolve()
     report = _value(args, "report", "true") != "false"
-    assert (run_dir / "report.md").is_file() == report
+    if report or not _value(args, "ckpt_path"):  # a resumed copy of a run keeps that run's report
+        assert (run_dir / "report.md").is_file() == report
     if report:
         assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
             "confusion.png", "curves.png", "probabilities.png", "reliability.png"]
@@ -345,7 +346,7 @@ def check_outputs(cmd: list[str], work: Path, output: str) -> None:
         assert abs(frame[PROBABILITY_COLUMNS].sum(axis=1) - 1).max() < 1e-5 and frame["id"].is_unique
     elif "-m" in args:  # a multirun: one job folder per combination, and SWEEP/summary.csv of them all
         [sweep_line] = [line for line in _printed(output, "sweep summary (")]
-        sweep = Path(sweep_line.split(")", 1)[0]).parent
+        sweep = work / Path(sweep_line.split(")", 1)[0]).parent  # printed relative to the working folder
         summary = pd.read_csv(sweep / "summary.csv")
         jobs = 1
         for a in args:
@@ -355,18 +356,18 @@ def check_outputs(cmd: list[str], work: Path, output: str) -> None:
             jobs = int(_value(args, "hydra.sweeper.n_trials"))
         assert len(summary) == jobs and (summary["status"] == "finished").all()
         for run_dir in summary["run_dir"]:
-            check_training_run(Path(run_dir), args)
+            check_training_run(work / run_dir, args)
         if _value(args, "data.n_folds"):
             cv = json.loads((sweep / "cv_metrics.json").read_text())[0]
             oof = pd.read_csv(sweep / "oof.csv", dtype={"id": str})
             assert cv["n_folds"] == int(_value(args, "data.n_folds")) and len(oof) == cv["rows"] and oof["id"].is_unique
-            assert cv["rows"] == sum(json.loads((Path(r) / "metrics.json").read_text())["val_rows"]
+            assert cv["rows"] == sum(json.loads((work / r / "metrics.json").read_text())["val_rows"]
                                      for r in summary["run_dir"])
     else:
         [run_dir] = _printed(output, "[pref-lightning] run folder: ")[-1:]
-        metrics = check_training_run(Path(run_dir), args)
+        metrics = check_training_run(work / run_dir, args)
         if _value(args, "hydra.run.dir"):
-            assert Path(run_dir) == (work / _value(args, "hydra.run.dir")).resolve()
+            assert (work / run_dir).resolve() == (work / _value(args, "hydra.run.dir")).resolve()
         if _value(args, "ckpt_path"):  # a resume: trained on to the epochs asked for
             assert metrics["epochs"] == int(_value(args, "trainer.max_epochs"))
 
