@@ -30,3 +30,20 @@ class LrLog(L.Callback):
         lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": trainer.global_step, "lrs": lrs}) + "\n")
+
+
+class SpoilHead(L.Callback):
+    """Adds noise of standard deviation `scale` to the model's head at the start of each training epoch from
+    `from_epoch` on: the epochs after it score worse on validation (the moved-folder resume test)."""
+
+    def __init__(self, scale: float = 3.0, from_epoch: int = 1) -> None:
+        self.scale, self.from_epoch = scale, from_epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        import torch
+
+        if trainer.current_epoch >= self.from_epoch:
+            generator = torch.Generator().manual_seed(trainer.current_epoch)
+            with torch.no_grad():
+                for parameter in pl_module.head.parameters():
+                    parameter.add_(self.scale * torch.randn(parameter.shape, generator=generator).to(parameter))

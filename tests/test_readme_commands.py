@@ -231,7 +231,7 @@ def readme_runs(tmp_path_factory, synthetic_frame, local_backbone_dir):
     work = tmp_path_factory.mktemp("readme")
     write_data(work, synthetic_frame)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREF_LIGHTNING_CACHE": str(work / ".cache")}
-    results = {}
+    results, argvs = {}, {}
     todo = [c for c in commands() if runnable(c) and key_of(c) not in NOT_RUN]
     only = os.environ.get("README_COMMANDS_ONLY")  # a regex, to rerun some commands while fixing them
     if only:
@@ -257,8 +257,10 @@ def readme_runs(tmp_path_factory, synthetic_frame, local_backbone_dir):
             cwd = work
         started = time.perf_counter()
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-        results[key] = (done.returncode, done.stdout[-3000:] + done.stderr[-3000:], time.perf_counter() - started)
+        results[key] = (done.returncode, done.stdout + done.stderr, time.perf_counter() - started)
+        argvs[key] = cmd
     results["__work__"] = work
+    results["__argv__"] = argvs
     return results
 
 
@@ -279,8 +281,105 @@ def test_readme_command_runs(readme_runs, command):
     returncode, output, seconds = readme_runs[command]
     if returncode is None:
         pytest.skip(output)
-    assert returncode == 0, f"`{command}` failed ({seconds:.0f} s):\n{output}"
+    assert returncode == 0, f"`{command}` failed ({seconds:.0f} s):\n{output[-6000:]}"
     assert "Traceback" not in output
+    check_outputs(readme_runs["__argv__"][command], readme_runs["__work__"], output)
+
+
+# ---- what each command produces, as README says ---------------------------------------------------
+# metrics.json keys README's "Outputs" and report sections name
+METRIC_KEYS = {"val_log_loss", "val_accuracy", "prior_log_loss", "uniform_log_loss", "gain_over_prior",
+               "gain_over_uniform", "train_rows", "val_rows", "epochs", "best_checkpoint", "run_info", "warnings"}
+PROBABILITY_COLUMNS = ["winner_model_a", "winner_model_b", "winner_tie"]
+
+
+def _value(args: list[str], key: str, default: str | None = None) -> str | None:
+    found = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == key]
+    return found[-1] if found else default
+
+
+def _printed(output: str, prefix: str) -> list[str]:
+    return [line.split(prefix, 1)[1].strip() for line in output.splitlines() if prefix in line]
+
+
+def _rows(path: Path) -> int:
+    return len(pd.read_parquet(path)) if path.suffix == ".parquet" else \
+        len(pd.read_json(path, lines=True)) if path.suffix == ".jsonl" else len(pd.read_csv(path))
+
+
+def check_training_run(run_dir: Path, args: list[str]) -> dict:
+    """A finished training run as README describes it: checkpoints, metrics.json with its keys (gains over the
+    references consistent with them), the report and plots unless report=false, fold files in k-fold runs, the
+    logs of each logger asked for. Returns its metrics."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics), f"{run_dir}/metrics.json lacks {METRIC_KEYS - set(metrics)}"
+    assert metrics["gain_over_prior"] == pytest.approx(metrics["prior_log_loss"] - metrics["val_log_loss"])
+    assert metrics["train_rows"] > 0 and metrics["val_rows"] > 0 and metrics["run_info"]["precision"]
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert Path(metrics["best_checkpoint"]) == (run_dir / "checkpoints" / "best.ckpt").resolve()
+    report = _value(args, "report", "true") != "false"
+    if report or not _value(args, "ckpt_path"):  # a resumed copy of a run keeps that run's report
+        assert (run_dir / "report.md").is_file() == report
+    if report:
+        assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == [
+            "confusion.png", "curves.png", "probabilities.png", "reliability.png"]
+    if _value(args, "data.n_folds"):
+        oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str})
+        folds = pd.read_csv(run_dir / "folds.csv", dtype={"id": str})
+        assert len(oof) == metrics["val_rows"] and list(oof.columns[2:5]) == PROBABILITY_COLUMNS
+        assert set(oof["id"]) == set(folds["id"][folds["fold"] == metrics["fold"]])
+    loggers = _value(args, "logger", "")
+    for name, path in (("csv", "csv/metrics.csv"), ("tensorboard", "tensorboard"), ("mlflow", "mlflow.db")):
+        if name in loggers:
+            assert (run_dir / path).exists(), f"logger={loggers}: no {run_dir / path}"
+    return metrics
+
+
+def check_outputs(cmd: list[str], work: Path, output: str) -> None:
+    """Assert what a README command produces (files, metrics.json keys, row counts), not only its exit status."""
+    if cmd[0] == "ruff":
+        return
+    script = Path(cmd[1]).name if cmd[1] != "-m" else cmd[2]
+    args = cmd[2:]
+    if script == "pref_lightning.data.synthetic":
+        out = work / args[args.index("--out") + 1]
+        rows = int([a for i, a in enumerate(args) if i and args[i - 1] == "--rows"][-1])
+        frame = pd.read_csv(out)
+        assert len(frame) == rows and {"id", "prompt", "response_a", "response_b", *PROBABILITY_COLUMNS} <= set(frame)
+    elif script == "predict.py":
+        out = work / _value(args, "output_path", "submission.csv")
+        written = _printed(output, "[pref-lightning] wrote ")
+        frame = pd.read_csv(out, dtype={"id": str})
+        source = work / _value(args, "input_path")
+        assert list(frame.columns) == ["id", *PROBABILITY_COLUMNS] and len(frame) == _rows(source)
+        assert written and written[-1].startswith(f"{len(frame)} predictions to {out.resolve()}")
+        assert abs(frame[PROBABILITY_COLUMNS].sum(axis=1) - 1).max() < 1e-5 and frame["id"].is_unique
+    elif "-m" in args:  # a multirun: one job folder per combination, and SWEEP/summary.csv of them all
+        [sweep_line] = [line for line in _printed(output, "sweep summary (")]
+        sweep = work / Path(sweep_line.split(")", 1)[0]).parent  # printed relative to the working folder
+        summary = pd.read_csv(sweep / "summary.csv")
+        jobs = 1
+        for a in args:
+            if "=" in a and "," in a.split("=", 1)[1] and not a.split("=", 1)[1].startswith("["):
+                jobs *= len(a.split("=", 1)[1].split(","))
+        if "hparams_search=optuna" in args:
+            jobs = int(_value(args, "hydra.sweeper.n_trials"))
+        assert len(summary) == jobs and (summary["status"] == "finished").all()
+        for run_dir in summary["run_dir"]:
+            check_training_run(work / run_dir, args)
+        if _value(args, "data.n_folds"):
+            cv = json.loads((sweep / "cv_metrics.json").read_text())[0]
+            oof = pd.read_csv(sweep / "oof.csv", dtype={"id": str})
+            assert cv["n_folds"] == int(_value(args, "data.n_folds")) and len(oof) == cv["rows"] and oof["id"].is_unique
+            assert cv["rows"] == sum(json.loads((work / r / "metrics.json").read_text())["val_rows"]
+                                     for r in summary["run_dir"])
+    else:
+        [run_dir] = _printed(output, "[pref-lightning] run folder: ")[-1:]
+        metrics = check_training_run(work / run_dir, args)
+        if _value(args, "hydra.run.dir"):
+            assert (work / run_dir).resolve() == (work / _value(args, "hydra.run.dir")).resolve()
+        if _value(args, "ckpt_path"):  # a resume: trained on to the epochs asked for
+            assert metrics["epochs"] == int(_value(args, "trainer.max_epochs"))
 
 
 @pytest.mark.slow

@@ -100,3 +100,43 @@ def test_report_says_loudly_when_the_model_is_broken(tmp_path):
     text = write_report(tmp_path, {"seed": 1}, metrics, probs, labels, None).read_text()
     assert "## WARNING" in text and "**the model is worse than uniform on validation**" in text
     assert text.index("## WARNING") < text.index("## Data")
+
+
+def test_curves_draw_the_baseline_and_the_kept_model_after_the_anchor_fallback(tmp_path):
+    # after the fallback curves.png showed only the trained model's 1.0395 while the table said 1.0355
+    from pref_lightning.train.report import plot_curves
+
+    csv_path = write_metrics_csv(tmp_path / "metrics.csv")
+    fallback = {**METRICS, "val_log_loss": 1.0355, "baseline_log_loss": 1.0355,
+                "anchor_fallback": {"trained_log_loss": 1.0395, "baseline_log_loss": 1.0355}}
+    labels = plot_curves(tmp_path / "curves.png", read_curves(csv_path), fallback)
+    check_png(tmp_path / "curves.png")
+    assert "val: statistics baseline (step 0)" in labels
+    assert "val: kept model = the baseline (1.0355; trained model 1.0395 fell behind it)" in labels
+    assert not any("tie-less" in label for label in labels)  # no tie-less rows: no note
+    plain = plot_curves(tmp_path / "plain.png", read_curves(csv_path), METRICS)
+    assert "val: kept model, best checkpoint (0.9500)" in plain and not any("baseline" in x for x in plain)
+
+
+def test_curves_say_when_the_training_loss_mixes_tie_less_rows(tmp_path):
+    from pref_lightning.train.report import plot_curves
+
+    metrics = {**METRICS, "train_rows": 1500, "data_counts": {"sources": [
+        {"added_to_train": 400, "ties": False}, {"added_to_train": 200, "ties": True}]}}
+    labels = plot_curves(tmp_path / "curves.png", read_curves(write_metrics_csv(tmp_path / "m.csv")), metrics)
+    mixed = [label for label in labels if "tie-less" in label]
+    assert mixed == ["train loss (per logged step); mixes 400 tie-less rows of 1500 (loss over A/B only)",
+                     "train log loss (per epoch); mixes 400 tie-less rows of 1500 (loss over A/B only)"]
+
+
+def test_reliability_shows_counts_and_greys_sparse_bins(tmp_path):
+    # bins of 1-2 rows swung from 0 to 1 with nothing saying how few rows they held
+    from pref_lightning.train.report import SPARSE_BIN, plot_reliability
+
+    probs, labels = fake_predictions(n=200)
+    drawn = plot_reliability(tmp_path / "reliability.png", probs, labels, 0.05)
+    check_png(tmp_path / "reliability.png")
+    _, _, counts = reliability_curve(probs.max(axis=1), probs.argmax(axis=1) == labels)
+    assert drawn["counts"].tolist() == counts.tolist() and counts.sum() == 200
+    assert drawn["sparse"].tolist() == (counts < SPARSE_BIN).tolist() and drawn["sparse"].any()
+    assert not drawn["sparse"].all()

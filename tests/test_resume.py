@@ -120,3 +120,110 @@ def test_resuming_with_more_epochs_keeps_the_lr_schedule_and_says_so(tmp_path):
     assert len(warning) == 1 and f"where the run began with {planned}:" in warning[0]
     assert f"the LR schedule continues over the original {planned} steps" in warning[0]
     assert last["callbacks"]["ScheduleGuard"]["planned_steps"] == planned  # recorded in last.ckpt
+
+
+# ---- a run folder or last.ckpt is continued only by its own configuration (issue 22) ----------------
+def composed(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_last_ckpt_resumes_only_into_the_configuration_it_was_trained_with(tmp_path):
+    # a sweep rerun of fold 2 that landed in fold 0's folder resumed fold 0's finished run and scored it on
+    # fold 2's rows (its training rows): leakage into the CV, without a word
+    from omegaconf import OmegaConf, open_dict
+
+    from pref_lightning.core.errors import UserError
+    from pref_lightning.train.resume import RunIdentity, resume_checkpoint, run_identity
+
+    fold0 = composed("data.n_folds=3", "data.fold=0")
+    run_dir = tmp_path / "0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {}, "callbacks": {"RunIdentity": RunIdentity(run_identity(fold0)).state_dict()}}, last)
+
+    def resuming(*overrides, ckpt="last"):
+        cfg = composed("data.n_folds=3", *overrides)
+        with open_dict(cfg):
+            cfg.ckpt_path, cfg.paths = ckpt, OmegaConf.create({"output_dir": str(run_dir)})
+        return cfg
+
+    assert resume_checkpoint(resuming("data.fold=0")) == str(last)
+    # what only says where or how fast a run reads does not make it another run
+    assert resume_checkpoint(resuming("data.fold=0", "data.num_workers=2", "data.eval_batch_size=8")) == str(last)
+    for ckpt in ("last", str(run_dir), str(last)):  # every way ckpt_path names it
+        with pytest.raises(UserError, match=r"data\.fold=0 there, data\.fold=2 here"):
+            resume_checkpoint(resuming("data.fold=2", ckpt=ckpt))
+    with pytest.raises(UserError, match=r"model\.head_hidden=256 there, model\.head_hidden=32 here"):
+        resume_checkpoint(resuming("data.fold=0", "model.head_hidden=32"))
+    with pytest.raises(UserError, match=r"seed=42 there, seed=7 here"):
+        resume_checkpoint(resuming("data.fold=0", "seed=7"))
+
+
+def test_a_run_folder_of_another_configuration_is_refused_before_hydra_writes_into_it(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from pref_lightning.train.resume import check_run_folder
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(composed("data.n_folds=3", "data.fold=0"), run_dir / ".hydra" / "config.yaml")
+    (run_dir / "metrics.json").write_text("{}")
+    conf = REPO / "conf"
+    check_run_folder(["data.n_folds=3", "data.fold=0", f"hydra.run.dir={run_dir}", "ckpt_path=last",
+                      "trainer.max_epochs=3"], conf)  # its own settings: a resume, allowed
+    check_run_folder(["data.fold=2", f"hydra.run.dir={tmp_path}/new"], conf)  # a new folder
+    check_run_folder(["-m", "data.fold=2", f"hydra.run.dir={run_dir}"], conf)  # multirun: sweep.py chooses
+    with pytest.raises(SystemExit) as exit_:
+        check_run_folder(["data.n_folds=3", "data.fold=2", f"hydra.run.dir={run_dir}", "ckpt_path=last"], conf)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: hydra.run.dir={run_dir} holds the run of another")
+    assert "data.fold=0 there, data.fold=2 here" in err[0] and "another hydra.run.dir" in err[0]
+    (run_dir / "metrics.json").unlink()  # a folder holding no checkpoint and no metrics holds nothing to lose
+    check_run_folder(["data.n_folds=3", "data.fold=2", f"hydra.run.dir={run_dir}"], conf)
+
+
+def test_single_run_into_another_configurations_folder_exits_with_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    run("train.py", "data.synthetic_rows=200", "trainer.max_steps=2", "report=false", f"hydra.run.dir={run_dir}",
+        *FAST)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".log"}
+    result = subprocess.run([sys.executable, "train.py", "data.synthetic_rows=200", "seed=3",
+                             f"hydra.run.dir={run_dir}", "ckpt_path=last", *FAST], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"error: hydra.run.dir={run_dir} holds the run of another configuration (seed=42 there, seed=3 here); "
+        "train this one in a new folder (another hydra.run.dir), or pass that run's own settings to continue it"]
+    assert {p: p.read_bytes() for p in before} == before  # nothing written, .hydra/ included
+
+
+def test_resuming_a_moved_run_folder_never_replaces_a_better_best_ckpt(tmp_path):
+    # last.ckpt stores ModelCheckpoint's absolute dirpath; elsewhere Lightning dropped best_model_score
+    # (Lightning #12045), so the first validation after the resume became "best" however bad it was
+    import shutil
+
+    first = tmp_path / "first"
+    common = ["data.synthetic_rows=300", "report=false", *FAST]
+    run("train.py", *common, "trainer.max_epochs=1", f"hydra.run.dir={first}")
+    best = torch.load(first / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    kept = json.loads((first / "metrics.json").read_text())["val_log_loss"]
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(first, moved)  # a bigger disk, a cluster, a Kaggle dataset: the folder is self-contained
+
+    # the next epoch is made far worse (noise on the head): best.ckpt must stay the first epoch's model
+    out = run("train.py", *common, "trainer.max_epochs=2", f"hydra.run.dir={moved}", "ckpt_path=last",
+              "+callbacks.spoil._target_=tests.signals.SpoilHead")
+    metrics = json.loads((moved / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["best_checkpoint"] == str(moved / "checkpoints" / "best.ckpt")
+    assert metrics["val_log_loss"] == pytest.approx(kept, abs=1e-6)
+    after = torch.load(moved / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert after.keys() == best.keys() and all(torch.equal(after[k], best[k]) for k in best)
+    # the spoilt epoch was validated and was worse (else this test shows nothing)
+    curve = pd.read_csv(moved / "csv" / "metrics.csv").dropna(subset=["val/log_loss"])
+    assert curve["val/log_loss"].max() > kept + 0.05
+    assert "resumed in a moved run folder" in out

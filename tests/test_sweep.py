@@ -90,3 +90,101 @@ def test_ddp_multirun_keeps_one_folder_per_run(tmp_path):
     assert not (tmp_path / "logs").exists()  # no stray run folder from a rank's own Hydra run
     summary = pd.read_csv(sweep / "summary.csv")
     assert (summary["status"] == "finished").all() and sorted(summary["model.head_lr"]) == [0.001, 0.002]
+
+
+# ---- a rerun of some jobs into an existing sweep folder (issue 22) ----------------------------------
+def _composed(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_sweep_job_goes_to_the_folder_of_its_configuration_never_over_another(tmp_path, capsys):
+    from omegaconf import OmegaConf, open_dict
+
+    from pref_lightning.train.sweep import sweep_job_subdir
+
+    def job(num, fold, **extra):
+        cfg = _composed("data.n_folds=3", f"data.fold={fold}", *(f"{k}={v}" for k, v in extra.items()))
+        with open_dict(cfg):
+            cfg.hydra.sweep.dir = str(tmp_path)
+        return sweep_job_subdir(num, _root_=cfg), cfg
+
+    for fold in (0, 1):  # a sweep over folds 0 and 1 that finished; fold 2's job never started
+        chosen, cfg = job(fold, fold)
+        assert chosen == str(fold)
+        (tmp_path / chosen / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg.hydra.overrides.task, tmp_path / chosen / ".hydra" / "overrides.yaml")
+        (tmp_path / chosen / "metrics.json").write_text("{}")
+    assert job(0, 0)[0] == "0" and job(1, 1)[0] == "1"  # the same sweep again: each job its own folder
+    capsys.readouterr()
+    # `-m data.fold=2`: Hydra numbers it 0; fold 0's folder is not its own, and no folder holds fold 2
+    chosen, cfg = job(0, 2)
+    assert chosen == "2" and (tmp_path / "2").is_dir()
+    out = capsys.readouterr().out
+    assert f"job 0: {tmp_path / '0'} holds the run of another configuration (data.fold=0 there, data.fold=2 here)" \
+        in out and f"this job trains in {tmp_path / '2'}, a new folder" in out
+    (tmp_path / "2" / ".hydra").mkdir()
+    OmegaConf.save(cfg.hydra.overrides.task, tmp_path / "2" / ".hydra" / "overrides.yaml")
+    (tmp_path / "2" / "checkpoints").mkdir()
+    (tmp_path / "2" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    # rerun fold 2 again (ckpt_path=last: its last.ckpt to resume), or fold 1 alone: the folder holding that
+    # configuration, wherever Hydra numbers the job
+    assert job(0, 2, ckpt_path="last")[0] == "2" and job(0, 1)[0] == "1" and job(5, 0)[0] == "0"
+    # another setting (even one the checkpoint check ignores, as a sweep over it has one job per value) is
+    # another configuration: a new folder, never 1
+    assert job(1, 1, **{"trainer.max_epochs": 3})[0] == "3"
+
+
+def test_combined_cv_files_that_no_longer_match_the_runs_are_removed(tmp_path, capsys):
+    from pref_lightning.train.sweep import combine_folds
+
+    rng = np.random.default_rng(0)
+    all_ids = [f"{k}-{i}" for k in range(3) for i in range(4)]
+    for fold in range(3):
+        job = tmp_path / str(fold)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- data.fold={fold}\n- data.n_folds=3\n")
+        probs = rng.dirichlet([1, 1, 1], size=4)
+        (job / "oof.csv").write_text("id,fold,winner_model_a,winner_model_b,winner_tie,label\n" + "".join(
+            f"{fold}-{i},{fold},{p[0]},{p[1]},{p[2]},0\n" for i, p in enumerate(probs)))
+        (job / "folds.csv").write_text("id,fold\n" + "".join(f"{i},{i[0]}\n" for i in all_ids))
+        (job / "metrics.json").write_text(json.dumps({"n_folds": 3, "fold": fold, "val_rows": 4, "val_log_loss": 1.0}))
+    assert len(combine_folds(tmp_path)) == 1 and (tmp_path / "oof.csv").is_file()
+    (tmp_path / "oof-1.csv").write_text("left by an earlier sweep of two groups\n")
+    capsys.readouterr()
+    # fold 2's folder now holds a run that has not finished: the combination describes models no longer there
+    (tmp_path / "2" / "metrics.json").unlink()
+    assert combine_folds(tmp_path) == []
+    assert not any((tmp_path / name).exists() for name in ("oof.csv", "oof-1.csv", "cv_metrics.json"))
+    assert "removed cv_metrics.json, oof-1.csv, oof.csv" in capsys.readouterr().out
+
+
+def test_rerun_of_one_fold_never_overwrites_another_and_resumes_its_own(tmp_path):
+    # Hydra numbers a rerun's only job 0: fold 2 trained into SWEEP/0 over fold 0's run, and with
+    # ckpt_path=last resumed fold 0's finished run and scored it on fold 2's rows
+    sweep = tmp_path / "cv"
+    common = ["data.n_folds=3", "data.synthetic_rows=300", "trainer.max_steps=3", f"hydra.sweep.dir={sweep}", *FAST]
+    run("train.py", "-m", "data.fold=0,1", *common)
+    fold0 = {p.relative_to(sweep): p.read_bytes() for p in (sweep / "0").rglob("*") if p.is_file()}
+    assert not (sweep / "oof.csv").exists()  # folds 0 and 1 of 3: nothing to combine yet
+
+    out = run("train.py", "-m", "data.fold=2", "ckpt_path=last", *common)
+    assert {p: (sweep / p).read_bytes() for p in fold0} == fold0  # fold 0's run untouched, .hydra/ included
+    assert f"this job trains in {sweep / '2'}, a new folder" in out
+    assert json.loads((sweep / "2" / "metrics.json").read_text())["fold"] == 2
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert sorted(summary["data.fold"].tolist()) == [0, 1, 2] and len(summary) == 3
+    combined = pd.read_csv(sweep / "oof.csv", dtype={"id": str})
+    assert len(combined) == 300 and combined["id"].is_unique
+    assert json.loads((sweep / "cv_metrics.json").read_text())[0]["n_folds"] == 3
+
+    # fold 1 again with ckpt_path=last: job 0 resumes fold 1's own last.ckpt, in fold 1's folder
+    out = run("train.py", "-m", "data.fold=1", "ckpt_path=last", *common)
+    assert f"this job trains in {sweep / '1'}, the folder of its own configuration" in out
+    assert f"Restoring states from the checkpoint path at {sweep / '1' / 'checkpoints' / 'last.ckpt'}" in out
+    assert {p: (sweep / p).read_bytes() for p in fold0} == fold0
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1", "2"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -175,6 +176,60 @@ def exit_after_sigterm(trainer: L.Trainer, run_dir: Path) -> NoReturn:
     if launcher is not None and hasattr(launcher, "procs"):
         launcher.kill(signal.SIGKILL)
     raise SystemExit(143) from None
+
+
+class RelocatableCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose record of the best model survives a moved or copied run folder.
+
+    `last.ckpt` stores the callback's absolute `dirpath`; Lightning restores `best_model_score`, `best_k_models`
+    and `kth_value` only when the new `dirpath` is the same string (Lightning #12045, #15705), so after a
+    resume elsewhere the first validation became "best" and replaced a better `best.ckpt`, and
+    `best_model_path` kept pointing into the old folder. Here every path under the saved `dirpath` is moved
+    under the current one before Lightning restores them; when the moved `best_model_path` is not there
+    (only `last.ckpt` was copied) the record is dropped, as Lightning does. The state is stored under
+    ModelCheckpoint's own key, so `last.ckpt` files of either class resume into the other."""
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, here = state_dict.get("dirpath"), self.dirpath
+        if saved and here and saved != here:
+            state_dict = relocated_state(state_dict, str(saved), str(here))
+            if self.monitor and state_dict.get("dirpath") == here:
+                log.warning("resumed in a moved run folder (checkpoints were in %s): %s (%s %s) is kept unless a "
+                            "later validation beats it", saved, state_dict.get("best_model_path"), self.monitor,
+                            _score(state_dict.get("best_model_score")))
+        super().load_state_dict(state_dict)
+
+
+def _score(value: Any) -> str:
+    return f"{float(value):.4f}" if value is not None else "-"
+
+
+def relocated_state(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """ModelCheckpoint's saved `state` with every path under folder `old` moved under `new` (strings, as
+    Lightning stores them), `dirpath` set to `new`; unchanged (so Lightning drops the record) when the moved
+    `best_model_path` is not a file."""
+
+    prefix = old.rstrip(os.sep) + os.sep
+
+    def move(path: Any) -> Any:
+        if isinstance(path, str) and path.startswith(prefix):
+            return os.path.join(new, path[len(prefix):])
+        return path
+
+    moved = dict(state)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in moved:
+            moved[key] = move(moved[key])
+    if isinstance(moved.get("best_k_models"), dict):
+        moved["best_k_models"] = {move(k): v for k, v in moved["best_k_models"].items()}
+    if moved.get("best_model_path") and not Path(moved["best_model_path"]).is_file():
+        return state
+    moved["dirpath"] = new
+    return moved
 
 
 class ScheduleGuard(L.Callback):

@@ -77,16 +77,51 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def plot_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], metrics: Mapping[str, Any]) -> None:
+def tieless_rows(metrics: Mapping[str, Any]) -> tuple[int, int]:
+    """(tie-less training rows, all training rows): rows of extra sources read with `ties: false` train on a
+    loss over A/B alone, so the logged training loss mixes two kinds of rows (0 when there are none)."""
+    sources = (metrics.get("data_counts") or {}).get("sources") or []
+    tieless = sum(int(c.get("added_to_train", 0)) for c in sources if isinstance(c, Mapping) and c.get("ties") is False)
+    return tieless, int(metrics.get("train_rows") or 0)
+
+
+def curve_references(metrics: Mapping[str, Any]) -> list[tuple[str, float, dict[str, Any]]]:
+    """The horizontal lines of the curves plot: (legend label, validation log loss, line style) of the
+    references and of the model the run kept (after `model.anchor_fallback`: the statistics baseline,
+    not the trained model the curve ends with)."""
+    lines = []
+    if "prior_log_loss" in metrics:
+        lines.append(("val: class prior", metrics["prior_log_loss"], {"color": "black", "linestyle": "--"}))
+    if "oracle_log_loss" in metrics:
+        lines.append(("val: oracle", metrics["oracle_log_loss"], {"color": "grey", "linestyle": ":"}))
+    if "baseline_log_loss" in metrics:
+        lines.append(("val: statistics baseline (step 0)", metrics["baseline_log_loss"],
+                      {"color": "tab:purple", "linestyle": "-."}))
+    fallback = metrics.get("anchor_fallback")
+    if fallback and "val_log_loss" in metrics:
+        lines.append((f"val: kept model = the baseline ({metrics['val_log_loss']:.4f}; trained model "
+                      f"{fallback['trained_log_loss']:.4f} fell behind it)", metrics["val_log_loss"],
+                      {"color": "tab:red", "linestyle": "-", "linewidth": 2}))
+    elif "val_log_loss" in metrics:
+        lines.append((f"val: kept model, best checkpoint ({metrics['val_log_loss']:.4f})", metrics["val_log_loss"],
+                      {"color": "tab:red", "linestyle": "-", "linewidth": 1}))
+    return lines
+
+
+def plot_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                metrics: Mapping[str, Any]) -> list[str]:
+    """Draw the learning curves, the references and the kept model; returns the legend's labels."""
     fig, ax = _figure()
+    tieless, rows = tieless_rows(metrics)
     for name, (steps, values) in curves.items():
         # markers on the sparse series (one point per epoch / validation would otherwise be invisible)
         style = "-" if name == "train/loss" and len(steps) > 20 else ("-s" if name == "train/log_loss" else "-o")
-        ax.plot(steps, values, style, label=CURVES[name], markersize=5 if style != "-" else None)
-    if "prior_log_loss" in metrics:
-        ax.axhline(metrics["prior_log_loss"], color="black", linestyle="--", label="val: class prior")
-    if "oracle_log_loss" in metrics:
-        ax.axhline(metrics["oracle_log_loss"], color="grey", linestyle=":", label="val: oracle")
+        label = CURVES[name]
+        if tieless and name in ("train/loss", "train/log_loss"):
+            label += f"; mixes {tieless} tie-less rows of {rows} (loss over A/B only)"
+        ax.plot(steps, values, style, label=label, markersize=5 if style != "-" else None)
+    for label, value, line in curve_references(metrics):
+        ax.axhline(value, label=label, **line)
     if not curves:
         ax.text(0.5, 0.5, "no CSV metrics (the csv logger was off)", ha="center", va="center",
                 transform=ax.transAxes)
@@ -94,26 +129,47 @@ def plot_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
     ax.set_ylabel("loss / log loss (nats)")
     ax.set_title("Learning curves")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend = ax.legend(fontsize=7)
     _save(fig, path)
+    return [text.get_text() for text in legend.get_texts()]
 
 
-def plot_reliability(path: Path, probs: np.ndarray, labels: np.ndarray, ece: float) -> None:
+SPARSE_BIN = 10  # reliability bins with fewer rows are drawn grey: their frequency swings from 0 to 1
+
+
+def plot_reliability(path: Path, probs: np.ndarray, labels: np.ndarray, ece: float) -> dict[str, np.ndarray]:
+    """Reliability per class and of the top label, 10 bins; bins with fewer than `SPARSE_BIN` rows drawn as
+    grey hollow markers, each top-label bin annotated with its row count. Returns the top-label bins'
+    row counts ("counts") and which are sparse ("sparse")."""
     fig, ax = _figure()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+
+    def draw(mean_p, freq, counts, marker, color, label):
+        dense = counts >= SPARSE_BIN
+        line = ax.plot(mean_p, freq, "-", color=color, alpha=0.5)[0]
+        ax.plot(mean_p[dense], freq[dense], marker, color=line.get_color(), markersize=4, linestyle="none",
+                label=label)
+        ax.plot(mean_p[~dense], freq[~dense], marker, color="grey", markerfacecolor="none", markersize=4,
+                linestyle="none")
+
     for j, name in enumerate(CLASS_LABELS[: probs.shape[1]]):
-        mean_p, freq, _ = reliability_curve(probs[:, j], labels == j)
-        ax.plot(mean_p, freq, "-o", markersize=4, label=f"P({name})")
-    mean_p, freq, _ = reliability_curve(probs.max(axis=1), probs.argmax(axis=1) == labels)
-    ax.plot(mean_p, freq, "-s", color="black", markersize=4, label="top label (confidence)")
+        draw(*reliability_curve(probs[:, j], labels == j), "o", None, f"P({name})")
+    mean_p, freq, counts = reliability_curve(probs.max(axis=1), probs.argmax(axis=1) == labels)
+    draw(mean_p, freq, counts, "s", "black", "top label (confidence); numbers: rows per bin")
+    for x, y, n in zip(mean_p, freq, counts):
+        ax.annotate(str(int(n)), (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7,
+                    color="black" if n >= SPARSE_BIN else "grey")
+    ax.plot([], [], "o", color="grey", markerfacecolor="none", linestyle="none",
+            label=f"grey hollow: bins of < {SPARSE_BIN} rows (unreliable)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("mean predicted probability (10 bins)")
     ax.set_ylabel("observed frequency")
     ax.set_title(f"Reliability (validation, calibrated); top-label ECE = {ece:.4f}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     _save(fig, path)
+    return {"counts": counts, "sparse": counts < SPARSE_BIN}
 
 
 def plot_confusion(path: Path, matrix: np.ndarray) -> None:

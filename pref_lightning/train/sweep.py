@@ -4,12 +4,17 @@ Hydra calls `SweepSummary.on_multirun_end` once, in the launching process, after
 (the basic launcher, the Optuna sweeper, or cluster jobs through submitit) has finished. Each job's
 folder holds `.hydra/overrides.yaml` and, when it finished, `metrics.json` (and `oof.csv` / `folds.csv`
 for k-fold runs); that is all this module reads.
+
+Which folder a job trains in is chosen here too (`sweep_job_subdir`, Hydra's `hydra.sweep.subdir`): Hydra
+numbers the jobs of every launch from 0, so a rerun of one fold into an existing sweep folder would
+train into `SWEEP/0/`, over another fold's run, and `ckpt_path=last` would resume that run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +23,83 @@ import pandas as pd
 import torch
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pref_lightning.core.atomic import atomic_write_text
 from pref_lightning.core.metrics import CLASS_COLUMNS, competition_log_loss
 from pref_lightning.data.records import FLOAT_FORMAT
+from pref_lightning.train.resume import identity_difference
 
 log = logging.getLogger(__name__)
 METRIC_COLUMNS = ("val_log_loss", "val_log_loss_calibrated", "val_accuracy", "prior_log_loss", "gain_over_prior",
                   "epochs", "wall_seconds")
 FOLD_KEY = "data.fold"
+SUBDIR_RESOLVER = "pref_sweep_job"
+# the combined cross-validation files combine_folds writes (and removes when they no longer match the runs)
+COMBINED = ("oof.csv", "oof-*.csv", "cv_metrics.json")
+_chosen: dict[tuple[str, str, str], str] = {}
+
+
+def sweep_job_subdir(num: Any, *, _root_: DictConfig) -> str:
+    """The folder (under `hydra.sweep.dir`) job `num` trains in. A job's configuration is its overrides
+    (`hydra.overrides.task`; `ckpt_path`, which only says how to start, aside): the folder whose saved
+    `.hydra/overrides.yaml` is the same configuration when one holds a run, so a rerun continues
+    (`ckpt_path=last`) or replaces its own run; else `num` when that folder holds no run; else the next
+    free number. A job never lands in a folder holding another configuration's run (Hydra numbers the
+    jobs of every launch from 0), and a job that does not train in folder `num` says so in one line.
+    Hydra's `hydra.sweep.subdir` (`${pref_sweep_job:${hydra.job.num}}`), registered when this module loads."""
+    sweep = Path(str(_root_.hydra.sweep.dir))
+    mine = job_configuration(OmegaConf.to_container(_root_.hydra.overrides.task))
+    key = (str(sweep.resolve()), str(num), json.dumps(mine, sort_keys=True))
+    if key in _chosen:  # Hydra may resolve the subdir more than once per job
+        return _chosen[key]
+    numbered = sorted((p for p in sweep.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    own = sweep / str(num)
+    held = {p: folder_configuration(p) for p in [own, *numbered]}
+    same = next((p for p in [own, *numbered] if held[p] is not None and held[p] == mine), None)
+    if same is not None:
+        chosen = same.name
+    elif held[own] is None:
+        chosen = str(num)
+    else:  # a configuration no folder holds and folder `num` taken: a number no folder has (claimed atomically)
+        n = int(numbered[-1].name) + 1 if numbered else 0
+        while True:
+            try:
+                os.makedirs(sweep / str(n))
+                break
+            except FileExistsError:
+                n += 1
+        chosen = str(n)
+    if chosen != str(num):
+        why = (f"{own} holds the run of another configuration ({identity_difference(held[own], mine)})"
+               if held[own] is not None else f"{own} holds no run")
+        print(f"[pref-lightning] job {num}: {why}; this job trains in {sweep / chosen}, "
+              + ("the folder of its own configuration" if same is not None else "a new folder"), flush=True)
+    _chosen[key] = chosen
+    return chosen
+
+
+def job_configuration(overrides: list[Any]) -> dict[str, str]:
+    """A job's overrides as {key: value} (`+`/`~` prefixes dropped), without `ckpt_path` (how it starts)."""
+    parsed = {}
+    for item in overrides or []:
+        name, _, value = str(item).partition("=")
+        parsed[name.lstrip("+~")] = value
+    parsed.pop("ckpt_path", None)
+    return parsed
+
+
+def folder_configuration(folder: Path) -> dict[str, str] | None:
+    """The `job_configuration` of the run a job folder holds; None when it holds no run (no saved
+    overrides, or neither a checkpoint nor `metrics.json`: nothing a job there would overwrite)."""
+    saved = folder / ".hydra" / "overrides.yaml"
+    holds_run = (folder / "metrics.json").is_file() or any((folder / "checkpoints").glob("*.ckpt"))
+    if not saved.is_file() or not holds_run:
+        return None
+    return job_configuration(yaml.safe_load(saved.read_text()) or [])
+
+
+OmegaConf.register_new_resolver(SUBDIR_RESOLVER, sweep_job_subdir, replace=True)
 
 
 class SweepSummary(Callback):
@@ -88,7 +160,7 @@ def summarise_sweep(sweep_dir: Path) -> pd.DataFrame | None:
 
 
 def combine_folds(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Join the `oof.csv` of runs that differ only in `data.fold`, when they cover every fold.
+    """Join the `oof.csv` of runs that differ only in `data.fold` (and `ckpt_path`), when they cover every fold.
 
     Each complete group gives an out-of-fold file with every training id exactly once (checked against
     the run's `folds.csv`) and its CV log loss / accuracy, saved in `cv_metrics.json`.
@@ -96,7 +168,8 @@ def combine_folds(sweep_dir: Path) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in sweep_runs(sweep_dir):
         if r["metrics"] and r["metrics"].get("n_folds") and (r["dir"] / "oof.csv").is_file():
-            key = tuple(sorted((k, v) for k, v in r["overrides"].items() if k != FOLD_KEY))
+            # ckpt_path says how a run started (a rerun of a failed fold resumes it), not what it is
+            key = tuple(sorted((k, v) for k, v in r["overrides"].items() if k not in (FOLD_KEY, "ckpt_path")))
             groups.setdefault(key, []).append(r)
     complete = {k: g for k, g in groups.items()
                 if sorted(r["metrics"]["fold"] for r in g) == list(range(g[0]["metrics"]["n_folds"]))}
@@ -112,7 +185,20 @@ def combine_folds(sweep_dir: Path) -> list[dict[str, Any]]:
         results.append(_combine_group(sweep_dir, group, name, oof_file))
     if results:
         atomic_write_text(sweep_dir / "cv_metrics.json", json.dumps(results, indent=2) + "\n")
+    remove_stale_combined(sweep_dir, {r["oof_file"] for r in results} | ({"cv_metrics.json"} if results else set()))
     return results
+
+
+def remove_stale_combined(sweep_dir: Path, written: set[str]) -> list[Path]:
+    """Remove the combined CV files (`COMBINED`) of an earlier multirun end that this one did not write: they
+    describe runs that are no longer complete or no longer there. Returns what was removed (said in a line)."""
+    stale = sorted({p for pattern in COMBINED for p in sweep_dir.glob(pattern) if p.name not in written})
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"[pref-lightning] removed {', '.join(p.name for p in stale)} from {sweep_dir}: an earlier combination "
+              "of fold runs that no longer matches the runs there", flush=True)
+    return stale
 
 
 def _combine_group(sweep_dir: Path, group: list[dict[str, Any]], name: str, oof_file: str) -> dict[str, Any]:

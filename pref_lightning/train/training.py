@@ -42,7 +42,7 @@ from pref_lightning.model.stages import (
 from pref_lightning.train.calibration import TEMPERATURE_RANGE, fit_temperature
 from pref_lightning.train.callbacks import drop_progress_bars, exit_after_sigterm
 from pref_lightning.train.report import csv_metrics_path, write_report
-from pref_lightning.train.resume import output_dir, resume_checkpoint
+from pref_lightning.train.resume import RunIdentity, output_dir, resume_checkpoint, run_identity
 from pref_lightning.train.stages import ensure_stage
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     data = datamodule.load_records()  # the split records (read once)
     tokenizer = tokenizer or build_tokenizer(cfg.model, data.tokenizer_texts)
     callbacks = drop_progress_bars(instantiate_list(cfg.get("callbacks")), cfg.trainer.get("enable_progress_bar", True))
+    callbacks.append(RunIdentity(run_identity(cfg)))  # in last.ckpt: ckpt_path resumes it only into this config
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
                                      logger=instantiate_list(cfg.get("logger")) or False, **hardware)
     # tokenizes once and fits the statistics' normalisation: datamodule.spec is complete from here (it raises
