@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    out = json.loads(args.out.read_text()) if args.out.exists() else {}
-    out.setdefault("variants", {})
-    out["target_gap"] = TARGET_GAP
-    out["variant_overrides"] = {name: VARIANTS[name] for name in VARIANTS}
+    # what this invocation measures; merged into the file only when written (runs of other invocations that
+    # finished meanwhile are kept)
+    out: dict = {"variants": {}}
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     if "bounds" in parts:
         out["bounds"] = bounds()
         print("bounds:", out["bounds"], flush=True)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
         with tempfile.TemporaryDirectory(prefix="synthetic_gap_") as work:
             for name in args.variants.split(","):
-                kept = [r for r in out["variants"].get(name, {}).get("runs", []) if r["seed"] not in seeds]
+                kept = [r for r in previous.get("variants", {}).get(name, {}).get("runs", []) if r["seed"] not in seeds]
                 runs = sorted(kept + run_variant(name, seeds, Path(work), args.overrides), key=lambda r: r["seed"])
                 out["variants"][name] = {"overrides": VARIANTS[name] + args.overrides, "runs": runs,
                                          **summarise(runs), "run_info": run_info(["benchmarks/synthetic_gap.py", *argv])}
@@ -162,14 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         if name not in VARIANTS:
             parser.error(f"--collect {item}: unknown variant {name!r}")
         row = collected(int(seed), Path(folder))
-        kept = [r for r in out["variants"].get(name, {}).get("runs", []) if r["seed"] != int(seed)]
+        kept = [r for r in out["variants"].get(name, previous.get("variants", {}).get(name, {})).get("runs", [])
+                if r["seed"] != int(seed)]
         runs = sorted([*kept, row], key=lambda r: r["seed"])
         out["variants"][name] = {"overrides": VARIANTS[name], "runs": runs, **summarise(runs),
                                  "run_info": row.pop("run_info")}
-    out["run_info"] = run_info(["benchmarks/synthetic_gap.py", *argv])
+    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
+    merged.setdefault("variants", {}).update(out["variants"])
+    if "bounds" in out:
+        merged["bounds"] = out["bounds"]
+    merged["target_gap"] = TARGET_GAP
+    merged["run_info"] = run_info(["benchmarks/synthetic_gap.py", *argv])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    for name, variant in out["variants"].items():
+    args.out.write_text(json.dumps(merged, indent=2) + "\n")
+    for name, variant in merged["variants"].items():
         print(f"{name:28s} worst gap {variant['worst_gap']:.4f} mean {variant['mean_gap']:.4f} "
               f"target {'met' if variant['meets_target'] else 'missed'}")
     return 0
