@@ -119,7 +119,9 @@ def synthetic_gap(_: Any = None) -> str:
     issue 21, with the ablations and the bounds (results/synthetic_gap.json)."""
     data = load("synthetic_gap")
     rows = []
-    for name, variant in data["variants"].items():
+    order = ["before", "after", *(n for n in data["variants"] if n not in ("before", "after"))]
+    for name in (n for n in order if n in data["variants"]):
+        variant = data["variants"][name]
         for r in variant["runs"]:
             rows.append([name, " ".join(variant["overrides"]) or "(defaults)", str(r["seed"]), f4(r["val_log_loss"]),
                          f4(r["oracle_log_loss"]), f"{r['gap']:+.4f}", f"{r['train_wall_seconds']:.0f}"])
