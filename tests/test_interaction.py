@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pref_lightning.core.errors import UserError
 from pref_lightning.data.contract import EncodingSpec
 from pref_lightning.data.datamodule import PreferenceDataModule
-from pref_lightning.model.head import segment_masks
+from pref_lightning.model.head import check_interaction, segment_masks
 from pref_lightning.model.module import PreferenceModule
 
 from .conftest import TEST_TINY
@@ -38,9 +38,12 @@ def test_interaction_is_opt_in_and_refused_where_it_cannot_work():
     assert plain.hparams.interaction == "none"
     with pytest.raises(UserError, match="model.interaction"):
         PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=50, interaction="cosine")
+    # the cross layout has no per-side prompt and answer: the interaction is off there (a warning says so)
+    cross = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=50, interaction="prompt_answer",
+                             spec={"layout": "cross"})
+    assert cross.hparams.interaction == "none"
     with pytest.raises(UserError, match="data.layout=siamese"):
-        PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=50, interaction="prompt_answer",
-                         spec={"layout": "cross"})
+        check_interaction("prompt_answer", "cross", "mlp")
 
 
 def topic_pairs(n: int, rng: np.random.Generator, topics: int = 30, words: int = 20, length: int = 10):

@@ -170,6 +170,10 @@ class PreferenceModule(L.LightningModule):
             raise UserError("model.lora needs a pretrained backbone: model.backbone=/path/to/model or a hub name")
         # model.head=verdict_tokens: the decoder is built with its LM head, whose verdict-token logits are the classes
         check_head(head, layout, self.spec.template, pooling, backbone, anchor_head)
+        if interaction != "none" and layout == "cross":  # model.interaction: siamese sides only (the embedded
+            log.warning("model.interaction=%s reads a siamese side's prompt and answer: off in data.layout=cross",
+                        interaction)  # default's recipe switches it on; a cross run keeps working without it)
+            self.hparams.interaction = interaction = "none"
         check_interaction(interaction, layout, head)  # model.interaction (head.py): opt-in, off by default
         self.verdict = head == "verdict_tokens"
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
