@@ -114,6 +114,27 @@ def synthetic_seeds(_: Any = None) -> str:
     return table(["seed", "val log loss", "calibrated", "prior", "oracle", "gap to oracle", "accuracy", "seconds"], rows)
 
 
+def synthetic_gap(_: Any = None) -> str:
+    """benchmarks/README.md, Learning 1b: the embedded default's gap to the oracle per seed, before and after
+    issue 21, with the ablations and the bounds (results/synthetic_gap.json)."""
+    data = load("synthetic_gap")
+    rows = []
+    order = ["before", "after", *(n for n in data["variants"] if n not in ("before", "after"))]
+    for name in (n for n in order if n in data["variants"]):
+        variant = data["variants"][name]
+        for r in variant["runs"]:
+            rows.append([name, " ".join(variant["overrides"]) or "(defaults)", str(r["seed"]), f4(r["val_log_loss"]),
+                         f4(r["oracle_log_loss"]), f"{r['gap']:+.4f}", f"{r['train_wall_seconds']:.0f}"])
+    out = table(["variant", "overrides", "seed", "val log loss", "oracle", "gap", "train seconds"], rows)
+    b = data.get("bounds")
+    if b:
+        out += "\n" + table(["bound (5-fold CV, 10,000 rows)", "log loss"], [
+            ["oracle", f4(b["oracle"])], ["regression on the planted scores", f4(b["regression_on_planted_scores"])],
+            ["the same without the off-topic term (best topic-blind)", f4(b["regression_without_topic_term"])],
+            ["text-statistics regression", f4(b["text_stats_regression"])], ["class prior", f4(b["prior"])]])
+    return out
+
+
 def real_split(_: Any = None) -> str:
     """benchmarks/README.md, Learning 2: MiniLM on one arena split, all real sets vs the sets with ties
     (results/learning.json `real` and `real_tie_sets`)."""
@@ -241,6 +262,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "gpu_check": gpu_check,
     "throughput": throughput,
     "synthetic_seeds": synthetic_seeds,
+    "synthetic_gap": synthetic_gap,
     "real_split": real_split,
     "scale": scale,
     "real_5fold": real_5fold,

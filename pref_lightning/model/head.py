@@ -233,3 +233,63 @@ class VerdictHead(nn.Module):
             raise ValueError("this head was built with text statistics; the batch has none")
         x = torch.cat([stats_a, stats_b, stats_a - stats_b], -1).to(logits.dtype)
         return logits + self.stats(x)
+
+
+# ---- prompt-answer interaction (model.interaction) -------------------------------------------------
+INTERACTIONS = ("none", "prompt_answer", "prompt_answer_embeddings")
+
+
+def check_interaction(interaction: str, layout: str, head: str) -> None:
+    """Raise UserError (one line naming the setting) for a `model.interaction` this model cannot have."""
+    if interaction not in INTERACTIONS:
+        raise UserError(f"model.interaction={interaction!r}; choose from {', '.join(INTERACTIONS)}")
+    if interaction != "none" and (layout != "siamese" or head != "mlp"):
+        raise UserError(f"model.interaction={interaction} compares each side's prompt and answer segments: it needs "
+                        "data.layout=siamese and model.head=mlp")
+
+
+def interaction_size(hidden_size: int, interaction: str) -> int:
+    """Extra width the interaction adds to each side's pooled vector (0 for `none`)."""
+    return 0 if interaction == "none" else hidden_size
+
+
+def segment_masks(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, answer) masks (n, L) of siamese sides `[CLS] prompt [SEP] answer [SEP]` (`input_ids`, `mask`
+    (n, L), padded on either side), special tokens excluded from both.
+
+    The separator is read from each row itself (its last real token, which `PairEncoder` always makes the
+    separator), so no tokenizer is needed and any backbone works. Turns inside a segment are joined by the
+    same separator: with c separators strictly inside the row, the prompt ends at the ceil(c / 2)-th one,
+    exact when the prompt and the answer kept the same number of turns (every single-turn row, and a
+    multi-turn row that was not truncated); a row whose prompt lost early turns to truncation puts the
+    boundary a turn or so late. A row with no inner separator has an empty prompt segment."""
+    real = mask.bool()
+    n, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device).expand(n, length)
+    last = torch.where(real, positions, -1).amax(dim=1, keepdim=True)
+    first = torch.where(real, positions, length).amin(dim=1, keepdim=True)
+    sep = input_ids.gather(1, last.clamp(min=0))
+    inner = real & (input_ids == sep) & (positions > first) & (positions < last)
+    count = inner.sum(1, keepdim=True)
+    rank = torch.cumsum(inner.long(), 1)  # separators seen so far, inclusive
+    boundary_rank = (count + 1) // 2
+    # position of the boundary separator: the first inner separator whose rank reaches boundary_rank
+    is_boundary = inner & (rank == boundary_rank)
+    boundary = torch.where(is_boundary, positions, length).amin(dim=1, keepdim=True)
+    boundary = torch.where(count > 0, boundary, first)
+    prompt = real & (positions > first) & (positions < boundary) & ~inner
+    answer = real & (positions > boundary) & (positions < last) & ~inner
+    return prompt, answer
+
+
+def prompt_answer_interaction(hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n, hidden) feature of how alike each side's prompt and answer are: with p and r the mean hidden
+    states (n, hidden) over the prompt and answer segments (`segment_masks`), both scaled to unit length,
+    hidden * p * r elementwise, whose mean over the dimensions is their cosine similarity. A linear layer
+    of the head over its A - B difference reads "which answer is closer to the prompt" directly (a
+    learned bilinear match), which a pooled vector of the whole side (prompt and answer mixed) does not
+    expose. `hidden` (n, L, hidden); an empty segment gives zeros."""
+    prompt, answer = segment_masks(input_ids, mask)
+    p = nn.functional.normalize(mean_pool(hidden, prompt).float(), dim=-1, eps=1e-6)
+    r = nn.functional.normalize(mean_pool(hidden, answer).float(), dim=-1, eps=1e-6)
+    return (hidden.shape[-1] * p * r).to(hidden.dtype)

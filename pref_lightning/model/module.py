@@ -97,6 +97,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
         head: str = "mlp",
         verdict_tokens: Sequence[str] = VERDICT_TOKENS,
         attn_softcapping: bool | None = None,
+        interaction: str = "none",
         tokenizer: str | None = None,
         tokenizer_vocab_size: int | None = None,
         cache_dir: str | None = None,

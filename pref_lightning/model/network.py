@@ -34,11 +34,14 @@ from pref_lightning.model.head import (
     PairHead,
     VerdictHead,
     check_head,
+    check_interaction,
+    interaction_size,
     last_token_pool,
     output_layers,
     pool,
     pool_packed,
     pooled_size,
+    prompt_answer_interaction,
     verdict_token_ids,
 )
 from pref_lightning.model.lora import apply_lora, base_identity, lora_settings, quantization_config
@@ -136,6 +139,7 @@ class PreferenceNetwork(nn.Module):
         head: str = "mlp",
         verdict_tokens: Sequence[str] = VERDICT_TOKENS,
         attn_softcapping: bool | None = None,
+        interaction: str = "none",
     ) -> None:
         super().__init__()
         if str(packed).lower() not in PACKED_MODES:
@@ -156,6 +160,12 @@ class PreferenceNetwork(nn.Module):
             raise UserError("model.lora needs a pretrained backbone: model.backbone=/path/to/model or a hub name")
         # model.head=verdict_tokens: the decoder is built with its LM head, whose verdict-token logits are the classes
         check_head(head, layout, self.spec.template, pooling, backbone, anchor_head)
+        if interaction != "none" and layout == "cross":  # model.interaction: siamese sides only (the embedded
+            log.warning("model.interaction=%s reads a siamese side's prompt and answer: off in data.layout=cross",
+                        interaction)  # default's recipe switches it on; a cross run keeps working without it)
+            interaction = "none"
+        check_interaction(interaction, layout, head)  # model.interaction (head.py): opt-in, off by default
+        self.interaction = interaction
         self.verdict = head == "verdict_tokens"
         self.backbone = build_backbone(backbone, vocab_size=vocab_size, tiny_overrides=tiny_config,
                                        config_dict=backbone_config, dropout=backbone_dropout,
@@ -195,7 +205,8 @@ class PreferenceNetwork(nn.Module):
             self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size,
                                   n_classes=n_classes)
         elif layout == "siamese":
-            self.head = PairHead(pooled_size(hidden, pooling), combine, head_hidden, head_dropout,
+            self.head = PairHead(pooled_size(hidden, pooling) + interaction_size(hidden, interaction), combine,
+                                 head_hidden, head_dropout,
                                  n_classes=n_classes, stats_size=stats_size, symmetric=symmetric_head)
         else:  # EncodingSpec admits no other layout
             raise AssertionError(layout)
@@ -300,6 +311,8 @@ class PreferenceNetwork(nn.Module):
         mask = attention_mask.bool()
         lengths = attention_mask.sum(1)
         positions = (torch.cumsum(attention_mask, 1) - 1)[mask].unsqueeze(0)
+        if self.interaction != "none":  # model.interaction reads padded rows
+            raise UserError("model.interaction needs padded batches: set model.packed=false")
         hidden = self.body()(input_ids=input_ids[mask].unsqueeze(0), position_ids=positions).last_hidden_state[0]
         self.last_processed_tokens = int(positions.shape[1])
         self.last_real_tokens = lengths.sum()
@@ -314,8 +327,18 @@ class PreferenceNetwork(nn.Module):
         hidden = self.body()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         self.last_processed_tokens = attention_mask.numel()
         self.last_real_tokens = attention_mask.sum()  # a tensor: read (one host sync) only by who needs it
-        return self._read_out(pool(hidden, attention_mask, self.pooling),
-                              lambda: last_token_pool(hidden, attention_mask))
+        pooled = pool(hidden, attention_mask, self.pooling)
+        if self.interaction != "none":  # model.interaction: prompt-answer match per side
+            states = self.interaction_states(hidden, input_ids)
+            pooled = torch.cat([pooled, prompt_answer_interaction(states, input_ids, attention_mask)], -1)
+        return self._read_out(pooled, lambda: last_token_pool(hidden, attention_mask))
+
+    def interaction_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """What `model.interaction` compares (n, L, hidden): the last hidden states, or (`*_embeddings`) the
+        backbone's input token embeddings, where attention has not yet mixed the prompt and the answer."""
+        if self.interaction.endswith("_embeddings"):
+            return self.backbone.get_input_embeddings()(input_ids).to(hidden.dtype)
+        return hidden
 
     def encode_grouped(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`encode` of right-padded rows (n, L), run as up to `side_groups` backbone calls over rows of

@@ -1,0 +1,185 @@
+"""Synthetic gap benchmark (issue 21, part "Synthetic"): how far the embedded default (`python train.py`) ends
+from the oracle of its synthetic rows, per training seed, before and after the prompt-answer interaction.
+
+Writes benchmarks/results/synthetic_gap.json. Parts (CPU, offline):
+  bounds    on the embedded default's 10,000 synthetic rows (seed 0), 5-fold CV: the oracle, the best model
+            that cannot see whether an answer is about the prompt's topic (a logistic regression on the planted
+            scores with the off-topic term removed), the same regression with it (~ the oracle), and the
+            text-statistics regression (`synthetic.text_stats_log_loss`): what the topic term is worth
+  runs      `python train.py seed=S` for each variant (VARIANTS: the recipe before, the recipe now, ablations)
+            and seed: val log loss, oracle, gap, wall seconds; the worst gap per variant against the 0.05 target
+
+Runs accumulate in the JSON (a variant's seeds replace only themselves), so variants can be measured in parts:
+
+    python benchmarks/synthetic_gap.py                                   # bounds + before/after, seeds 0,1,2
+    python benchmarks/synthetic_gap.py --parts runs --variants no_interaction --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results" / "synthetic_gap.json"
+TARGET_GAP = 0.05
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "report=false"]
+# the embedded default's recipe before issue 21 (the keys conf/experiment/embedded.yaml now changes, set back)
+BEFORE = ["model.interaction=none", "model.lr=1e-3", "model.head_lr=1e-3"]
+VARIANTS: dict[str, list[str]] = {
+    "before": BEFORE,
+    "after": [],  # the embedded default as configured now
+    # ablations: the recipe now with one part switched back or moved
+    "no_interaction": ["model.interaction=none"],
+    "interaction_lr_1e-3": ["model.lr=1e-3", "model.head_lr=1e-3"],
+    "interaction_last_hidden_lr_1e-3": ["model.interaction=prompt_answer", "model.lr=1e-3", "model.head_lr=1e-3"],
+    "max_length_64_two_epochs": ["data.max_length=64", "trainer.max_epochs=2"],
+}
+
+
+def run_info(argv: list[str]) -> dict:
+    """Where and how the numbers were measured (`pref_lightning.core.runinfo`)."""
+    from pref_lightning.core import runinfo
+
+    return runinfo.run_info("32-true", command="python " + " ".join(argv))
+
+
+def bounds(rows: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """Reference log losses of the embedded default's synthetic rows (see the module docstring)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    from pref_lightning.core.metrics import log_loss
+    from pref_lightning.data import synthetic
+
+    data = synthetic.generate(rows, seed=seed)
+    lat, y = data.latents, data.labels
+    s_a, s_b = lat["score_a"].to_numpy(), lat["score_b"].to_numpy()
+    identical = lat["identical"].to_numpy(dtype=float)
+
+    def cv(a: np.ndarray, b: np.ndarray) -> float:
+        d = a - b
+        x = np.c_[d, np.abs(d), identical, np.minimum(a, b), np.maximum(a, b)]
+        p = cross_val_predict(LogisticRegression(C=10, max_iter=2000), x, y, cv=5, method="predict_proba")
+        return float(log_loss(p, y))
+
+    off = {side: (lat[f"off_topic_{side}"].to_numpy(dtype=float) * (lat[f"kind_{side}"] == "text").to_numpy())
+           for side in "ab"}
+    w = synthetic._W_OFF_TOPIC
+    return {"rows": rows, "seed": seed, "oracle": round(data.oracle_log_loss, 4),
+            "regression_on_planted_scores": round(cv(s_a, s_b), 4),
+            "regression_without_topic_term": round(cv(s_a - w * off["a"], s_b - w * off["b"]), 4),
+            "text_stats_regression": round(synthetic.text_stats_log_loss(data.frame), 4),
+            "prior": round(synthetic.prior_log_loss(y, y), 4),
+            "rows_with_one_answer_off_topic": round(float(((off["a"] + off["b"]) == 1).mean()), 4)}
+
+
+def train(run_dir: Path, overrides: list[str]) -> tuple[dict, float]:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *QUIET, *overrides],
+                            cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"train.py {' '.join(overrides)} failed:\n{result.stderr[-4000:]}")
+    return json.loads((run_dir / "metrics.json").read_text()), seconds
+
+
+def run_variant(name: str, seeds: list[int], work: Path, extra: list[str]) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        metrics, seconds = train(work / f"{name}_{seed}", [f"seed={seed}", *VARIANTS[name], *extra])
+        rows.append({"seed": seed, "val_log_loss": round(metrics["val_log_loss"], 4),
+                     "oracle_log_loss": round(metrics["oracle_log_loss"], 4),
+                     "gap": round(metrics["val_log_loss"] - metrics["oracle_log_loss"], 4),
+                     "val_accuracy": round(metrics["val_accuracy"], 4),
+                     "train_wall_seconds": metrics.get("wall_seconds"), "process_seconds": round(seconds, 1)})
+        print(f"{name} seed {seed}: {rows[-1]}", flush=True)
+    return rows
+
+
+def collected(seed: int, folder: Path) -> dict:
+    """A run's row from its metrics.json (train.py wrote it; `run_info` says which commit and command)."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    command = metrics.get("run_info", {}).get("command", "")
+    if f"seed={seed}" not in command:
+        raise SystemExit(f"error: {folder}/metrics.json was not trained with seed={seed} (command: {command})")
+    return {"seed": seed, "val_log_loss": round(metrics["val_log_loss"], 4),
+            "oracle_log_loss": round(metrics["oracle_log_loss"], 4),
+            "gap": round(metrics["val_log_loss"] - metrics["oracle_log_loss"], 4),
+            "val_accuracy": round(metrics["val_accuracy"], 4), "train_wall_seconds": metrics.get("wall_seconds"),
+            "process_seconds": None, "collected_from": str(folder), "run_info": metrics.get("run_info")}
+
+
+def summarise(runs: list[dict]) -> dict:
+    gaps = [r["gap"] for r in runs]
+    return {"worst_gap": max(gaps), "mean_gap": round(float(np.mean(gaps)), 4),
+            "max_train_wall_seconds": max(r["train_wall_seconds"] or 0 for r in runs),
+            "meets_target": bool(max(gaps) <= TARGET_GAP)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="bounds,runs")
+    parser.add_argument("--variants", default="before,after")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra train.py overrides (tests: tiny runs)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--collect", nargs="*", default=[], metavar="VARIANT:SEED:RUN_DIR",
+                        help="record a run already made (`python train.py seed=SEED <the variant's overrides>` into "
+                             "RUN_DIR) instead of training it again: its metrics.json is read as is")
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    # what this invocation measures; merged into the file only when written (runs of other invocations that
+    # finished meanwhile are kept)
+    out: dict = {"variants": {}}
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if "bounds" in parts:
+        out["bounds"] = bounds()
+        print("bounds:", out["bounds"], flush=True)
+    if "runs" in parts:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        with tempfile.TemporaryDirectory(prefix="synthetic_gap_") as work:
+            for name in args.variants.split(","):
+                kept = [r for r in previous.get("variants", {}).get(name, {}).get("runs", []) if r["seed"] not in seeds]
+                runs = sorted(kept + run_variant(name, seeds, Path(work), args.overrides), key=lambda r: r["seed"])
+                out["variants"][name] = {"overrides": VARIANTS[name] + args.overrides, "runs": runs,
+                                         **summarise(runs), "run_info": run_info(["benchmarks/synthetic_gap.py", *argv])}
+    for item in args.collect:
+        name, seed, folder = item.split(":", 2)
+        if name not in VARIANTS:
+            parser.error(f"--collect {item}: unknown variant {name!r}")
+        row = collected(int(seed), Path(folder))
+        kept = [r for r in out["variants"].get(name, previous.get("variants", {}).get(name, {})).get("runs", [])
+                if r["seed"] != int(seed)]
+        runs = sorted([*kept, row], key=lambda r: r["seed"])
+        out["variants"][name] = {"overrides": VARIANTS[name], "runs": runs, **summarise(runs),
+                                 "run_info": row.pop("run_info")}
+    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
+    merged.setdefault("variants", {}).update(out["variants"])
+    if "bounds" in out:
+        merged["bounds"] = out["bounds"]
+    merged["target_gap"] = TARGET_GAP
+    merged["run_info"] = run_info(["benchmarks/synthetic_gap.py", *argv])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(merged, indent=2) + "\n")
+    for name, variant in merged["variants"].items():
+        print(f"{name:28s} worst gap {variant['worst_gap']:.4f} mean {variant['mean_gap']:.4f} "
+              f"target {'met' if variant['meets_target'] else 'missed'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
