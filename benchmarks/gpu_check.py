@@ -69,7 +69,8 @@ def probe_overrides(probe: Path, device: str) -> list[str]:
 
 def overrides(run_dir: Path, probe: Path, args: argparse.Namespace) -> list[str]:
     shape = [f"model.tiny_config.{k}={v}" for k, v in (SMOKE if args.smoke else DEBERTA_V3_SMALL).items()]
-    return [*shape, "model.lr=2e-5", "model.head_lr=1e-3", f"model.tokenizer_vocab_size={args.vocab_size}",
+    # model=tiny: the plain DeBERTa recipe (the embedded default's tiny_embedded adds its synthetic-data levers)
+    return ["model=tiny", *shape, "model.lr=2e-5", "model.head_lr=1e-3", f"model.tokenizer_vocab_size={args.vocab_size}",
             f"data.synthetic_rows={args.rows}", f"data.max_length={args.max_length}",
             f"data.batch_size={args.batch_size}", "data.eval_batch_size=32",
             # one epoch of `steps` batches: validation and best.ckpt at its end

@@ -231,7 +231,7 @@ def readme_runs(tmp_path_factory, synthetic_frame, local_backbone_dir):
     work = tmp_path_factory.mktemp("readme")
     write_data(work, synthetic_frame)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREF_LIGHTNING_CACHE": str(work / ".cache")}
-    results, argvs = {}, {}
+    results, argvs, snapshots = {}, {}, {}
     todo = [c for c in commands() if runnable(c) and key_of(c) not in NOT_RUN]
     only = os.environ.get("README_COMMANDS_ONLY")  # a regex, to rerun some commands while fixing them
     if only:
@@ -259,8 +259,15 @@ def readme_runs(tmp_path_factory, synthetic_frame, local_backbone_dir):
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         results[key] = (done.returncode, done.stdout + done.stderr, time.perf_counter() - started)
         argvs[key] = cmd
+        if argv[:2] == ["python", "predict.py"]:  # later commands write submission.csv again: keep this one's
+            written = work / _value(cmd[2:], "output_path", "submission.csv")
+            if written.is_file():
+                snapshots[key] = work / ".written" / f"{len(snapshots)}{written.suffix}"
+                snapshots[key].parent.mkdir(exist_ok=True)
+                shutil.copyfile(written, snapshots[key])
     results["__work__"] = work
     results["__argv__"] = argvs
+    results["__written__"] = snapshots
     return results
 
 
@@ -283,7 +290,8 @@ def test_readme_command_runs(readme_runs, command):
         pytest.skip(output)
     assert returncode == 0, f"`{command}` failed ({seconds:.0f} s):\n{output[-6000:]}"
     assert "Traceback" not in output
-    check_outputs(readme_runs["__argv__"][command], readme_runs["__work__"], output)
+    check_outputs(readme_runs["__argv__"][command], readme_runs["__work__"], output,
+                  readme_runs["__written__"].get(command))
 
 
 # ---- what each command produces, as README says ---------------------------------------------------
@@ -335,8 +343,9 @@ def check_training_run(run_dir: Path, args: list[str]) -> dict:
     return metrics
 
 
-def check_outputs(cmd: list[str], work: Path, output: str) -> None:
-    """Assert what a README command produces (files, metrics.json keys, row counts), not only its exit status."""
+def check_outputs(cmd: list[str], work: Path, output: str, written: Path | None = None) -> None:
+    """Assert what a README command produces (files, metrics.json keys, row counts), not only its exit status;
+    `written`: a copy of the file a prediction wrote, taken right after it ran (later commands overwrite it)."""
     if cmd[0] == "ruff":
         return
     script = Path(cmd[1]).name if cmd[1] != "-m" else cmd[2]
@@ -348,11 +357,12 @@ def check_outputs(cmd: list[str], work: Path, output: str) -> None:
         assert len(frame) == rows and {"id", "prompt", "response_a", "response_b", *PROBABILITY_COLUMNS} <= set(frame)
     elif script == "predict.py":
         out = work / _value(args, "output_path", "submission.csv")
-        written = _printed(output, "[pref-lightning] wrote ")
-        frame = pd.read_csv(out, dtype={"id": str})
+        assert written is not None, f"{out} was not written"
+        printed = _printed(output, "[pref-lightning] wrote ")
+        frame = pd.read_csv(written, dtype={"id": str})
         source = work / _value(args, "input_path")
         assert list(frame.columns) == ["id", *PROBABILITY_COLUMNS] and len(frame) == _rows(source)
-        assert written and written[-1].startswith(f"{len(frame)} predictions to {out.resolve()}")
+        assert printed and printed[-1].startswith(f"{len(frame)} predictions to {out.resolve()}")
         assert abs(frame[PROBABILITY_COLUMNS].sum(axis=1) - 1).max() < 1e-5 and frame["id"].is_unique
     elif "-m" in args:  # a multirun: one job folder per combination, and SWEEP/summary.csv of them all
         [sweep_line] = [line for line in _printed(output, "sweep summary (")]
