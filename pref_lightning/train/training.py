@@ -20,7 +20,7 @@ from pref_lightning.core.atomic import atomic_write_text
 from pref_lightning.core.cli import say
 from pref_lightning.core.distributed import all_ranks, hydra_job_processes
 from pref_lightning.core.errors import UserError
-from pref_lightning.core.metrics import competition_log_loss
+from pref_lightning.core.metrics import competition_log_loss, gain_over
 from pref_lightning.core.runtime import instantiate_list, set_runtime_defaults
 from pref_lightning.data.datamodule import PreferenceDataModule
 from pref_lightning.data.records import FLOAT_FORMAT
@@ -243,7 +243,7 @@ def run_metrics(results: dict[str, float], calibration: dict[str, Any], model: P
     }
     for reference in ("prior", "uniform", "val_prior", "baseline"):  # gains over each reference present
         if f"{reference}_log_loss" in metrics:
-            metrics[f"gain_over_{reference}"] = metrics[f"{reference}_log_loss"] - metrics["val_log_loss"]
+            metrics[f"gain_over_{reference}"] = gain_over(metrics[f"{reference}_log_loss"], metrics["val_log_loss"])
     metrics["warnings"] = health_warnings(metrics)
     if datamodule.n_folds:
         metrics.update(n_folds=datamodule.n_folds, fold=datamodule.fold)
