@@ -33,6 +33,7 @@ from typing import Any
 from packaging.requirements import Requirement
 
 from pref_lightning.core import cli
+from pref_lightning.core.cli import say
 from pref_lightning.core.errors import MissingFileError, UserError
 from pref_lightning.core.runinfo import git_commit, utc_now
 from pref_lightning.model.checkpoint import CHECKPOINT_KEY, load_checkpoint
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     manifest = cli.run(lambda: pack(args.out, ckpt_arguments(args.checkpoints), skip, args.dataset,
                                     wheels=not args.no_wheels))
     kit = json.loads(manifest.read_text())
-    print(f"[pref-lightning] kit in {manifest.parent}: {len(kit['wheels'])} wheels, {len(kit['checkpoints'])} "
+    say(f"kit in {manifest.parent}: {len(kit['wheels'])} wheels, {len(kit['checkpoints'])} "
           f"checkpoint(s), notebook.ipynb (Python {kit['python']}, {kit['platform']}); upload the folder as the "
           f"Kaggle dataset {kit['dataset']!r}")
 

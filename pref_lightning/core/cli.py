@@ -124,6 +124,13 @@ def current_targets(node: Any) -> Any:
     return node
 
 
+def say(message: str) -> None:
+    """One `[pref-lightning] ...` line for the user on stdout, from the first process only (DDP ranks > 0 run
+    the same code): every message of this package that is not a log record or an `error:` line."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(f"[pref-lightning] {message}", flush=True)
+
+
 def user_error(err: BaseException) -> UserError | None:
     """`err` itself when a `UserError`, or the `UserError` that Hydra's `instantiate` wrapped in its
     "Error in call to target" exception (a constructor refusing a setting); a config naming a module of the

@@ -74,6 +74,12 @@ def class_prior(labels: np.ndarray, n_classes: int = 3) -> np.ndarray:
     return counts / counts.sum()
 
 
+def gain_over(reference_log_loss: float, log_loss_value: float) -> float:
+    """How many nats a model's log loss is below a reference predictor's (the prior, uniform, a baseline) on
+    the same rows: positive when the model is better. The one definition of every `gain_over_*` figure."""
+    return float(reference_log_loss) - float(log_loss_value)
+
+
 def prior_log_loss(train_labels: np.ndarray, eval_labels: np.ndarray, n_classes: int = 3) -> float:
     """Log loss on `eval_labels` of always predicting the class frequencies of `train_labels`."""
     prior = class_prior(train_labels, n_classes)

@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from pref_lightning.core.cli import say
 from pref_lightning.core.errors import MissingFileError, UserError
 from pref_lightning.data.tokenizers import (
     TRUST_REMOTE_CODE,
@@ -103,8 +104,8 @@ def check_hub_backbone(name: str, key: str = "model.backbone") -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"  # DDP ranks and workers inherit it
         constants.HF_HUB_OFFLINE = True
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"[pref-lightning] {key}={name}: the hub is unreachable; loading it from the local "
-                  f"Hugging Face cache ({constants.HF_HUB_CACHE})", flush=True)
+            say(f"{key}={name}: the hub is unreachable; loading it from the local "
+                  f"Hugging Face cache ({constants.HF_HUB_CACHE})")
         return
     why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") \
         else "the hub is unreachable"

@@ -11,13 +11,13 @@ adjusted the same way, in one line (`check_hardware`).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from transformers import AutoConfig, PretrainedConfig
 
+from pref_lightning.core.cli import say
 from pref_lightning.core.errors import UserError
 from pref_lightning.core.runinfo import cpu_has_native_bf16
 from pref_lightning.model.backbone import (
@@ -162,12 +162,6 @@ def check_fsdp(trainer: DictConfig, precision: str, on_cpu: bool) -> None:
     if precision not in FSDP_PRECISIONS and precision not in ("16-mixed", "16"):
         raise UserError(f"trainer.precision={precision} with trainer=fsdp; choose one of "
                         f"{', '.join(p for p in FSDP_PRECISIONS if p != '32')}")
-
-
-def say(message: str) -> None:
-    """One line from the first process only (DDP ranks > 0 run the same checks)."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        print(f"[pref-lightning] {message}", flush=True)
 
 
 def hydra_choices(groups: tuple[str, ...]) -> dict[str, str]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pref_lightning.core import cli
+from pref_lightning.core.cli import say
 from pref_lightning.core.errors import UserError
 from pref_lightning.model.checkpoint import CHECKPOINT_KEY, load_checkpoint
 from pref_lightning.model.lora import BACKBONE_PREFIX, base_identity
@@ -113,10 +114,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "export":
         path = cli.run(lambda: export_merged(args.checkpoint, args.out, args.backbone))
-        print(f"[pref-lightning] merged model folder: {path.parent}; predict with ckpt_path={path}")
+        say(f"merged model folder: {path.parent}; predict with ckpt_path={path}")
     else:
         path = cli.run(lambda: average_adapters(args.checkpoints, args.out))
-        print(f"[pref-lightning] averaged {len(args.checkpoints)} adapters into {path}")
+        say(f"averaged {len(args.checkpoints)} adapters into {path}")
 
 
 

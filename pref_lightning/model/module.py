@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from pref_lightning.core.cli import say
 from pref_lightning.core.errors import UserError
 from pref_lightning.core.losses import batch_loss
 from pref_lightning.core.metrics import PROB_FLOOR, LogLoss, PaddingEfficiency
@@ -137,7 +138,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
     def on_fit_start(self) -> None:
         self._flush_denormals()
         if self.base_model is not None and self.trainer.is_global_zero:
-            print(f"[pref-lightning] {trainable_summary(self)}", flush=True)
+            say(f"{trainable_summary(self)}")
 
     def on_train_epoch_start(self) -> None:
         self._flush_denormals()

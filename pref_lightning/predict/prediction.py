@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from pref_lightning.core.cli import say
 from pref_lightning.core.distributed import all_ranks, hydra_job_processes
 from pref_lightning.core.errors import MissingFileError
 from pref_lightning.core.metrics import competition_log_loss, mix_floor
@@ -21,7 +22,7 @@ from pref_lightning.data.loaders import predict_loader
 from pref_lightning.data.records import PairRecord, label_array
 from pref_lightning.data.submission import submission_format, write_submission
 from pref_lightning.model.checkpoint import check_checkpoint_file, recorded_precision
-from pref_lightning.model.compat import check_hardware, check_max_length, say
+from pref_lightning.model.compat import check_hardware, check_max_length
 from pref_lightning.model.module import PreferenceModule
 from pref_lightning.predict.ensemble import check_mode, checkpoint_paths, combine, ensemble_weights
 
@@ -65,9 +66,9 @@ def _predict(cfg: DictConfig) -> Path:
     probs = mix_floor(combine([logits for _, logits, _ in members], weights, mode), floor)
     output_path = write_submission(cfg.output_path, [r.id for r in records], probs, submission_format(cfg, records))
     if len(paths) > 1:
-        print(f"[pref-lightning] ensemble of {len(paths)} checkpoints, {mode} averaged, weights "
+        say(f"ensemble of {len(paths)} checkpoints, {mode} averaged, weights "
               f"{[round(float(w), 4) for w in weights]}")
-    print(f"[pref-lightning] wrote {len(records)} predictions to {output_path.resolve()}")
+    say(f"wrote {len(records)} predictions to {output_path.resolve()}")
     report_labelled(paths, members, records, probs)
     return output_path
 
@@ -103,10 +104,10 @@ def report_labelled(paths: list, members: list[Member], records: list[PairRecord
     if len(paths) > 1:
         for path, (_, logits, member_floor) in zip(paths, members):
             loss = competition_log_loss(torch.from_numpy(mix_floor(combine([logits], [1.0]), member_floor)), labels)
-            print(f"[pref-lightning] member {path}: log loss {float(loss):.4f}")
+            say(f"member {path}: log loss {float(loss):.4f}")
     loss = competition_log_loss(torch.from_numpy(probs), labels)
     accuracy = float((probs.argmax(1) == labels.numpy()).mean())
-    print(f"[pref-lightning] input has labels: log loss {float(loss):.4f}, accuracy {accuracy:.4f}")
+    say(f"input has labels: log loss {float(loss):.4f}, accuracy {accuracy:.4f}")
 
 
 GPU_PREDICT_TOKENS = 65536  # max_tokens=auto on a CUDA GPU

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pref_lightning.core.cli import say
 from pref_lightning.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def exit_after_sigterm(trainer: L.Trainer, run_dir: Path) -> NoReturn:
     """
     saved = next((c.saved_path for c in trainer.callbacks if isinstance(c, SigtermCheckpoint)), None)
     if trainer.is_global_zero:
-        print(f"[pref-lightning] SIGTERM: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}"
+        say(f"SIGTERM: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}"
               + (f"; resume with: python train.py ckpt_path=last hydra.run.dir={run_dir}" if saved else ""))
     launcher = trainer.strategy.launcher
     if launcher is not None and hasattr(launcher, "procs"):

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from pref_lightning.core.distributed import settle_logged_metrics
 from pref_lightning.core.errors import UserError
-from pref_lightning.core.metrics import CLASS_LABELS, EPS, competition_log_loss
+from pref_lightning.core.metrics import CLASS_LABELS, EPS, competition_log_loss, gain_over
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class PriorGuard(L.Callback):
             "rows": int(round(n)),
             "val_log_loss": val_log_loss,
             "prior_log_loss": prior_log_loss,
-            "gain": prior_log_loss - val_log_loss,
+            "gain": gain_over(prior_log_loss, val_log_loss),
             "pred_entropy": pred_entropy,
             "prior_entropy": prior_entropy,
             "collapsed": abs(pred_entropy - prior_entropy) <= self.entropy_tolerance,

@@ -15,7 +15,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pref_lightning.core.atomic import atomic_path, atomic_write_text
-from pref_lightning.core.metrics import CLASS_LABELS
+from pref_lightning.core.metrics import CLASS_LABELS, gain_over
 
 PLOTS = ("curves", "reliability", "confusion", "probabilities")
 # CSVLogger columns drawn on the curves plot, with their legend names
@@ -236,7 +236,7 @@ def metrics_table(metrics: Mapping[str, Any]) -> list[str]:
     lines = ["| predictor | val log loss | gain over train prior | gain over uniform | gain over val prior "
              "| val accuracy |", "|---|---:|---:|---:|---:|---:|"]
     for name, loss, accuracy in rows:
-        gains = [_fmt(ref - loss if ref is not None and loss is not None else None) for ref in refs]
+        gains = [_fmt(gain_over(ref, loss) if ref is not None and loss is not None else None) for ref in refs]
         lines.append(f"| {name} | {_fmt(loss)} | {' | '.join(gains)} | {_fmt(accuracy)} |")
     return lines
 

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from pref_lightning.core.cli import current_targets
+from pref_lightning.core.cli import current_targets, say
 from pref_lightning.core.errors import MissingFileError, UserError
 from pref_lightning.model.checkpoint import check_checkpoint_file
 
@@ -44,7 +44,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         # never guess another folder: DDP ranks and multirun jobs must all resolve the same file
         others = same_config_runs(cfg, run_dir)
         hint = f"; the newest run of this config with one is {others[-1]} (pass it as ckpt_path)" if others else ""
-        print(f"[pref-lightning] ckpt_path=last: no last.ckpt in {run_dir / 'checkpoints'}, starting fresh{hint}")
+        say(f"ckpt_path=last: no last.ckpt in {run_dir / 'checkpoints'}, starting fresh{hint}")
         return None
     path = Path(str(value))
     if path.is_dir():

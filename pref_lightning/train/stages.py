@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pref_lightning.core.cli import say
 from pref_lightning.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ def ensure_stage(stage: Mapping[str, Any] | None, data_dir: str, seed: int) -> P
                         f"train that stage first: python train.py experiment={stage['experiment']} hydra.run.dir={stage['dir']}")
     command = [sys.executable, "-m", "pref_lightning.train", f"experiment={stage['experiment']}", f"hydra.run.dir={stage['dir']}",
                f"paths.data_dir={data_dir}", f"seed={seed}", *[str(o) for o in stage.get("overrides") or []]]
-    print(f"[pref-lightning] stage {stage['experiment']}: no {checkpoint}; training it first "
-          f"({' '.join(command[1:])})", flush=True)
+    say(f"stage {stage['experiment']}: no {checkpoint}; training it first "
+          f"({' '.join(command[1:])})")
     if subprocess.run(command).returncode != 0 or not checkpoint.is_file():
         raise UserError(f"stage {stage['experiment']} failed (see its output above); run it by hand: "
                         f"python {' '.join(command[1:])}")

@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pref_lightning.core.atomic import atomic_write_text
+from pref_lightning.core.cli import say
 from pref_lightning.core.metrics import CLASS_COLUMNS, competition_log_loss
 from pref_lightning.data.records import FLOAT_FORMAT
 from pref_lightning.train.resume import identity_difference
@@ -73,8 +74,8 @@ def sweep_job_subdir(num: Any, *, _root_: DictConfig) -> str:
     if chosen != str(num):
         why = (f"{own} holds the run of another configuration ({identity_difference(held[own], mine)})"
                if held[own] is not None else f"{own} holds no run")
-        print(f"[pref-lightning] job {num}: {why}; this job trains in {sweep / chosen}, "
-              + ("the folder of its own configuration" if same is not None else "a new folder"), flush=True)
+        say(f"job {num}: {why}; this job trains in {sweep / chosen}, "
+              + ("the folder of its own configuration" if same is not None else "a new folder"))
     _chosen[key] = chosen
     return chosen
 
@@ -111,12 +112,12 @@ class SweepSummary(Callback):
             return
         summary = summarise_sweep(sweep_dir)
         if summary is not None:
-            print(f"[pref-lightning] sweep summary ({sweep_dir / 'summary.csv'}), best first:")
+            say(f"sweep summary ({sweep_dir / 'summary.csv'}), best first:")
             print(summary.drop(columns=["run_dir"]).to_string(index=False))
         for result in combine_folds(sweep_dir):
             loss = f"log loss {result['cv_log_loss']:.4f}" + (
                 f" (calibrated; uncalibrated {result['cv_log_loss_uncalibrated']:.4f})" if result["calibrated"] else "")
-            print(f"[pref-lightning] cross-validation over {result['n_folds']} folds ({result['rows']} rows)"
+            say(f"cross-validation over {result['n_folds']} folds ({result['rows']} rows)"
                   f"{' ' + result['name'] if result['name'] else ''}: {loss}, "
                   f"accuracy {result['cv_accuracy']:.4f} -> {sweep_dir / result['oof_file']}")
 
@@ -196,8 +197,8 @@ def remove_stale_combined(sweep_dir: Path, written: set[str]) -> list[Path]:
     for path in stale:
         path.unlink()
     if stale:
-        print(f"[pref-lightning] removed {', '.join(p.name for p in stale)} from {sweep_dir}: an earlier combination "
-              "of fold runs that no longer matches the runs there", flush=True)
+        say(f"removed {', '.join(p.name for p in stale)} from {sweep_dir}: an earlier combination "
+              "of fold runs that no longer matches the runs there")
     return stale
 
 

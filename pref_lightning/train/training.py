@@ -17,9 +17,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from pref_lightning.core.atomic import atomic_write_text
+from pref_lightning.core.cli import say
 from pref_lightning.core.distributed import all_ranks, hydra_job_processes
 from pref_lightning.core.errors import UserError
-from pref_lightning.core.metrics import competition_log_loss
+from pref_lightning.core.metrics import competition_log_loss, gain_over
 from pref_lightning.core.runtime import instantiate_list, set_runtime_defaults
 from pref_lightning.data.datamodule import PreferenceDataModule
 from pref_lightning.data.records import FLOAT_FORMAT
@@ -242,7 +243,7 @@ def run_metrics(results: dict[str, float], calibration: dict[str, Any], model: P
     }
     for reference in ("prior", "uniform", "val_prior", "baseline"):  # gains over each reference present
         if f"{reference}_log_loss" in metrics:
-            metrics[f"gain_over_{reference}"] = metrics[f"{reference}_log_loss"] - metrics["val_log_loss"]
+            metrics[f"gain_over_{reference}"] = gain_over(metrics[f"{reference}_log_loss"], metrics["val_log_loss"])
     metrics["warnings"] = health_warnings(metrics)
     if datamodule.n_folds:
         metrics.update(n_folds=datamodule.n_folds, fold=datamodule.fold)
@@ -298,16 +299,16 @@ def write_outputs(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any], model
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if cfg.get("report", True):
         report = write_report(run_dir, cfg, metrics, val_probs, val_labels.numpy(), csv_metrics_path(trainer))
-        print(f"[pref-lightning] report: {report}")
-    print(f"[pref-lightning] run folder: {run_dir}")
-    print(f"[pref-lightning] best checkpoint: {metrics['best_checkpoint']}")
-    print(f"[pref-lightning] metrics: {run_dir / 'metrics.json'}")
+        say(f"report: {report}")
+    say(f"run folder: {run_dir}")
+    say(f"best checkpoint: {metrics['best_checkpoint']}")
+    say(f"metrics: {run_dir / 'metrics.json'}")
     summary = {k: round(metrics[k], 4) for k in ("val_log_loss", "val_log_loss_calibrated", "prior_log_loss",
                                                   "oracle_log_loss", "val_accuracy") if k in metrics}
-    print(f"[pref-lightning] {summary}")
+    say(f"{summary}")
     for warning in metrics["warnings"]:
         log.warning(warning)
-        print(f"[pref-lightning] WARNING: {warning}")
+        say(f"WARNING: {warning}")
 
 
 def write_fold_files(run_dir: Path, datamodule: PreferenceDataModule, probs: np.ndarray, labels: np.ndarray) -> None:
