@@ -236,7 +236,9 @@ def readme_runs(tmp_path_factory, synthetic_frame, local_backbone_dir):
     only = os.environ.get("README_COMMANDS_ONLY")  # a regex, to rerun some commands while fixing them
     if only:
         todo = [c for c in todo if re.search(only, key_of(c)) or "hydra.run.dir=runs/" in key_of(c)]
-    for argv in sorted(todo, key=phase):
+    # both resume commands start from a fresh copy of runs/a in RESUME_DIR: the one that trains on inside it
+    # (hydra.run.dir=RESUME_DIR) runs last, so that the other's copy does not wipe what its check reads
+    for argv in sorted(todo, key=lambda c: (phase(c), f"hydra.run.dir={RESUME_DIR}" in key_of(c))):
         key = key_of(argv)
         if key in results:
             continue  # the same command twice in the README (python train.py) runs once
