@@ -43,6 +43,11 @@ VARIANTS: dict[str, list[str]] = {
     "interaction_lr_1e-3": ["model.lr=1e-3", "model.head_lr=1e-3"],
     "interaction_last_hidden_lr_1e-3": ["model.interaction=prompt_answer", "model.lr=1e-3", "model.head_lr=1e-3"],
     "max_length_64_two_epochs": ["data.max_length=64", "trainer.max_epochs=2"],
+    # the control that tells capacity from mechanism: the pretrained all-MiniLM-L6-v2 (22M parameters, offline
+    # extra `minilm`) with its own model config (no interaction, lr 5e-5, head lr 1e-3) on the same rows
+    "minilm_control": ["model=minilm"],
+    # the token-level match (MaxSim with learned prompt-token weights) beside the mean-pooled one
+    "maxsim": ["model.interaction=prompt_answer_maxsim_embeddings"],
 }
 
 

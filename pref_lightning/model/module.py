@@ -268,8 +268,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        head_params = [*self.head.parameters(), *(self.anchor.parameters() if self.anchor is not None else [])]
-        groups = parameter_groups(self.backbone, head_params, hp.lr, hp.head_lr, hp.weight_decay, hp.layer_lr_decay)
+        groups = parameter_groups(self.backbone, self.fresh_parameters(), hp.lr, hp.head_lr, hp.weight_decay, hp.layer_lr_decay)
         return optimizer_and_schedule(groups, hp.lr, self.trainer.estimated_stepping_batches, hp.warmup_ratio,
                                       hp.schedule, hp.min_lr_ratio)
 
