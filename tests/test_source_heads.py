@@ -192,3 +192,19 @@ def test_opposite_labels_in_an_extra_source_no_longer_bend_the_training_files_he
     heads = fit_and_validate(datamodule(opposite_files, ["flipped.csv"], tiny_tokenizer), tiny_tokenizer, True)
     assert shared > 0.6  # near ln 2 = 0.69 (no ties anywhere): the two sources cancel
     assert heads < shared - 0.3, (shared, heads)
+
+
+def test_init_from_a_one_head_checkpoint_starts_the_shared_head_and_source_zero(opposite_files, tiny_tokenizer):
+    from pref_lightning.model.stages import apply_init
+
+    dm = datamodule(opposite_files, ["flipped.csv"], tiny_tokenizer, batch_size=16)
+    one = tiny_module(tiny_tokenizer, dm.spec)
+    torch.manual_seed(1)
+    many = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), head_hidden=16,
+                            spec=dm.spec, source_heads=True)
+    fresh = many.head.source_outputs["mlp"][0].weight.detach().clone()
+    info = apply_init(many, {"state_dict": one.state_dict(), "path": "one.ckpt", "n_classes": 3})
+    assert info["head"] == "loaded"
+    assert torch.equal(many.head.mlp[-1].weight, one.head.mlp[-1].weight)
+    assert torch.equal(many.head.mlp[0].weight, one.head.mlp[0].weight)
+    assert torch.equal(many.head.source_outputs["mlp"][0].weight, fresh)  # no stored layer: stays as built
