@@ -16,7 +16,9 @@ class PairCollator:
     Rows 0..B-1 are the A sides, rows B..2B-1 the B sides (cross layout: rows 0..B-1 the pairs in order
     (A, B), rows B..2B-1 the same pairs with the answers exchanged); `stats` is (2B, F): A's, then B's.
     Training batches may also hold `ties` (B,) bool and `weight` (B,) float32 (only when some row is
-    tie-less or weighted) and `targets` (B, K) float32 (when the rows carry teacher targets): see losses.py. L is the longest sequence in the batch,
+    tie-less or weighted), `source` (B,) long (only when some row comes from an extra source: its index,
+    0 the training file) and `targets` (B, K) float32 (when the rows carry teacher targets): see losses.py
+    and `model.source_heads`. L is the longest sequence in the batch,
     rounded up to `pad_to_multiple_of` (8 suits tensor cores on GPUs). A batch holding padding rows
     (DDP evaluation, see `sampler.py`) also has `valid`: False for those rows; other batches have none.
     """
@@ -49,6 +51,8 @@ class PairCollator:
             batch["ties"] = torch.tensor([item.ties for item in items], dtype=torch.bool)
         if any(item.weight != 1.0 for item in items):
             batch["weight"] = torch.tensor([item.weight for item in items], dtype=torch.float32)
+        if any(item.source for item in items):
+            batch["source"] = torch.tensor([item.source for item in items], dtype=torch.long)
         if items[0].target is not None:
             batch["targets"] = torch.from_numpy(np.stack([item.target for item in items]).astype(np.float32))
         if items[0].stats_a is not None:

@@ -50,6 +50,10 @@ class EncodingSpec:
     - `stats_features`: names of the per-side statistics (`stats` columns of a batch);
       `stats_norm`: their normalisation fitted on the training split (`stats_norm.py`), None before
       fitting.
+    - `n_sources`: the training sources, a data fact the datamodule sets (not a setting): the training file
+      (source 0) then each `data.sources[]` entry in order; a training batch's `source` (B,) holds indices
+      below it. `model.source_heads=true` gives each source its own output layer (head.py). 1 in every
+      checkpoint written before it existed.
 
     Raises `UserError` (one line naming the `data.` key) for a value outside its range.
     """
@@ -64,11 +68,13 @@ class EncodingSpec:
     n_classes: int = 3
     stats_features: tuple[str, ...] = STATS_FEATURES
     stats_norm: Mapping[str, Any] | None = field(default=None, compare=True, hash=False)
+    n_sources: int = 1
 
     def __post_init__(self) -> None:
         # plain types, whatever the caller passed (OmegaConf nodes, numpy numbers, lists)
         for name, kind in (("max_length", int), ("prompt_fraction", float), ("head_fraction", float),
-                           ("naive_truncation", bool), ("n_classes", int)):
+                           ("naive_truncation", bool), ("n_classes", int),
+                           ("n_sources", int)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "stats_features", tuple(str(s) for s in self.stats_features))
         if self.stats_norm is not None:
@@ -96,6 +102,8 @@ class EncodingSpec:
                             f"known: {', '.join(STATS_FEATURES)}")
         if self.n_classes not in CLASS_COUNTS:
             raise UserError(f"data.n_classes={self.n_classes}; choose 2 (A/B) or 3 (A/B/tie)")
+        if self.n_sources < 1:
+            raise UserError(f"n_sources={self.n_sources}: a run has at least one training source (its training file)")
 
     @property
     def n_stats(self) -> int:
@@ -107,10 +115,10 @@ class EncodingSpec:
         return dataclasses.replace(self, **changes)
 
     def tokenization_key(self) -> dict[str, Any]:
-        """The settings tokenized pairs depend on (the cache key's share): all but the classes and the
-        fitted normalisation, which are applied after tokenizing. `truncation_side` only when not `budgeted`
+        """The settings tokenized pairs depend on (the cache key's share): all but the classes, the sources
+        and the fitted normalisation, which are applied after tokenizing. `truncation_side` only when not `budgeted`
         (its default), so that pairs cached before it existed stay valid."""
-        key = {k: v for k, v in self.to_dict().items() if k not in ("n_classes", "stats_norm")}
+        key = {k: v for k, v in self.to_dict().items() if k not in ("n_classes", "stats_norm", "n_sources")}
         if key["truncation_side"] == "budgeted":
             del key["truncation_side"]
         return key

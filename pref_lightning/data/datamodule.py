@@ -243,7 +243,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.train_set is None:
             data = self.load_records()
             self.train_set, self.val_set, stats_norm = encode_splits(data, encoder, self.encoding.stats_norm)
-            self._spec = self.encoding.replace(stats_norm=stats_norm)
+            # the data facts the model is built with: the fitted normalisation and the training sources
+            self._spec = self.encoding.replace(stats_norm=stats_norm, n_sources=data.n_sources)
             for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
                 if not len(dataset):
                     raise UserError(f"{self.source_name}: no {name} rows")

@@ -180,7 +180,9 @@ class TrainingData:
     """The records of a training run, split; everything later steps read about them.
 
     `train_records` are the training split's rows of the training file, then the extra sources' rows;
-    `ties` / `loss_weights` / `pseudo_targets` (None: all True / 1 / None) are per training row.
+    `ties` / `loss_weights` / `pseudo_targets` / `sources` (None: all True / 1 / None / 0) are per training
+    row; `sources` holds each row's source index (0 the training file, i + 1 the i-th extra source) and
+    `n_sources` counts them (1 + the number of extra sources configured, whether or not each added rows).
     `train_rows` / `val_rows`: (cached file, row positions) when the split came from the cache.
     """
 
@@ -196,6 +198,8 @@ class TrainingData:
     ties: np.ndarray | None = None
     loss_weights: np.ndarray | None = None
     pseudo_targets: list[np.ndarray | None] | None = None
+    sources: np.ndarray | None = None
+    n_sources: int = 1
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -370,6 +374,10 @@ def _load_adapted(files: DataFiles, split: SplitPolicy) -> TrainingData:
                                                           for c in source_counts])
     data.loss_weights = np.concatenate([np.ones(n_file)] + [np.full(c["added_to_train"], c["loss_weight"])
                                                             for c in source_counts])
+    # each row's source: 0 the training file, i + 1 the i-th extra source (its own head: model.source_heads)
+    data.sources = np.concatenate([np.zeros(n_file, np.int64)] + [np.full(c["added_to_train"], i + 1, np.int64)
+                                                                  for i, c in enumerate(source_counts)])
+    data.n_sources = 1 + len(files.sources)
     data.train_records = data.train_records + extra
     data.data_counts = {"train_file": file_counts, "sources": source_counts,
                         "train_rows": len(data.train_records), "val_rows": len(data.val_records)}

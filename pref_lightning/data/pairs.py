@@ -52,6 +52,9 @@ class EncodedPair:
     ties: bool = True
     weight: float = 1.0
     target: np.ndarray | None = None
+    # training only: the row's source, 0 the training file, i + 1 the i-th data.sources[] entry (the output
+    # layer it trains with model.source_heads=true; validation and prediction rows are all source 0)
+    source: int = 0
 
     def __len__(self) -> int:
         return len(self.ids_a) if self.ids_b is None else max(len(self.ids_a), len(self.ids_b))

@@ -43,8 +43,8 @@ class TeacherSettings:
 
 
 def attach_row_targets(pairs: list[EncodedPair], data: TrainingData, teacher: TeacherSettings) -> dict[str, Any] | None:
-    """Set, per training pair (in `data.train_records` order), its `ties` flag and loss `weight` (extra sources)
-    and its `target` probabilities (n_classes,): the teacher's mixed with the hard label, a pseudo-labelled
+    """Set, per training pair (in `data.train_records` order), its `ties` flag, loss `weight` and `source` index
+    (extra sources) and its `target` probabilities (n_classes,): the teacher's mixed with the hard label, a pseudo-labelled
     row's own teacher's, or, without a teacher, none (the hard label) unless some row has a pseudo target.
     Returns the teacher's counts for `data_counts["teacher"]` (None without a teacher).
 
@@ -52,6 +52,9 @@ def attach_row_targets(pairs: list[EncodedPair], data: TrainingData, teacher: Te
     if data.ties is not None:
         for pair, ties, weight in zip(pairs, data.ties, data.loss_weights):
             pair.ties, pair.weight = bool(ties), float(weight)
+    if data.sources is not None:
+        for pair, source in zip(pairs, data.sources):
+            pair.source = int(source)
     pseudo = data.pseudo_targets or []
     if not teacher.path:
         if any(t is not None for t in pseudo):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -81,8 +81,37 @@ def mlp(in_size: int, hidden: int, out_size: int, dropout: float) -> nn.Sequenti
 
 
 def output_layers(head: nn.Module) -> list[nn.Linear]:
-    """The last Linear of each of the head's MLPs (what the anchored head starts at zero)."""
-    return [m[-1] for m in head.modules() if isinstance(m, nn.Sequential) and isinstance(m[-1], nn.Linear)]
+    """The last Linear of each of the head's MLPs and every extra source's output layer (model.source_heads):
+    what the anchored head starts at zero."""
+    layers = [m[-1] for m in head.modules() if isinstance(m, nn.Sequential) and isinstance(m[-1], nn.Linear)]
+    extra = getattr(head, "source_outputs", None)
+    if extra is not None:
+        layers += [layer for outputs in extra.values() for layer in outputs]
+    return layers
+
+
+def build_source_outputs(mlps: Mapping[str, nn.Sequential], n_sources: int) -> nn.ModuleDict | None:
+    """`model.source_heads`: for each MLP of a head (by its attribute name), one more output layer per extra
+    training source (sources 1 .. n_sources - 1), shaped as the MLP's own last Linear, which stays source 0's
+    (the training file's: the head validation, prediction and checkpoints use, under its old name). None for
+    a single source: the head is exactly the one-head model."""
+    if n_sources <= 1:
+        return None
+    return nn.ModuleDict({name: nn.ModuleList(nn.Linear(m[-1].in_features, m[-1].out_features)
+                                               for _ in range(n_sources - 1)) for name, m in mlps.items()})
+
+
+def routed(mlp_: nn.Sequential, extra: nn.ModuleList | None, x: torch.Tensor,
+           source: torch.Tensor | None) -> torch.Tensor:
+    """`mlp_(x)` (n, out) with each row's output layer chosen by its `source` (n,) long: 0 the MLP's own
+    last Linear, s > 0 `extra[s - 1]`, all over the shared trunk `mlp_[:-1]`. A row's loss reaches only its
+    own source's output layer (the others get zero gradient from it). `source` None or no `extra`: `mlp_(x)`."""
+    if extra is None or source is None:
+        return mlp_(x)
+    trunk = mlp_[:-1](x)
+    outs = torch.stack([mlp_[-1](trunk), *(layer(trunk) for layer in extra)], 1)  # (n, n_sources, out)
+    index = source.to(device=x.device, dtype=torch.long).view(-1, 1, 1).expand(-1, 1, outs.shape[-1])
+    return outs.gather(1, index).squeeze(1)
 
 
 class PairHead(nn.Module):
@@ -93,10 +122,15 @@ class PairHead(nn.Module):
     (self, other, self-other, self*other), applied as f(a, b) and f(b, a); another scores the tie from
     the order-free (a+b, |a-b|, a*b). Swapping A and B swaps the two win logits exactly and leaves the
     tie logit unchanged. Freshly initialised, so it gets its own (higher) learning rate.
+
+    `n_sources` > 1 (`model.source_heads`): each MLP's last Linear is source 0's and every extra training
+    source has its own output layer beside it (`source_outputs`, `routed`); `forward(..., source=None)` is
+    source 0's head. Symmetric: per source, its own win and tie output layers, so it stays equivariant.
     """
 
     def __init__(self, in_size: int, combine: Sequence[str] = ("a", "b", "diff", "prod"), hidden: int = 256,
-                 dropout: float = 0.0, n_classes: int = 3, stats_size: int = 0, symmetric: bool = False) -> None:
+                 dropout: float = 0.0, n_classes: int = 3, stats_size: int = 0, symmetric: bool = False,
+                 n_sources: int = 1) -> None:
         super().__init__()
         unknown = [c for c in combine if c not in COMBINATIONS]
         if unknown or not combine:
@@ -111,8 +145,14 @@ class PairHead(nn.Module):
         if symmetric:
             self.win = mlp(4 * side, hidden, 1, dropout)
             self.tie = mlp(3 * side, hidden, 1, dropout)
+            self.source_outputs = build_source_outputs({"win": self.win, "tie": self.tie}, n_sources)
         else:
             self.mlp = mlp(side * len(self.combine), hidden, n_classes, dropout)
+            self.source_outputs = build_source_outputs({"mlp": self.mlp}, n_sources)
+
+    def _run(self, name: str, x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        extra = None if self.source_outputs is None else self.source_outputs[name]
+        return routed(getattr(self, name), extra, x, source)
 
     def features(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         parts = {"a": lambda: a, "b": lambda: b, "diff": lambda: a - b, "prod": lambda: a * b,
@@ -120,39 +160,43 @@ class PairHead(nn.Module):
         return torch.cat([parts[c]() for c in self.combine], dim=-1)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, stats_a: torch.Tensor | None = None,
-                stats_b: torch.Tensor | None = None) -> torch.Tensor:
+                stats_b: torch.Tensor | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, K) logits of sides `a`, `b` (n, in_size) and statistics (n, stats_size); `source` (n,) long picks
+        each row's output layer (None: source 0's, the training file's)."""
         a, b = self.norm(a), self.norm(b)
         if self.stats_size:
             if stats_a is None or stats_b is None:
                 raise ValueError("this head was built with text statistics; the batch has none")
             a, b = torch.cat([a, stats_a.to(a.dtype)], -1), torch.cat([b, stats_b.to(b.dtype)], -1)
         if not self.symmetric:
-            return self.mlp(self.features(a, b))
-        win_a = self.win(torch.cat([a, b, a - b, a * b], -1))
-        win_b = self.win(torch.cat([b, a, b - a, a * b], -1))
-        tie = self.tie(torch.cat([a + b, (a - b).abs(), a * b], -1))
+            return self._run("mlp", self.features(a, b), source)
+        win_a = self._run("win", torch.cat([a, b, a - b, a * b], -1), source)
+        win_b = self._run("win", torch.cat([b, a, b - a, a * b], -1), source)
+        tie = self._run("tie", torch.cat([a + b, (a - b).abs(), a * b], -1), source)
         return torch.cat([win_a, win_b, tie], -1)
 
 
 class CrossHead(nn.Module):
     """Cross-encoder layout: one pooled vector per row (prompt, A and B read together) -> 3 logits,
-    with the two sides' text statistics (and their difference) beside it when enabled."""
+    with the two sides' text statistics (and their difference) beside it when enabled; `n_sources` > 1: one
+    output layer per training source, as in `PairHead`."""
 
     def __init__(self, in_size: int, hidden: int = 256, dropout: float = 0.0, stats_size: int = 0,
-                 n_classes: int = 3) -> None:
+                 n_classes: int = 3, n_sources: int = 1) -> None:
         super().__init__()
         self.stats_size = stats_size
         self.norm = nn.LayerNorm(in_size)
         self.mlp = mlp(in_size + 3 * stats_size, hidden, n_classes, dropout)
+        self.source_outputs = build_source_outputs({"mlp": self.mlp}, n_sources)
 
     def forward(self, pooled: torch.Tensor, stats_a: torch.Tensor | None = None,
-                stats_b: torch.Tensor | None = None) -> torch.Tensor:
+                stats_b: torch.Tensor | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(pooled)
         if self.stats_size:
             if stats_a is None or stats_b is None:
                 raise ValueError("this head was built with text statistics; the batch has none")
             x = torch.cat([x, stats_a.to(x.dtype), stats_b.to(x.dtype), (stats_a - stats_b).to(x.dtype)], -1)
-        return self.mlp(x)
+        return routed(self.mlp, None if self.source_outputs is None else self.source_outputs["mlp"], x, source)
 
 
 HEADS = ("mlp", "verdict_tokens")

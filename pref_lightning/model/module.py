@@ -99,6 +99,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
         verdict_tokens: Sequence[str] = VERDICT_TOKENS,
         attn_softcapping: bool | None = None,
         interaction: str = "none",
+        source_heads: bool = False,
         tokenizer: str | None = None,
         tokenizer_vocab_size: int | None = None,
         cache_dir: str | None = None,
@@ -185,11 +186,13 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
             flip = flip_coins(len(labels), self._augment_generator(batch_idx), labels.device)
             a, b, stats_a, stats_b = swap_sides(flip, a, b, stats_a, stats_b)
             labels, targets = swap_labels(flip, labels, targets, swap)
-        logits = self.pair_logits(a, b, stats_a, stats_b)
+        source = batch.get("source")  # each row's training source: its own output layer (model.source_heads)
+        logits = self.pair_logits(a, b, stats_a, stats_b, source)
         loss = self._loss(logits, labels, batch, targets)
         if mode == "full":  # both orders in the same step
             swapped = None if targets is None else targets[:, swap]
-            loss = 0.5 * (loss + self._loss(self.pair_logits(b, a, stats_b, stats_a), swap[labels], batch, swapped))
+            loss = 0.5 * (loss + self._loss(self.pair_logits(b, a, stats_b, stats_a, source), swap[labels], batch,
+                                            swapped))
         return self._log_train(logits, labels, loss)
 
     def _cross_training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, labels: torch.Tensor,
@@ -204,7 +207,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
             labels, targets = swap_labels(flip, labels, targets, swap)
         else:
             rows = torch.arange(2 * n if mode == "full" else n, device=device)
-        logits = self.cross_logits(batch, rows)
+        logits = self.cross_logits(batch, rows, batch.get("source"))
         self._log_padding(batch["attention_mask"][rows])
         if mode != "full":
             return self._log_train(logits, labels, self._loss(logits, labels, batch, targets))

@@ -3,7 +3,7 @@ math from token ids to (n, K) logits, as a plain `nn.Module`. `PreferenceModule`
 plus the training loop, so every parameter keeps its name (`backbone.*`, `head.*`, `anchor.*`,
 `reward_head.*`, `text_scorer.*`) and checkpoints written before the split load unchanged.
 
-`PreferenceNetwork` is a little over 300 lines: 40 of them are its signature (33 plain arguments, the names
+`PreferenceNetwork` is a little over 300 lines: 40 of them are its signature (35 plain arguments, the names
 a checkpoint's hyperparameters use), and its encoding paths (padded, grouped, packed; siamese, cross) share
 the state the constructor sets up."""
 
@@ -141,6 +141,7 @@ class PreferenceNetwork(nn.Module):
         verdict_tokens: Sequence[str] = VERDICT_TOKENS,
         attn_softcapping: bool | None = None,
         interaction: str = "none",
+        source_heads: bool = False,
     ) -> None:
         super().__init__()
         if str(packed).lower() not in PACKED_MODES:
@@ -201,16 +202,24 @@ class PreferenceNetwork(nn.Module):
             self.text_scorer = PreferenceNetwork.from_hparams(text_anchor["hparams"], text_anchor["backbone_config"])
             self.text_scorer.requires_grad_(False).eval()
             stats_size += 1
+        # model.source_heads: one output layer per training source (spec.n_sources, the data's fact) over the
+        # shared encoder and trunk; source 0's (the training file's) is the head every evaluation reads
+        n_heads = self.spec.n_sources if source_heads else 1
+        if n_heads > 1 and self.verdict:
+            raise UserError("model.source_heads=true adds an output layer per source to an MLP head; "
+                            "model.head=verdict_tokens reads the LM head's own logits: use one or the other")
+        self.n_heads = n_heads
         if self.verdict:
             self.head = VerdictHead(verdict_ids(backbone, verdict_tokens, tokenizer_files, n_classes),
                                     stats_size, n_classes)
         elif layout == "cross":
             self.head = CrossHead(pooled_size(hidden, pooling), head_hidden, head_dropout, stats_size,
-                                  n_classes=n_classes)
+                                  n_classes=n_classes, n_sources=n_heads)
         elif layout == "siamese":
             self.head = PairHead(pooled_size(hidden, pooling) + interaction_size(hidden, interaction), combine,
                                  head_hidden, head_dropout,
-                                 n_classes=n_classes, stats_size=stats_size, symmetric=symmetric_head)
+                                 n_classes=n_classes, stats_size=stats_size, symmetric=symmetric_head,
+                                 n_sources=n_heads)
         else:  # EncodingSpec admits no other layout
             raise AssertionError(layout)
         # anchored head: the statistics' logistic regression as an offset, the head's last layer at zero
@@ -381,22 +390,35 @@ class PreferenceNetwork(nn.Module):
     def n_classes(self) -> int:
         return self.spec.n_classes
 
-    def cross_logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, *inputs: torch.Tensor | None, source: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's logits of `inputs`; `source` (n,) long picks each row's output layer with
+        `model.source_heads` (None, or a one-head model: source 0's, the training file's)."""
+        if self.n_heads > 1 and source is not None:
+            return self.head(*inputs, source=source)
+        return self.head(*inputs)
+
+    def cross_logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor,
+                     source: torch.Tensor | None = None) -> torch.Tensor:
         """(len(rows), K) logits of cross-layout rows: `batch` holds (2B, L) rows, row i < B showing pair i
         as (A, B) and row B + i as (B, A); the logits of an exchanged row are in its own order's classes
-        (its "A wins" means B wins). Statistics follow the same order: (2B, F), side A's then side B's."""
+        (its "A wins" means B wins). Statistics follow the same order: (2B, F), side A's then side B's.
+        `source` (B,) long: each pair's source (training with `model.source_heads`; None: source 0)."""
         pooled = self.encode_grouped(batch["input_ids"][rows], batch["attention_mask"][rows]).float()
+        if source is not None:
+            source = source.to(rows.device)[rows % len(source)]
         stats = batch.get("stats")
         if stats is None:
-            return self.anchored(self.head(pooled), None, None)
+            return self.anchored(self.head_logits(pooled, source=source), None, None)
         stats = stats.float()
         first, second = stats[rows], stats[(rows + len(stats) // 2) % len(stats)]
-        return self.anchored(self.head(pooled, first, second), first, second)
+        return self.anchored(self.head_logits(pooled, first, second, source=source), first, second)
 
     def pair_logits(self, a: torch.Tensor, b: torch.Tensor, stats_a: torch.Tensor | None,
-                    stats_b: torch.Tensor | None) -> torch.Tensor:
-        """(n, K) logits of side vectors (n, hidden) and statistics (n, n_stats): head, plus the anchor."""
-        return self.anchored(self.head(a, b, stats_a, stats_b), stats_a, stats_b)
+                    stats_b: torch.Tensor | None, source: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, K) logits of side vectors (n, hidden) and statistics (n, n_stats): head, plus the anchor.
+        `source` (n,) long: each row's training source, whose output layer scores it (`model.source_heads`;
+        None: source 0's, what validation and prediction read). The anchor is the same for every source."""
+        return self.anchored(self.head_logits(a, b, stats_a, stats_b, source=source), stats_a, stats_b)
 
     def anchored(self, logits: torch.Tensor, stats_a: torch.Tensor | None, stats_b: torch.Tensor | None) -> torch.Tensor:
         """`logits` plus the anchor's offset (anchored head), else unchanged."""

@@ -81,10 +81,14 @@ def apply_init(model: nn.Module, init: Mapping[str, Any]) -> dict[str, Any]:
         raise UserError(f"model.init_from={where}: its backbone is not this model's backbone "
                         f"({len(missing)} unknown and {len(wrong)} differently shaped tensors, e.g. {detail or 'none stored'}); "
                         "start from a checkpoint of the same backbone (model.backbone)")
-    head = {k: v for k, v in state.items() if k.startswith("head.")}
-    own_head = {k for k in own if k.startswith("head.")}
+    # the head compared without the extra sources' output layers (model.source_heads): a one-head checkpoint
+    # starts a source-heads model's shared head and source 0's output; the extra ones load when both have them
+    extra = "head.source_outputs."
+    head = {k: v for k, v in state.items() if k.startswith("head.") and not k.startswith(extra)}
+    own_head = {k for k in own if k.startswith("head.") and not k.startswith(extra)}
     same_head = bool(head) and set(head) == own_head and all(own[k].shape == v.shape for k, v in head.items())
-    loaded = {**backbone, **(head if same_head else {})}
+    outputs = {k: v for k, v in state.items() if k.startswith(extra) and k in own and own[k].shape == v.shape}
+    loaded = {**backbone, **({**head, **outputs} if same_head else {})}
     with torch.no_grad():
         for name, tensor in loaded.items():
             own[name].copy_(tensor.to(own[name].dtype))
