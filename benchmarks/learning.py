@@ -167,6 +167,8 @@ VARIANTS = {
     "with_extra": ("the extra shared sets mixed in as tie-aware sources (the recipe before 2026-12-04)",
                    ["<extra>"]),
     "ties_forced": ("every extra set treated as able to say tie (ties: true)", ["<ties_forced>"]),
+    "extra_source_heads": ("the extra shared sets mixed in, each source with its own output layer over the shared "
+                           "encoder and trunk (model.source_heads)", ["<extra>", "model.source_heads=true"]),
     "frozen_backbone": ("MiniLM frozen (backbone lr 0): head on fixed embeddings", ["model.lr=0"]),
 }
 DEFAULT_VARIANTS = "recipe,no_anchor,with_extra,ties_forced,frozen_backbone"
@@ -498,8 +500,9 @@ def part_recipe(work: Path, data_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="synthetic,recipe",
-                        help="synthetic,real,real_split,recipe,anchor (real is hours in full: name it, with its "
-                             "knobs; anchor: the anchored head's ablation at step 0, ~1 min)")
+                        help="synthetic,real,real_split,recipe,anchor,blend,lexical (real is hours in full: name it, "
+                             "with its knobs; anchor: the anchored head's ablation at step 0, ~1 min; lexical: "
+                             "the anchor with lexical prompt-answer features, ~1 min)")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer rows: a few minutes in all (real: {QUICK}, unless given)")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
@@ -547,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             run_anchor_ablation(args)
         if "blend" in parts:
             run_blend(args)
+        if "lexical" in parts:
+            run_lexical(args)
     if any(p in parts for p in ("synthetic", "real_split", "recipe")):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -581,6 +586,104 @@ def run_anchor_ablation(args: argparse.Namespace) -> None:
     args.real_out.parent.mkdir(parents=True, exist_ok=True)
     args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"written: {args.real_out} [{key}]")
+
+
+def lexical_columns(arena: list) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-side lexical prompt-answer features of the arena rows (side A's (n, c), side B's (n, c)), each
+    standardised over both sides: the Jaccard overlap of the prompt's and the answer's word sets (words of 3+
+    letters or digits, lower-cased), the TF-IDF cosine of prompt and answer (scikit-learn, fitted on every
+    prompt and answer text: no labels), and the TF-IDF cosine of the two answers (the same on both sides)."""
+    import re
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    word = re.compile(r"[a-z0-9]{3,}")
+
+    def text(turns):
+        return " ".join(t for t in turns if t and t != "<null>").lower()
+
+    prompts = [text(r.prompt) for r in arena]
+    answers = {"a": [text(r.response_a) for r in arena], "b": [text(r.response_b) for r in arena]}
+
+    def jaccard(p, a):
+        ps, as_ = set(word.findall(p)), set(word.findall(a))
+        return len(ps & as_) / len(ps | as_) if ps | as_ else 0.0
+
+    tfidf = TfidfVectorizer(sublinear_tf=True, min_df=2).fit(prompts + answers["a"] + answers["b"])
+    vp, va, vb = (tfidf.transform(t) for t in (prompts, answers["a"], answers["b"]))
+
+    def cosine(x, y):
+        return np.asarray(x.multiply(y).sum(1)).ravel()
+
+    jac = {s: np.array([jaccard(p, a) for p, a in zip(prompts, answers[s])]) for s in "ab"}
+    tf_pa = {"a": cosine(vp, va), "b": cosine(vp, vb)}
+    tf_ab = cosine(va, vb)
+    sets = {"jaccard_prompt_answer": ([jac["a"]], [jac["b"]]),
+            "tfidf_prompt_answer": ([tf_pa["a"]], [tf_pa["b"]]),
+            "tfidf_prompt_answer_and_answers": ([tf_pa["a"], tf_ab], [tf_pa["b"], tf_ab]),
+            "all_three": ([jac["a"], tf_pa["a"], tf_ab], [jac["b"], tf_pa["b"], tf_ab])}
+    out = {}
+    for name, (cols_a, cols_b) in sets.items():
+        a, b = np.stack(cols_a, 1), np.stack(cols_b, 1)
+        mean, std = np.concatenate([a, b]).mean(0), np.concatenate([a, b]).std(0) + 1e-9
+        out[name] = ((a - mean) / std, (b - mean) / std)
+    return out
+
+
+def anchor_lexical(data_dir: Path, fold_list: list[int], seed: int = 42) -> dict[str, dict]:
+    """`--parts lexical`: the anchored head's regression at step 0 (as `anchor_baseline`) with lexical
+    prompt-answer features (`lexical_columns`) beside the statistics, per fold: does a cheap text feature in
+    the anchor add what the statistics lack?"""
+    from pref_lightning.data.datamodule import PreferenceDataModule
+    from pref_lightning.model.anchor import anchor_log_loss, fit_anchor_on
+    from pref_lightning.model.backbone import load_tokenizer, resolve_backbone
+
+    arena, labels, _ = arena_folds(data_dir, seed)
+    row_of = {r.id: i for i, r in enumerate(arena)}
+    columns = lexical_columns(arena)
+    tokenizer = load_tokenizer(resolve_backbone("minilm"))
+    out: dict[str, dict] = {"statistics": {"what": "the anchor as it is (statistics alone)", "per_fold": {}}}
+    out.update({name: {"what": f"statistics + {name.replace('_', ' ')}", "per_fold": {}} for name in columns})
+    for k in fold_list:
+        dm = PreferenceDataModule(train_path=str(data_dir / ARENA), n_folds=N_FOLDS, fold=k, split_seed=seed,
+                                  max_length=256, batch_size=16, num_workers=0)
+        dm.attach_tokenizer(tokenizer)
+        dm.setup("fit")
+        stats_a, stats_b, val_labels = dm.split_statistics("val")
+        train_rows = np.array([row_of[i] for i in dm.train_ids])
+        val_rows = np.array([row_of[i] for i in dm.val_ids])
+        if not np.array_equal(labels[val_rows], val_labels):
+            raise RuntimeError(f"fold {k}: the datamodule's validation rows differ from the arena rows")
+        out["statistics"]["per_fold"][str(k)] = anchor_log_loss(fit_anchor_on(dm), stats_a, stats_b, val_labels,
+                                                                True, 0.002)
+        for name, (col_a, col_b) in columns.items():
+            def side_columns(pairs, col_a=col_a, col_b=col_b, train_rows=train_rows):
+                if len(pairs) != len(train_rows):
+                    raise RuntimeError("the anchor's rows are not the fold's training rows")
+                return col_a[train_rows], col_b[train_rows]
+            anchor = fit_anchor_on(dm, side_columns=side_columns)
+            out[name]["per_fold"][str(k)] = anchor_log_loss(
+                anchor, np.concatenate([stats_a, col_a[val_rows]], 1), np.concatenate([stats_b, col_b[val_rows]], 1),
+                val_labels, True, 0.002)
+        print(f"lexical fold {k}: " + ", ".join(f"{n} {v['per_fold'][str(k)]:.4f}" for n, v in out.items()), flush=True)
+    return out
+
+
+def run_lexical(args: argparse.Namespace) -> None:
+    """`--parts lexical`: `anchor_lexical` on the folds, into --real-out under "anchor_lexical"."""
+    folds = [int(k) for k in (args.folds or ",".join(map(str, range(N_FOLDS)))).split(",") if k]
+    _, _, fold_of = arena_folds(args.data_dir.resolve(), 42)
+    table = anchor_lexical(args.data_dir.resolve(), folds)
+    rows = {str(k): int((fold_of == k).sum()) for k in folds}
+    for entry in table.values():
+        entry["oof"] = oof_total({k: (v, rows[k]) for k, v in entry["per_fold"].items()})
+        print(f"| {entry['what']} | " + " | ".join(f"{entry['per_fold'][k]:.4f}" for k in rows)
+              + f" | {entry['oof']:.4f} |")
+    stored = json.loads(args.real_out.read_text()) if args.real_out.exists() else {}
+    stored["anchor_lexical"] = {**table, "run_info": run_info(sys.argv)}
+    args.real_out.parent.mkdir(parents=True, exist_ok=True)
+    args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
+    print(f"written: {args.real_out} [anchor_lexical]")
 
 
 BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
