@@ -46,8 +46,6 @@ VARIANTS: dict[str, list[str]] = {
     # the control that tells capacity from mechanism: the pretrained all-MiniLM-L6-v2 (22M parameters, offline
     # extra `minilm`) with its own model config (no interaction, lr 5e-5, head lr 1e-3) on the same rows
     "minilm_control": ["model=minilm"],
-    # the token-level match (MaxSim with learned prompt-token weights) beside the mean-pooled one
-    "maxsim": ["model.interaction=prompt_answer_maxsim_embeddings"],
 }
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pref_lightning.core.errors import UserError
 from pref_lightning.data.contract import EncodingSpec
 from pref_lightning.data.datamodule import PreferenceDataModule
-from pref_lightning.model.head import MAXSIM_FEATURES, MaxSimMatch, check_interaction, segment_masks
+from pref_lightning.model.head import check_interaction, segment_masks
 from pref_lightning.model.module import PreferenceModule
 
 from .conftest import TEST_TINY
@@ -96,39 +96,12 @@ def held_out_log_loss(interaction: str, steps: int = 100) -> float:
         return float(F.cross_entropy(module(test, tta_swap=True), test["labels"]))
 
 
-def test_maxsim_scores_each_prompt_token_by_its_best_answer_token():
-    """One-hot token states, so cosines are 1 for the same token and 0 otherwise: every prompt token found in
-    the answer gives 1; the reverse direction counts the answer tokens found in the prompt; an empty segment
-    gives 0. At the start the prompt-token weights are uniform (plain averaged MaxSim)."""
-    ids = torch.tensor([
-        [CLS, 5, 6, SEP, 5, 6, 7, SEP],  # both prompt tokens in the answer; 2 of 3 answer tokens in the prompt
-        [CLS, 5, 6, SEP, 7, 8, 9, SEP],  # nothing shared
-        [CLS, 5, 6, 7, SEP, PAD, PAD, PAD],  # no prompt segment
-    ])
-    hidden = 16
-    states = F.one_hot(ids, hidden).float()
-    match = MaxSimMatch(hidden)
-    features = match(states, ids, (ids != PAD).long()) / hidden ** 0.5
-    assert features.shape == (3, MAXSIM_FEATURES)
-    assert torch.allclose(features, torch.tensor([[1.0, 2 / 3], [0.0, 0.0], [0.0, 0.0]]), atol=1e-6)
-    # learned weights: a prompt token the weighting prefers counts more (here token 5, found; 8 is not)
-    ids = torch.tensor([[CLS, 5, 8, SEP, 5, 7, SEP]])
-    states = F.one_hot(ids, hidden).float()
-    with torch.no_grad():
-        match.importance.weight.zero_()
-        match.importance.weight[0, 5] = 10.0
-    weighted = match(states, ids, (ids != PAD).long())[0, 0] / hidden ** 0.5
-    assert weighted > 0.9  # uniform weights would give 0.5
-
-
-def test_maxsim_parameters_are_trained_with_the_head():
-    module = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=50, use_text_stats=False,
-                              interaction="prompt_answer_maxsim_embeddings")
+def test_every_trainable_parameter_has_a_learning_rate():
+    module = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=50, interaction="prompt_answer_embeddings")
     # every trainable parameter is the backbone's (model.lr) or a fresh one (model.head_lr): none left out
     trained = {id(p) for p in module.backbone.parameters()} | {id(p) for p in module.fresh_parameters()}
     assert all(id(p) in trained for p in module.parameters() if p.requires_grad)
-    assert {id(p) for p in module.maxsim.parameters()} <= {id(p) for p in module.fresh_parameters()}
-    assert module.head.norm.normalized_shape == (2 * TEST_TINY["hidden_size"] + MAXSIM_FEATURES,)
+    assert {id(p) for p in module.head.parameters()} <= {id(p) for p in module.fresh_parameters()}
 
 
 def test_the_interaction_reads_the_topic_that_decides():
@@ -136,16 +109,13 @@ def test_the_interaction_reads_the_topic_that_decides():
     encoder, the same steps: with the interaction it learns the rule, without it (what the head saw before)
     it stays near chance (ln 2 = 0.693)."""
     with_interaction = held_out_log_loss("prompt_answer_embeddings")
-    with_maxsim = held_out_log_loss("prompt_answer_maxsim_embeddings")
     without = held_out_log_loss("none")
     assert with_interaction < 0.2, with_interaction
-    assert with_maxsim < 0.2, with_maxsim
-    assert max(with_interaction, with_maxsim) < without - 0.2, (with_interaction, with_maxsim, without)
+    assert with_interaction < without - 0.2, (with_interaction, without)
 
 
-@pytest.mark.parametrize("interaction", ["prompt_answer_embeddings", "prompt_answer_maxsim_embeddings"])
-def test_a_checkpoint_with_the_interaction_predicts_the_same_after_reload(tmp_path, tiny_tokenizer, synthetic_csv,
-                                                                         interaction):
+def test_a_checkpoint_with_the_interaction_predicts_the_same_after_reload(tmp_path, tiny_tokenizer, synthetic_csv):
+    interaction = "prompt_answer_embeddings"
     from pref_lightning.data.tokenizers import tokenizer_files
 
     dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=8)
@@ -167,5 +137,4 @@ def test_a_checkpoint_with_the_interaction_predicts_the_same_after_reload(tmp_pa
     with torch.no_grad():
         assert torch.allclose(module(batch), restored(batch), atol=1e-6)
     # the head reads the pooled vector and the interaction (as wide again)
-    extra = MAXSIM_FEATURES if "maxsim" in interaction else 0
-    assert restored.head.norm.normalized_shape == (2 * TEST_TINY["hidden_size"] + extra,)
+    assert restored.head.norm.normalized_shape == (2 * TEST_TINY["hidden_size"],)

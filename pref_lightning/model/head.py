@@ -280,8 +280,7 @@ class VerdictHead(nn.Module):
 
 
 # ---- prompt-answer interaction (model.interaction) -------------------------------------------------
-INTERACTIONS = ("none", "prompt_answer", "prompt_answer_embeddings", "prompt_answer_maxsim_embeddings")
-MAXSIM_FEATURES = 2  # what the max-sim interaction adds beside the mean-pooled match (see `MaxSimMatch`)
+INTERACTIONS = ("none", "prompt_answer", "prompt_answer_embeddings")
 
 
 def check_interaction(interaction: str, layout: str, head: str) -> None:
@@ -295,9 +294,7 @@ def check_interaction(interaction: str, layout: str, head: str) -> None:
 
 def interaction_size(hidden_size: int, interaction: str) -> int:
     """Extra width the interaction adds to each side's pooled vector (0 for `none`)."""
-    if interaction == "none":
-        return 0
-    return hidden_size + (MAXSIM_FEATURES if "maxsim" in interaction else 0)
+    return 0 if interaction == "none" else hidden_size
 
 
 def segment_masks(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,35 +338,3 @@ def prompt_answer_interaction(hidden: torch.Tensor, input_ids: torch.Tensor, mas
     r = nn.functional.normalize(mean_pool(hidden, answer).float(), dim=-1, eps=1e-6)
     return (hidden.shape[-1] * p * r).to(hidden.dtype)
 
-
-class MaxSimMatch(nn.Module):
-    """Token-level prompt-answer match of siamese sides (`model.interaction=prompt_answer_maxsim_embeddings`):
-    for each prompt token i, its best cosine similarity over the answer's tokens, max_j cos(e_i, e_j) (the
-    MaxSim of ColBERT, Khattab & Zaharia 2020), averaged over the prompt with learned weights w_i =
-    softplus(v . e_i) (so that topic words, not glue words, decide), and the same with answer and prompt
-    exchanged. A mean-pooled comparison dilutes a few shared topic words among the many others; identical
-    tokens score 1 here from the first step, and training moves related words together.
-
-    forward: `states` (n, L, hidden), `input_ids` and `mask` (n, L) -> (n, MAXSIM_FEATURES) in [-1, 1] scaled
-    by sqrt(hidden) (the scale of the pooled vector's components the head's LayerNorm sees); a side with an
-    empty prompt or answer segment gives zeros."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.importance = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.importance.weight)  # uniform weights at the start: plain averaged MaxSim
-        nn.init.zeros_(self.importance.bias)
-        self.scale = float(hidden_size) ** 0.5
-
-    def forward(self, states: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        prompt, answer = segment_masks(input_ids, mask)
-        unit = nn.functional.normalize(states.float(), dim=-1, eps=1e-6)
-        similarity = unit @ unit.transpose(1, 2)  # (n, L, L) cosines
-        weight = nn.functional.softplus(self.importance(states.float()).squeeze(-1))  # (n, L) > 0
-        features = []
-        for query, key in ((prompt, answer), (answer, prompt)):
-            best = similarity.masked_fill(~key.unsqueeze(1), -2.0).amax(-1)  # (n, L): best match of each token
-            w = weight * query
-            score = (w * best.clamp(min=-1.0)).sum(-1) / w.sum(-1).clamp(min=1e-6)
-            features.append(torch.where(key.any(-1) & query.any(-1), score, torch.zeros_like(score)))
-        return (self.scale * torch.stack(features, -1)).to(states.dtype)

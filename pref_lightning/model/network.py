@@ -31,7 +31,6 @@ from pref_lightning.model.evaluation import EvaluationPolicy
 from pref_lightning.model.head import (
     VERDICT_TOKENS,
     CrossHead,
-    MaxSimMatch,
     PairHead,
     VerdictHead,
     check_head,
@@ -181,8 +180,6 @@ class PreferenceNetwork(nn.Module):
             # plain module; dynamic shapes because length-grouped batches vary in length
             self.body().compile(backend=compile_backend, dynamic=True)
         hidden = self.backbone.config.hidden_size
-        # model.interaction=prompt_answer_maxsim_embeddings: the token-level match's learned prompt-token weights
-        self.maxsim = MaxSimMatch(hidden) if "maxsim" in self.interaction else None
         self.packed_mode = str(packed).lower()
         if self.packed_mode == "true" and not self.packable:
             raise UserError(f"model.packed=true needs a decoder LLM backbone ({', '.join(PACKABLE_MODEL_TYPES)}); "
@@ -236,9 +233,9 @@ class PreferenceNetwork(nn.Module):
         self.last_real_tokens: torch.Tensor | int = 0  # real (unmasked) tokens among them
 
     def fresh_parameters(self) -> list[nn.Parameter]:
-        """The parameters outside the backbone that train at `model.head_lr`: the head, the anchor's offset and
-        the max-sim interaction's token weights (a frozen text scorer is not among them)."""
-        parts = [self.head, self.anchor, self.maxsim]
+        """The parameters outside the backbone that train at `model.head_lr`: the head and the anchor's offset
+        (a frozen text scorer is not among them)."""
+        parts = [self.head, self.anchor]
         return [p for part in parts if part is not None for p in part.parameters()]
 
     @classmethod
@@ -348,10 +345,7 @@ class PreferenceNetwork(nn.Module):
         pooled = pool(hidden, attention_mask, self.pooling)
         if self.interaction != "none":  # model.interaction: prompt-answer match per side
             states = self.interaction_states(hidden, input_ids)
-            parts = [pooled, prompt_answer_interaction(states, input_ids, attention_mask)]
-            if self.maxsim is not None:
-                parts.append(self.maxsim(states, input_ids, attention_mask))
-            pooled = torch.cat(parts, -1)
+            pooled = torch.cat([pooled, prompt_answer_interaction(states, input_ids, attention_mask)], -1)
         return self._read_out(pooled, lambda: last_token_pool(hidden, attention_mask))
 
     def interaction_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
