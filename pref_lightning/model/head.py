@@ -338,3 +338,34 @@ def prompt_answer_interaction(hidden: torch.Tensor, input_ids: torch.Tensor, mas
     r = nn.functional.normalize(mean_pool(hidden, answer).float(), dim=-1, eps=1e-6)
     return (hidden.shape[-1] * p * r).to(hidden.dtype)
 
+
+RELEVANCE_TEMPERATURE = 0.1  # InfoNCE temperature of `relevance_loss` (cosines / 0.1: SimCSE-like sharpness)
+
+
+def relevance_loss(states: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                   temperature: float = RELEVANCE_TEMPERATURE) -> torch.Tensor:
+    """Label-free auxiliary loss (`model.relevance_weight`): each side's prompt should be closer to its own
+    answer than to the other rows' answers. InfoNCE (van den Oord et al. 2018; in-batch negatives as in DPR,
+    Karpukhin et al. 2020) over the mean-pooled prompt and answer segments (`segment_masks`) of the batch's
+    siamese sides. The answer on the other side of the same row (the same prompt) is left out of the
+    negatives. It shapes the states that `model.interaction` compares from every row, whatever its label,
+    so "is this answer about the prompt" need not be learnt from the few rows where it decides the label.
+
+    `states` (2B, L, hidden) of the sides, A rows then B rows (`input_ids`, `mask` (2B, L)) -> a scalar
+    (nats); 0 when no side has both segments."""
+    prompt, answer = segment_masks(input_ids, mask)
+    p = nn.functional.normalize(mean_pool(states, prompt).float(), dim=-1, eps=1e-6)
+    r = nn.functional.normalize(mean_pool(states, answer).float(), dim=-1, eps=1e-6)
+    logits = p @ r.T / temperature  # (2B, 2B): side i's prompt against side j's answer
+    n = logits.shape[0]
+    index = torch.arange(n, device=logits.device)
+    twin = (index + n // 2) % n  # the row's other side: the same prompt
+    excluded = torch.zeros_like(logits, dtype=torch.bool)
+    excluded[index, twin] = n > 1
+    excluded |= ~answer.any(1).unsqueeze(0)  # an empty answer segment is no candidate
+    logits = logits.masked_fill(excluded, float("-inf"))
+    rows = prompt.any(1) & answer.any(1)
+    if not rows.any():
+        return logits.new_zeros(())
+    return nn.functional.cross_entropy(logits[rows], index[rows])
+
