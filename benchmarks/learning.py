@@ -44,6 +44,7 @@ from pref_lightning.data.records import label_array, read_records  # noqa: E402
 from pref_lightning.data.text_stats import fit_logistic_regression, pair_stats_matrix, predict_proba  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+REUSE = False  # --reuse (run_real): read a fold run that already finished in the work folder instead of training
 REAL_EXTRA = ["hh_rlhf_test.csv", "autoj_pairwise_test.csv", "pandalm_testset_v1.csv", "hhh_alignment.csv"]
 
 
@@ -360,8 +361,19 @@ def run_fold(run_dir: Path, data_dir: Path, fold: int, overrides: list[str], max
             "report=false", *overrides]
     if max_batches:
         args.append(f"trainer.limit_train_batches={max_batches}")
-    metrics, out, seconds = train(run_dir, *args)
-    (run_dir / "output.log").write_text(out)
+    if REUSE and (run_dir / "metrics.json").is_file() and (run_dir / "output.log").is_file():
+        # --reuse: a finished run of this script in the work folder (an interrupted grid), read, not retrained;
+        # the checks below still hold it to this fold, and its overrides to this variant's
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        ran = json.loads((run_dir / "run_command.json").read_text()) if (run_dir / "run_command.json").is_file() else None
+        if ran is not None and ran != args:
+            raise RuntimeError(f"{run_dir}: reused run was trained with {ran}, not {args}")
+        seconds = float(metrics.get("wall_seconds", float("nan")))
+        print(f"real: reusing {run_dir} (--reuse)", flush=True)
+    else:
+        metrics, out, seconds = train(run_dir, *args)
+        (run_dir / "output.log").write_text(out)
+        (run_dir / "run_command.json").write_text(json.dumps(args))
     ids, folds, labels = expected
     written = pd.read_csv(run_dir / "folds.csv", dtype={"id": str})
     if written["id"].tolist() != ids or not np.array_equal(written["fold"].to_numpy(), folds):
@@ -516,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="real: trainer.limit_train_batches of every run (default: the full epoch)")
     parser.add_argument("--overrides", default="", help="real: train.py overrides of every run (space-separated)")
     parser.add_argument("--work", type=Path, default=None, help="real: keep the runs here (default: a temp folder)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="real: a fold whose run folder in --work already holds a finished run (metrics.json, "
+                             "output.log) is read instead of trained again (an interrupted grid)")
     parser.add_argument("--real-out", type=Path, default=REPO / "benchmarks" / "results" / "learning_real.json")
     parser.add_argument("--real-key", default="real", help="real: name of the result in --real-out")
     parser.add_argument("--recipe", default=RECIPE, help="real: the experiment every fold trains (default arena_small)")
@@ -740,6 +755,8 @@ def run_blend(args: argparse.Namespace) -> None:
 
 
 def run_real(args: argparse.Namespace, work: Path) -> None:
+    global REUSE
+    REUSE = args.reuse
     quick = QUICK if args.quick else {}
     folds = args.folds if args.folds is not None else quick.get("folds", ",".join(map(str, range(N_FOLDS))))
     variants = args.variants if args.variants is not None else quick.get("variants", DEFAULT_VARIANTS)
