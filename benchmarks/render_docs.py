@@ -223,6 +223,61 @@ def stages(_: Any = None) -> str:
                   f"OOF ({sum(sizes.values()):,} rows)"], rows)
 
 
+def sweep(_: Any = None) -> str:
+    """benchmarks/README.md and README.md: the 2-fold proxy sweep of the arena recipe (results/learning_real.json
+    `sweep`, `sweep_extra`, and `blend:<variant>` for the blend with the anchor), every run as it ended
+    (`model.anchor_fallback=false model.anchor_blend=1.0`, one validation at the end); a variant confirmed on
+    all five folds also shows its 5-fold OOF, alone and averaged 1:1 with its step-0 anchor."""
+    real = load("learning_real")
+    folds = [str(k) for k in range(5)]
+    result = real["sweep"]
+    sizes = result["fold_rows"]
+    stages = real["stages"]
+    anchor = real["text_anchor:stage1_a"]["anchor"]["per_fold"]
+
+    def mean(per_fold: dict[str, float], keys: list[str]) -> str:
+        if any(per_fold.get(k) is None for k in keys):
+            return "-"
+        return f4(sum(per_fold[k] * sizes[k] for k in keys) / sum(sizes[k] for k in keys))
+
+    def scores(entry: dict) -> dict[str, float]:
+        return {k: v["val_log_loss"] for k, v in entry.get("per_fold", {}).items()
+                if isinstance(v, dict) and "val_log_loss" in v}
+
+    lines = [("anchor alone, statistics (step 0)", "", anchor, None),
+             ("recipe: lr 5e-5, 2 epochs (the `s2_fresh` runs of the stages table)", "",
+              scores(stages["variants"]["s2_fresh"]), real.get("blend:s2_fresh"))]
+    for name, entry in result["variants"].items():
+        lines.append((name, " ".join(o for o in entry["overrides"]), scores(entry), real.get(f"blend:{name}")))
+    extra = real.get("sweep_extra")
+    if extra:
+        for name, entry in extra["variants"].items():
+            overrides = [o if not o.startswith("data.sources=") else "data.sources=<the 4 extra sets>"
+                         for o in entry["overrides"]] + [o for o in extra["setting"]["overrides"]
+                                                         if o.startswith("trainer.")]
+            lines.append((name, " ".join(overrides), scores(entry), real.get(f"blend:{name}")))
+    rows = []
+    for label, overrides, per_fold, blend in lines:
+        shown = [(label, per_fold)]
+        if blend:
+            shown.append((f"{label}, averaged 1:1 with its anchor", {k: v["0.5"] for k, v in blend["per_fold"].items()}))
+        for name, values in shown:
+            rows.append([name, f"`{overrides}`" if overrides else "",
+                         *(f4(values[k]) if k in values else "-" for k in folds),
+                         mean(values, ["0", "1"]), mean(values, folds)])
+    return table(["variant (as ended)", "overrides", *(f"fold {k}" for k in folds), "folds 0-1", "OOF (5 folds)"], rows)
+
+
+def anchor_lexical(_: Any = None) -> str:
+    """benchmarks/README.md, Sweep: the anchor at step 0 with lexical prompt-answer features beside the
+    statistics (results/learning_real.json `anchor_lexical`, `benchmarks/learning.py --parts lexical`)."""
+    data = load("learning_real")["anchor_lexical"]
+    folds = [str(k) for k in range(5)]
+    rows = [[entry["what"], *(f4(entry["per_fold"][k]) for k in folds), f4(entry["oof"])]
+            for name, entry in data.items() if name != "run_info"]
+    return table(["anchor at step 0 (5 arena folds)", *(f"fold {k}" for k in folds), "OOF"], rows)
+
+
 def gpu_check(_: Any = None) -> str:
     """benchmarks/README.md, GPU check: each stage of results/gpu_check.json."""
     data = load("gpu_check")
@@ -259,6 +314,8 @@ def timings(_: Any = None) -> str:
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "timings": timings,
     "stages": stages,
+    "sweep": sweep,
+    "anchor_lexical": anchor_lexical,
     "gpu_check": gpu_check,
     "throughput": throughput,
     "synthetic_seeds": synthetic_seeds,

@@ -47,6 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     # extra `minilm`) with its own model config (no interaction, lr 5e-5, head lr 1e-3) on the same rows
     "minilm_control": ["model=minilm"],
     # a label-free auxiliary loss: each prompt nearer its own answers' token embeddings than the batch's others
+    "relevance_0.05": ["model.relevance_weight=0.05"],
     "relevance_0.2": ["model.relevance_weight=0.2"],
     "relevance_1.0": ["model.relevance_weight=1.0"],
 }
