@@ -39,6 +39,7 @@ VARIANTS: dict[str, list[str]] = {
     "before": BEFORE,
     "after": [],  # the embedded default as configured now
     # ablations: the recipe now with one part switched back or moved
+    "interaction_only": ["model.relevance_weight=0.0"],
     "no_interaction": ["model.interaction=none"],
     "interaction_lr_1e-3": ["model.lr=1e-3", "model.head_lr=1e-3"],
     "interaction_last_hidden_lr_1e-3": ["model.interaction=prompt_answer", "model.lr=1e-3", "model.head_lr=1e-3"],
@@ -48,7 +49,6 @@ VARIANTS: dict[str, list[str]] = {
     "minilm_control": ["model=minilm"],
     # a label-free auxiliary loss: each prompt nearer its own answers' token embeddings than the batch's others
     "relevance_0.05": ["model.relevance_weight=0.05"],
-    "relevance_0.2": ["model.relevance_weight=0.2"],
     "relevance_1.0": ["model.relevance_weight=1.0"],
 }
 

@@ -79,7 +79,7 @@ def test_arena_small_composes():
     cfg = compose_train(["experiment=arena_small"])
     assert cfg.model.backbone == "minilm" and cfg.model.anchor_head and cfg.trainer.precision == "32-true"
     assert cfg.data.train_path.endswith("lmsys_arena_sample.csv") and cfg.data.n_folds == 5
-    assert list(cfg.data.sources) == [] and cfg.model.anchor_blend == 0.5
+    assert list(cfg.data.sources) == [] and cfg.model.anchor_blend == 0.5 and cfg.model.lr == 1e-5
     assert cfg.trainer.max_epochs == cfg.trainer.check_val_every_n_epoch == 2
 
 
