@@ -191,7 +191,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
             flip = flip_coins(len(labels), self._augment_generator(batch_idx), labels.device)
             a, b, stats_a, stats_b = swap_sides(flip, a, b, stats_a, stats_b)
             labels, targets = swap_labels(flip, labels, targets, swap)
-        source = batch.get("source")  # each row's training source: its own output layer (model.source_heads)
+        source = self._training_sources(batch, len(labels))
         logits = self.pair_logits(a, b, stats_a, stats_b, source)
         loss = self._loss(logits, labels, batch, targets)
         if self.hparams.relevance_weight > 0:  # label-free: every row teaches the prompt-answer match
@@ -205,6 +205,15 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
                                             swapped))
         return self._log_train(logits, labels, loss)
 
+    def _training_sources(self, batch: Mapping[str, torch.Tensor], n: int) -> torch.Tensor | None:
+        """Each row's training source (n,) (model.source_heads: its own output layer). A batch of training-file
+        rows only carries none: zeros then, so that every output layer stays in the graph of every step (DDP
+        requires each parameter to be used, whatever sources a batch holds)."""
+        source = batch.get("source")
+        if source is None and getattr(self.head, "source_outputs", None) is not None:
+            source = torch.zeros(n, dtype=torch.long, device=batch["labels"].device)
+        return source
+
     def _cross_training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, labels: torch.Tensor,
                              targets: torch.Tensor | None, swap: torch.Tensor, mode: str) -> torch.Tensor:
         """Cross layout: `random` runs each pair in one order drawn by a coin (B rows), `full` in both (2B
@@ -217,7 +226,8 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
             labels, targets = swap_labels(flip, labels, targets, swap)
         else:
             rows = torch.arange(2 * n if mode == "full" else n, device=device)
-        logits = self.cross_logits(batch, rows, batch.get("source"))
+        source = self._training_sources(batch, n)
+        logits = self.cross_logits(batch, rows, source)
         self._log_padding(batch["attention_mask"][rows])
         if mode != "full":
             return self._log_train(logits, labels, self._loss(logits, labels, batch, targets))
