@@ -603,6 +603,17 @@ def run_anchor_ablation(args: argparse.Namespace) -> None:
     print(f"written: {args.real_out} [{key}]")
 
 
+def arena_fold_datamodule(data_dir: Path, fold: int, seed: int, tokenizer):
+    """The arena sample's datamodule for `fold` of N_FOLDS (256 tokens a side, as the recipe), set up for fit."""
+    from pref_lightning.data.datamodule import PreferenceDataModule
+
+    dm = PreferenceDataModule(train_path=str(data_dir / ARENA), n_folds=N_FOLDS, fold=fold, split_seed=seed,
+                              max_length=256, batch_size=16, num_workers=0)
+    dm.attach_tokenizer(tokenizer)
+    dm.setup("fit")
+    return dm
+
+
 def lexical_columns(arena: list) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-side lexical prompt-answer features of the arena rows (side A's (n, c), side B's (n, c)), each
     standardised over both sides: the Jaccard overlap of the prompt's and the answer's word sets (words of 3+
@@ -649,7 +660,6 @@ def anchor_lexical(data_dir: Path, fold_list: list[int], seed: int = 42) -> dict
     """`--parts lexical`: the anchored head's regression at step 0 (as `anchor_baseline`) with lexical
     prompt-answer features (`lexical_columns`) beside the statistics, per fold: does a cheap text feature in
     the anchor add what the statistics lack?"""
-    from pref_lightning.data.datamodule import PreferenceDataModule
     from pref_lightning.model.anchor import anchor_log_loss, fit_anchor_on
     from pref_lightning.model.backbone import load_tokenizer, resolve_backbone
 
@@ -660,10 +670,7 @@ def anchor_lexical(data_dir: Path, fold_list: list[int], seed: int = 42) -> dict
     out: dict[str, dict] = {"statistics": {"what": "the anchor as it is (statistics alone)", "per_fold": {}}}
     out.update({name: {"what": f"statistics + {name.replace('_', ' ')}", "per_fold": {}} for name in columns})
     for k in fold_list:
-        dm = PreferenceDataModule(train_path=str(data_dir / ARENA), n_folds=N_FOLDS, fold=k, split_seed=seed,
-                                  max_length=256, batch_size=16, num_workers=0)
-        dm.attach_tokenizer(tokenizer)
-        dm.setup("fit")
+        dm = arena_fold_datamodule(data_dir, k, seed, tokenizer)
         stats_a, stats_b, val_labels = dm.split_statistics("val")
         train_rows = np.array([row_of[i] for i in dm.train_ids])
         val_rows = np.array([row_of[i] for i in dm.val_ids])
@@ -711,17 +718,13 @@ def anchor_blend(data_dir: Path, run_dir: Path, fold_list: list[int], seed: int 
     import torch
 
     from pref_lightning.core.metrics import class_probabilities
-    from pref_lightning.data.datamodule import PreferenceDataModule
     from pref_lightning.model.anchor import anchor_logits, fit_anchor_on
     from pref_lightning.model.backbone import load_tokenizer, resolve_backbone
 
     tokenizer = load_tokenizer(resolve_backbone("minilm"))
     out: dict[str, dict[str, float]] = {}
     for k in fold_list:
-        dm = PreferenceDataModule(train_path=str(data_dir / ARENA), n_folds=N_FOLDS, fold=k, split_seed=seed,
-                                  max_length=256, batch_size=16, num_workers=0)
-        dm.attach_tokenizer(tokenizer)
-        dm.setup("fit")
+        dm = arena_fold_datamodule(data_dir, k, seed, tokenizer)
         stats_a, stats_b, labels = dm.split_statistics("val")
         anchor = class_probabilities(torch.from_numpy(anchor_logits(fit_anchor_on(dm), stats_a, stats_b)),
                                      floor=0.002).numpy()
