@@ -28,7 +28,7 @@ from pref_lightning.model.lora import check_base, trainable_summary, with_base_w
 from pref_lightning.model.network import PACKABLE_MODEL_TYPES, PACKED_MODES, PreferenceNetwork
 from pref_lightning.model.optim import backbone_depths, optimizer_and_schedule, parameter_groups, warmup_decay
 
-__all__ = ["PACKABLE_MODEL_TYPES", "PACKED_MODES", "SWAP_MODES", "PreferenceModule", "valid_rows", "warmup_decay"]
+__all__ = ["PACKABLE_MODEL_TYPES", "PACKED_MODES", "SWAP_MODES", "PreferenceModule", "training_sources", "valid_rows", "warmup_decay"]
 # the constructor arguments that build the network (the rest are training settings and data facts)
 NETWORK_ARGUMENTS = tuple(name for name in inspect.signature(PreferenceNetwork.__init__).parameters if name != "self")
 
@@ -37,6 +37,16 @@ def valid_rows(batch: Mapping[str, torch.Tensor], values: torch.Tensor) -> torch
     """`values` (one per row of `batch`) without the DDP padding rows (`batch["valid"]` False)."""
     valid = batch.get("valid")
     return values if valid is None else values[valid.to(values.device)]
+
+
+def training_sources(batch: Mapping[str, torch.Tensor], head: torch.nn.Module, n: int) -> torch.Tensor | None:
+    """Each row's training source (n,) (model.source_heads: its own output layer). A batch of training-file
+    rows only carries none: zeros then, so that every output layer stays in the graph of every step (DDP
+    requires each parameter to be used, whatever sources a batch holds)."""
+    source = batch.get("source")
+    if source is None and getattr(head, "source_outputs", None) is not None:
+        source = torch.zeros(n, dtype=torch.long, device=batch["labels"].device)
+    return source
 
 
 class PreferenceModule(PreferenceNetwork, L.LightningModule):
@@ -191,7 +201,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
             flip = flip_coins(len(labels), self._augment_generator(batch_idx), labels.device)
             a, b, stats_a, stats_b = swap_sides(flip, a, b, stats_a, stats_b)
             labels, targets = swap_labels(flip, labels, targets, swap)
-        source = self._training_sources(batch, len(labels))
+        source = training_sources(batch, self.head, len(labels))
         logits = self.pair_logits(a, b, stats_a, stats_b, source)
         loss = self._loss(logits, labels, batch, targets)
         if self.hparams.relevance_weight > 0:  # label-free: every row teaches the prompt-answer match
@@ -205,15 +215,6 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
                                             swapped))
         return self._log_train(logits, labels, loss)
 
-    def _training_sources(self, batch: Mapping[str, torch.Tensor], n: int) -> torch.Tensor | None:
-        """Each row's training source (n,) (model.source_heads: its own output layer). A batch of training-file
-        rows only carries none: zeros then, so that every output layer stays in the graph of every step (DDP
-        requires each parameter to be used, whatever sources a batch holds)."""
-        source = batch.get("source")
-        if source is None and getattr(self.head, "source_outputs", None) is not None:
-            source = torch.zeros(n, dtype=torch.long, device=batch["labels"].device)
-        return source
-
     def _cross_training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int, labels: torch.Tensor,
                              targets: torch.Tensor | None, swap: torch.Tensor, mode: str) -> torch.Tensor:
         """Cross layout: `random` runs each pair in one order drawn by a coin (B rows), `full` in both (2B
@@ -226,7 +227,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
             labels, targets = swap_labels(flip, labels, targets, swap)
         else:
             rows = torch.arange(2 * n if mode == "full" else n, device=device)
-        source = self._training_sources(batch, n)
+        source = training_sources(batch, self.head, n)
         logits = self.cross_logits(batch, rows, source)
         self._log_padding(batch["attention_mask"][rows])
         if mode != "full":
