@@ -512,9 +512,10 @@ def part_recipe(work: Path, data_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="synthetic,recipe",
-                        help="synthetic,real,real_split,recipe,anchor,blend,lexical (real is hours in full: name it, "
+                        help="synthetic,real,real_split,recipe,anchor,blend,lexical,selection (real is hours in full: name it, "
                              "with its knobs; anchor: the anchored head's ablation at step 0, ~1 min; lexical: "
-                             "the anchor with lexical prompt-answer features, ~1 min)")
+                             "the anchor with lexical prompt-answer features, ~1 min; selection: the blend weight chosen on "
+                             "the other folds, from a stored blend, seconds)")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer rows: a few minutes in all (real: {QUICK}, unless given)")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
@@ -567,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             run_blend(args)
         if "lexical" in parts:
             run_lexical(args)
+        if "selection" in parts:
+            run_selection(args)
     if any(p in parts for p in ("synthetic", "real_split", "recipe")):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -755,6 +758,44 @@ def run_blend(args: argparse.Namespace) -> None:
                    "per_fold": per_fold, "run_info": run_info(sys.argv)}
     args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"written: {args.real_out} [{key}]")
+
+
+def other_fold_choice(per_fold: dict[str, dict[str, float]], fold_rows: dict[str, int]) -> dict:
+    """Honest selection of the blend weight (issue 21): for each fold k, the weight of BLEND_WEIGHTS with the
+    lowest log loss on the other folds (row-weighted), scored on fold k; so no fold's weight is chosen on the
+    rows it is scored on. `per_fold` is a `blend:<run>` entry's {fold: {weight: log loss}}; returns
+    {"per_fold": {fold: {"weight", "log_loss"}}, "oof"} (the OOF row-weighted over the folds given)."""
+    folds = sorted(per_fold, key=int)
+    chosen = {}
+    for k in folds:
+        others = [j for j in folds if j != k]
+
+        def elsewhere(w: str, others=others) -> float:
+            return sum(per_fold[j][w] * fold_rows[j] for j in others) / sum(fold_rows[j] for j in others)
+
+        weight = min(per_fold[k], key=elsewhere)
+        chosen[k] = {"weight": float(weight), "log_loss": per_fold[k][weight]}
+    oof = sum(chosen[k]["log_loss"] * fold_rows[k] for k in folds) / sum(fold_rows[k] for k in folds)
+    return {"per_fold": chosen, "oof": oof}
+
+
+def run_selection(args: argparse.Namespace) -> None:
+    """`--parts selection --blend-run DIR`: `other_fold_choice` of the stored "blend:<DIR name>" entry, into
+    --real-out under "selection:<DIR name>" (no training; needs `--parts blend` first)."""
+    stored = json.loads(args.real_out.read_text())
+    name = args.blend_run.name
+    blend = stored.get(f"blend:{name}")
+    if blend is None:
+        raise SystemExit(f"error: {args.real_out} has no 'blend:{name}': run --parts blend --blend-run {args.blend_run}")
+    fold_rows = next(v["fold_rows"] for v in stored.values() if isinstance(v, dict) and "fold_rows" in v)
+    result = other_fold_choice(blend["per_fold"], fold_rows)
+    stored[f"selection:{name}"] = {
+        "what": "blend weight w (of " + ", ".join(map(str, BLEND_WEIGHTS)) + ") chosen per fold on the other "
+                "folds' blend log losses, scored on the fold", **result, "run_info": run_info(sys.argv)}
+    args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
+    for k, v in result["per_fold"].items():
+        print(f"fold {k}: w={v['weight']} log loss {v['log_loss']:.4f}")
+    print(f"OOF {result['oof']:.4f}; written: {args.real_out} [selection:{name}]")
 
 
 def run_real(args: argparse.Namespace, work: Path) -> None:

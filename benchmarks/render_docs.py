@@ -227,7 +227,8 @@ def sweep(_: Any = None) -> str:
     """benchmarks/README.md and README.md: the 2-fold proxy sweep of the arena recipe (results/learning_real.json
     `sweep`, `sweep_extra`, and `blend:<variant>` for the blend with the anchor), every run as it ended
     (`model.anchor_fallback=false model.anchor_blend=1.0`, one validation at the end); a variant confirmed on
-    all five folds also shows its 5-fold OOF, alone and averaged 1:1 with its step-0 anchor."""
+    all five folds also shows its 5-fold OOF, alone, averaged 1:1 with its step-0 anchor, and blended with the
+    weight each fold gets from the other folds (`selection:<variant>`: no weight chosen on the fold it scores)."""
     real = load("learning_real")
     folds = [str(k) for k in range(5)]
     result = real["sweep"]
@@ -244,9 +245,10 @@ def sweep(_: Any = None) -> str:
         return {k: v["val_log_loss"] for k, v in entry.get("per_fold", {}).items()
                 if isinstance(v, dict) and "val_log_loss" in v}
 
+    recipe_label = "recipe: lr 5e-5, 2 epochs (the `s2_fresh` runs of the stages table)"
+    name_of = {recipe_label: "s2_fresh"}  # the row label of a run folder whose name is not the label
     lines = [("anchor alone, statistics (step 0)", "", anchor, None),
-             ("recipe: lr 5e-5, 2 epochs (the `s2_fresh` runs of the stages table)", "",
-              scores(stages["variants"]["s2_fresh"]), real.get("blend:s2_fresh"))]
+             (recipe_label, "", scores(stages["variants"]["s2_fresh"]), real.get("blend:s2_fresh"))]
     for name, entry in result["variants"].items():
         lines.append((name, " ".join(o for o in entry["overrides"]), scores(entry), real.get(f"blend:{name}")))
     extra = real.get("sweep_extra")
@@ -261,6 +263,11 @@ def sweep(_: Any = None) -> str:
         shown = [(label, per_fold)]
         if blend:
             shown.append((f"{label}, averaged 1:1 with its anchor", {k: v["0.5"] for k, v in blend["per_fold"].items()}))
+        selection = real.get(f"selection:{name_of.get(label, label)}")
+        if selection:
+            shown.append((f"{label}, blend weight chosen per fold on the other folds (w = "
+                          + "/".join(f"{v['weight']:g}" for _, v in sorted(selection["per_fold"].items())) + ")",
+                          {k: v["log_loss"] for k, v in selection["per_fold"].items()}))
         for name, values in shown:
             rows.append([name, f"`{overrides}`" if overrides else "",
                          *(f4(values[k]) if k in values else "-" for k in folds),

@@ -44,6 +44,24 @@ def test_oof_total_is_row_weighted():
     assert bench.oof_total({"0": ({"x": 1.0}, 1), "1": ({"x": None}, 1)}, "x") is None
 
 
+def test_other_fold_choice_never_reads_the_scored_fold():
+    """Each fold's blend weight is the best on the other folds: a weight best only on fold k is not chosen
+    for fold k, and the OOF is the row-weighted mean of what each fold scores at its chosen weight."""
+    bench = load_script()
+    per_fold = {"0": {"0.5": 1.0, "1.0": 0.5},   # fold 0 alone prefers 1.0
+                "1": {"0.5": 1.0, "1.0": 1.6},
+                "2": {"0.5": 1.0, "1.0": 1.3}}
+    rows = {"0": 100, "1": 100, "2": 200}
+    chosen = bench.other_fold_choice(per_fold, rows)
+    assert {k: v["weight"] for k, v in chosen["per_fold"].items()} == {"0": 0.5, "1": 0.5, "2": 0.5}
+    assert chosen["oof"] == pytest.approx(1.0)
+    # fold 2 now prefers 1.0 too: fold 1 follows folds 0 and 2 to 1.0, though 1.0 is its own worst weight
+    per_fold["2"] = {"0.5": 1.0, "1.0": 0.8}
+    chosen = bench.other_fold_choice(per_fold, rows)
+    assert chosen["per_fold"]["1"] == {"weight": 1.0, "log_loss": 1.6}
+    assert chosen["per_fold"]["0"]["weight"] == 0.5 and chosen["per_fold"]["2"]["weight"] == 0.5
+
+
 @pytest.mark.slow
 @needs_shared_data()
 def test_real_part_on_two_folds_with_a_tiny_model(tmp_path):
