@@ -107,11 +107,12 @@ def anchor_ablation(_: Any = None) -> str:
 
 
 def synthetic_seeds(_: Any = None) -> str:
-    """benchmarks/README.md, Learning 1: the embedded default per seed (results/learning.json `synthetic`)."""
-    rows = [[str(r["seed"]), f4(r["val_log_loss"]), f4(r["val_log_loss_calibrated"]), f4(r["prior"]), f4(r["oracle"]),
-             f"{r['gap_to_oracle']:+.4f}", f"{r['accuracy']:.3f}", f"{r['seconds']:.0f}"]
-            for r in load("learning")["synthetic"]]
-    return table(["seed", "val log loss", "calibrated", "prior", "oracle", "gap to oracle", "accuracy", "seconds"], rows)
+    """benchmarks/README.md, Learning 1: the embedded default as configured now, per seed (results/synthetic_gap.json,
+    variant `after`: `python train.py seed=S`)."""
+    runs = load("synthetic_gap")["variants"]["after"]["runs"]
+    rows = [[str(r["seed"]), f4(r["val_log_loss"]), f4(r["oracle_log_loss"]), f"{r['gap']:+.4f}",
+             f"{r['val_accuracy']:.3f}", f"{r['train_wall_seconds']:.0f}"] for r in runs]
+    return table(["seed", "val log loss", "oracle", "gap to oracle", "accuracy", "train seconds"], rows)
 
 
 def synthetic_gap(_: Any = None) -> str:
@@ -128,7 +129,7 @@ def synthetic_gap(_: Any = None) -> str:
     out = table(["variant", "overrides", "seed", "val log loss", "oracle", "gap", "train seconds"], rows)
     b = data.get("bounds")
     if b:
-        out += "\n" + table(["bound (5-fold CV, 10,000 rows)", "log loss"], [
+        out += "\n" + table([f"bound (5-fold CV, {b['rows']:,} rows)", "log loss"], [
             ["oracle", f4(b["oracle"])], ["regression on the planted scores", f4(b["regression_on_planted_scores"])],
             ["the same without the off-topic term (best topic-blind)", f4(b["regression_without_topic_term"])],
             ["text-statistics regression", f4(b["text_stats_regression"])], ["class prior", f4(b["prior"])]])
@@ -258,6 +259,10 @@ def sweep(_: Any = None) -> str:
                          for o in entry["overrides"]] + [o for o in extra["setting"]["overrides"]
                                                          if o.startswith("trainer.")]
             lines.append((name, " ".join(overrides), scores(entry), real.get(f"blend:{name}")))
+    for name, entry in real.get("sweep_lr1e5", {}).get("variants", {}).items():
+        # measured after arena_small moved to lr 1e-5: the overrides are on top of that recipe
+        lines.append((f"{name} (on the lr 1e-5 recipe)", " ".join(["model.lr=1e-5", *entry["overrides"]]),
+                      scores(entry), real.get(f"blend:{name}")))
     rows = []
     for label, overrides, per_fold, blend in lines:
         shown = [(label, per_fold)]

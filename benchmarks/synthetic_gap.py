@@ -1,8 +1,8 @@
 """Synthetic gap benchmark (issue 21, part "Synthetic"): how far the embedded default (`python train.py`) ends
-from the oracle of its synthetic rows, per training seed, before and after the prompt-answer interaction.
+from the oracle of its synthetic rows, per training seed, for the recipe before issue 21, each step since and now.
 
 Writes benchmarks/results/synthetic_gap.json. Parts (CPU, offline):
-  bounds    on the embedded default's 10,000 synthetic rows (seed 0), 5-fold CV: the oracle, the best model
+  bounds    on the embedded default's 20,000 synthetic rows (seed 0), 5-fold CV: the oracle, the best model
             that cannot see whether an answer is about the prompt's topic (a logistic regression on the planted
             scores with the off-topic term removed), the same regression with it (~ the oracle), and the
             text-statistics regression (`synthetic.text_stats_log_loss`): what the topic term is worth
@@ -33,23 +33,32 @@ import learning  # noqa: E402  (benchmarks/learning.py: its train() runs train.p
 RESULTS = REPO / "benchmarks" / "results" / "synthetic_gap.json"
 TARGET_GAP = 0.05
 QUIET = ["report=false"]  # learning.train adds the progress-bar and summary switches
-# the embedded default's recipe before issue 21 (the keys conf/experiment/embedded.yaml now changes, set back)
-BEFORE = ["model.interaction=none", "model.lr=1e-3", "model.head_lr=1e-3"]
+# Earlier embedded defaults, pinned, so that every stored run keeps the settings it was measured with:
+# 2 layers on 10,000 rows until 2026-12-05 (the interaction, then the relevance loss, were added on top of it)
+TWO_LAYERS_10K = ["model.tiny_config.num_hidden_layers=2", "data.synthetic_rows=10000"]
+# the interaction without the relevance loss (the default of 2026-12-04 evening)
+INTERACTION_DEFAULT = [*TWO_LAYERS_10K, "model.relevance_weight=0.0"]
+# the recipe before issue 21 (no interaction, lr 1e-3)
+BEFORE = [*INTERACTION_DEFAULT, "model.interaction=none", "model.lr=1e-3", "model.head_lr=1e-3"]
 VARIANTS: dict[str, list[str]] = {
     "before": BEFORE,
-    "after": [],  # the embedded default as configured now
-    # ablations: the recipe now with one part switched back or moved
-    "interaction_only": ["model.relevance_weight=0.0"],
-    "no_interaction": ["model.interaction=none"],
-    "interaction_lr_1e-3": ["model.lr=1e-3", "model.head_lr=1e-3"],
-    "interaction_last_hidden_lr_1e-3": ["model.interaction=prompt_answer", "model.lr=1e-3", "model.head_lr=1e-3"],
-    "max_length_64_two_epochs": ["data.max_length=64", "trainer.max_epochs=2"],
+    "after": [],  # the embedded default as configured now (1 layer, 20,000 rows, interaction + relevance loss)
+    # the steps that led here, each as it was measured
+    "interaction_only": INTERACTION_DEFAULT,
+    "interaction_relevance_two_layers": TWO_LAYERS_10K,  # the default of 2026-12-05 morning
+    "one_layer_10k_rows": ["data.synthetic_rows=10000"],
+    # ablations of the earlier defaults (each with one part switched back or moved)
+    "no_interaction": [*INTERACTION_DEFAULT, "model.interaction=none"],
+    "interaction_lr_1e-3": [*INTERACTION_DEFAULT, "model.lr=1e-3", "model.head_lr=1e-3"],
+    "interaction_last_hidden_lr_1e-3": [*INTERACTION_DEFAULT, "model.interaction=prompt_answer", "model.lr=1e-3",
+                                        "model.head_lr=1e-3"],
+    "max_length_64_two_epochs": [*INTERACTION_DEFAULT, "data.max_length=64", "trainer.max_epochs=2"],
+    "relevance_0.05": [*TWO_LAYERS_10K, "model.relevance_weight=0.05"],
+    "relevance_1.0": [*TWO_LAYERS_10K, "model.relevance_weight=1.0"],
+    "one_layer_two_epochs_10k_rows": ["data.synthetic_rows=10000", "trainer.max_epochs=2"],
     # the control that tells capacity from mechanism: the pretrained all-MiniLM-L6-v2 (22M parameters, offline
-    # extra `minilm`) with its own model config (no interaction, lr 5e-5, head lr 1e-3) on the same rows
-    "minilm_control": ["model=minilm"],
-    # a label-free auxiliary loss: each prompt nearer its own answers' token embeddings than the batch's others
-    "relevance_0.05": ["model.relevance_weight=0.05"],
-    "relevance_1.0": ["model.relevance_weight=1.0"],
+    # extra `minilm`) with its own model config (no interaction, lr 5e-5, head lr 1e-3) on 10,000 rows
+    "minilm_control": ["model=minilm", "data.synthetic_rows=10000"],
 }
 
 
@@ -60,7 +69,7 @@ def run_info(argv: list[str]) -> dict:
     return runinfo.run_info("32-true", command="python " + " ".join(argv))
 
 
-def bounds(rows: int = 10_000, seed: int = 0) -> dict[str, float]:
+def bounds(rows: int = 20_000, seed: int = 0) -> dict[str, float]:
     """Reference log losses of the embedded default's synthetic rows (see the module docstring)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
