@@ -33,6 +33,20 @@ def timed(command: list[str], cwd: Path) -> tuple[int, float, str]:
     return done.returncode, time.perf_counter() - started, done.stdout + done.stderr
 
 
+def slowest(out: str) -> list[str]:
+    """The lines of pytest's "slowest durations" table (pyproject's `--durations`): where the suite's time goes."""
+    lines = out.splitlines()
+    start = next((i for i, line in enumerate(lines) if "slowest" in line and "durations" in line), None)
+    if start is None:
+        return []
+    table = []
+    for line in lines[start + 1:]:
+        if not line.strip() or line.startswith("="):
+            break
+        table.append(line.strip())
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", action="store_true", help="time python -m pytest -q")
@@ -47,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         code, seconds, out = timed([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], REPO)
         closing = next((line for line in reversed(out.splitlines()) if " passed" in line or " failed" in line), "")
         stored["suite"] = {**info, "command": "python -m pytest -q", "exit_status": code,
-                           "wall_seconds": round(seconds, 1), "closing_line": closing.strip("= ")}
+                           "wall_seconds": round(seconds, 1), "closing_line": closing.strip("= "),
+                           "slowest": slowest(out)}
         print(f"suite: {stored['suite']}")
         failed |= code != 0
         if code != 0:
