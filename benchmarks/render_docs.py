@@ -246,29 +246,29 @@ def sweep(_: Any = None) -> str:
         return {k: v["val_log_loss"] for k, v in entry.get("per_fold", {}).items()
                 if isinstance(v, dict) and "val_log_loss" in v}
 
-    recipe_label = "recipe: lr 5e-5, 2 epochs (the `s2_fresh` runs of the stages table)"
-    name_of = {recipe_label: "s2_fresh"}  # the row label of a run folder whose name is not the label
-    lines = [("anchor alone, statistics (step 0)", "", anchor, None),
-             (recipe_label, "", scores(stages["variants"]["s2_fresh"]), real.get("blend:s2_fresh"))]
+    # (row label, the run's name in the blend: / selection: keys, overrides, per-fold log losses)
+    lines = [("anchor alone, statistics (step 0)", None, "", anchor),
+             ("recipe: lr 5e-5, 2 epochs (the `s2_fresh` runs of the stages table)", "s2_fresh", "",
+              scores(stages["variants"]["s2_fresh"]))]
     for name, entry in result["variants"].items():
-        lines.append((name, " ".join(o for o in entry["overrides"]), scores(entry), real.get(f"blend:{name}")))
+        lines.append((name, name, " ".join(entry["overrides"]), scores(entry)))
     extra = real.get("sweep_extra")
     if extra:
         for name, entry in extra["variants"].items():
             overrides = [o if not o.startswith("data.sources=") else "data.sources=<the 4 extra sets>"
                          for o in entry["overrides"]] + [o for o in extra["setting"]["overrides"]
                                                          if o.startswith("trainer.")]
-            lines.append((name, " ".join(overrides), scores(entry), real.get(f"blend:{name}")))
+            lines.append((name, name, " ".join(overrides), scores(entry)))
     for name, entry in real.get("sweep_lr1e5", {}).get("variants", {}).items():
         # measured after arena_small moved to lr 1e-5: the overrides are on top of that recipe
-        lines.append((f"{name} (on the lr 1e-5 recipe)", " ".join(["model.lr=1e-5", *entry["overrides"]]),
-                      scores(entry), real.get(f"blend:{name}")))
+        lines.append((f"{name} (on the lr 1e-5 recipe)", name, " ".join(["model.lr=1e-5", *entry["overrides"]]),
+                      scores(entry)))
     rows = []
-    for label, overrides, per_fold, blend in lines:
+    for label, run, overrides, per_fold in lines:
         shown = [(label, per_fold)]
+        blend, selection = real.get(f"blend:{run}"), real.get(f"selection:{run}")
         if blend:
             shown.append((f"{label}, averaged 1:1 with its anchor", {k: v["0.5"] for k, v in blend["per_fold"].items()}))
-        selection = real.get(f"selection:{name_of.get(label, label)}")
         if selection:
             shown.append((f"{label}, blend weight chosen per fold on the other folds (w = "
                           + "/".join(f"{v['weight']:g}" for _, v in sorted(selection["per_fold"].items())) + ")",
