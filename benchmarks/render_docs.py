@@ -306,6 +306,35 @@ def gpu_check(_: Any = None) -> str:
                         rows)
 
 
+def scale_on_paper(_: Any = None) -> str:
+    """README.md, Scale on paper: the estimates of results/scale_on_paper.json (benchmarks/scale_on_paper.py)."""
+    data = load("scale_on_paper")
+    lengths = sorted(data["recipes"][0]["at"], key=int)
+    rows = []
+    for recipe in data["recipes"]:
+        params = data["models"][recipe["model"]]["params"]
+        cells = []
+        for n in lengths:
+            at = recipe["at"][n]
+            cells += [f"{at['memory_gib']:.0f}" + ("" if at["fits"] else " (over)"), f"{at['hours_per_10k_rows']:.2f}"]
+        rows.append([recipe["recipe"], f"{params / 1e9:.2f}B", f"{recipe['trainable_params'] / 1e6:,.1f}M",
+                     str(recipe["gpus"]), f"{recipe['rows']} ({recipe['layout']})",
+                     f"{recipe['mfu']:.1%}" + (" (GPU check)" if recipe["mfu_source"].startswith("measured") else ""),
+                     *cells])
+    gpu = data["gpu"]
+    note = (f"**Estimates, not measurements** ({gpu['name']}, {gpu['memory_gib']:.1f} GiB; memory per GPU in GiB at full "
+            f"length, hours of wall time per 10,000 training rows; \"(over)\": more than the GPU's memory)\n\n")
+    measured = data["gpu_check_mfu"]
+    note += (f"MFU \"(GPU check)\": the utilisation `gpu_check.py` measured for the DeBERTa-v3-small shape on "
+             f"{measured['gpu']} ({measured['tokens_per_s']:,.0f} tokens/s on rows of {measured['mean_sequence_tokens']:.0f} "
+             f"tokens a side, {measured['batch_rows']} rows a batch), far from busy: those hours are upper bounds. "
+             f"The other utilisations are assumptions.\n\n")
+    header = ["recipe", "parameters", "trainable", "GPUs", "rows per step", "MFU"]
+    for n in lengths:
+        header += [f"GiB @ {int(n):,}", f"h / 10k rows @ {int(n):,}"]
+    return note + table(header, rows)
+
+
 def timings(_: Any = None) -> str:
     """README.md, Timings: results/timings.json (benchmarks/timings.py)."""
     data = load("timings")
@@ -329,6 +358,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "sweep": sweep,
     "anchor_lexical": anchor_lexical,
     "gpu_check": gpu_check,
+    "scale_on_paper": scale_on_paper,
     "throughput": throughput,
     "synthetic_seeds": synthetic_seeds,
     "synthetic_gap": synthetic_gap,
