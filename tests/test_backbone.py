@@ -69,6 +69,23 @@ def test_tiny_backbone_from_config_is_deberta_v3_shaped():
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+def test_tiny_overrides_from_hydra_switch_to_absolute_positions():
+    """The embedded default's form (conf/model/tiny_embedded.yaml): Hydra hands lists as ListConfig, which
+    transformers' config validation rejects unless turned into plain lists."""
+    from omegaconf import OmegaConf
+
+    overrides = OmegaConf.create({"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1,
+                                  "intermediate_size": 64, "relative_attention": False,
+                                  "position_biased_input": True, "pos_att_type": []})
+    model = build_backbone("tiny", vocab_size=500, tiny_overrides=overrides)
+    assert not model.config.relative_attention and model.config.pos_att_type == []
+    assert model.embeddings.position_embeddings is not None  # absolute positions instead
+    ids = torch.randint(5, 500, (2, 12))
+    moved = model(input_ids=ids).last_hidden_state
+    swapped = model(input_ids=ids.flip(1)).last_hidden_state.flip(1)
+    assert not torch.allclose(moved, swapped, atol=1e-4)  # word order still reaches the encoder
+
+
 def test_tiny_needs_vocab_size():
     with pytest.raises(ValueError, match="vocab_size"):
         build_backbone("tiny")

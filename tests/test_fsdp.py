@@ -10,6 +10,7 @@ the same weights up to float rounding (the reduce-scatter sums in another order 
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -100,6 +101,10 @@ def full_runs(tmp_path_factory, llm_dirs):
 def test_fsdp_full_fine_tuning_matches_one_process(full_runs, tmp_path, synthetic_frame):
     root, out = full_runs
     assert "FSDP2: 2 x FSDPLlamaDecoderLayer sharded one by one" in out
+    # the memory FSDP saves: each of the 2 ranks keeps about half of the parameters (and of their gradients and
+    # AdamW moments); dim-0 shards are padded to equal sizes, so a rank may hold a little more than half
+    shares = [int(held) / int(total) for held, total in re.findall(r"this rank holds (\d+) of (\d+) parameters", out)]
+    assert shares and all(0.45 <= share <= 0.55 for share in shares), shares
     fsdp, single = (json.loads((root / name / "metrics.json").read_text()) for name in ("fsdp", "single"))
     assert fsdp["train_rows"] == single["train_rows"] == 192 and fsdp["val_rows"] == 64
     assert global_step(root / "fsdp") == global_step(root / "single") == 12

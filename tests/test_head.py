@@ -17,6 +17,18 @@ def test_symmetric_head_is_position_equivariant_exactly():
     assert torch.allclose(forward[:, 2], swapped[:, 2], atol=1e-12, rtol=0)
 
 
+def test_symmetric_head_on_tie_less_data_swaps_its_two_logits():
+    torch.manual_seed(0)
+    head = PairHead(16, hidden=32, n_classes=2, symmetric=True, n_sources=2).double()
+    a, b = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    source = torch.tensor([0, 1, 0, 1, 1])
+    forward, swapped = head(a, b, source=source), head(b, a, source=source)
+    assert forward.shape == (5, 2) and head.tie is None
+    assert torch.equal(forward, swapped[:, [1, 0]])
+    with pytest.raises(ValueError, match="4 classes"):
+        PairHead(16, n_classes=4, symmetric=True)
+
+
 def test_plain_head_is_not_equivariant_but_shapes_match():
     torch.manual_seed(0)
     head = PairHead(16, hidden=32)

@@ -121,7 +121,8 @@ class PairHead(nn.Module):
     `symmetric=True`: position-equivariant by construction. One MLP scores "this side wins" from
     (self, other, self-other, self*other), applied as f(a, b) and f(b, a); another scores the tie from
     the order-free (a+b, |a-b|, a*b). Swapping A and B swaps the two win logits exactly and leaves the
-    tie logit unchanged. Freshly initialised, so it gets its own (higher) learning rate.
+    tie logit unchanged (with `n_classes=2`, tie-less data: the two win logits alone). Freshly initialised, so it
+    gets its own (higher) learning rate.
 
     `n_sources` > 1 (`model.source_heads`): each MLP's last Linear is source 0's and every extra training
     source has its own output layer beside it (`source_outputs`, `routed`); `forward(..., source=None)` is
@@ -135,8 +136,8 @@ class PairHead(nn.Module):
         unknown = [c for c in combine if c not in COMBINATIONS]
         if unknown or not combine:
             raise UserError(f"model.combine={list(combine)}; choose from {', '.join(COMBINATIONS)}")
-        if symmetric and n_classes != 3:
-            raise UserError("the symmetric head predicts exactly A wins, B wins, tie")
+        if symmetric and n_classes not in (2, 3):
+            raise UserError(f"the symmetric head predicts A wins, B wins (and tie); {n_classes} classes given")
         self.combine = tuple(combine)
         self.symmetric = symmetric
         self.stats_size = stats_size
@@ -144,8 +145,10 @@ class PairHead(nn.Module):
         side = in_size + stats_size
         if symmetric:
             self.win = mlp(4 * side, hidden, 1, dropout)
-            self.tie = mlp(3 * side, hidden, 1, dropout)
-            self.source_outputs = build_source_outputs({"win": self.win, "tie": self.tie}, n_sources)
+            # tie-less (binary) data: the two win logits alone, still exactly swapped with the sides
+            self.tie = mlp(3 * side, hidden, 1, dropout) if n_classes == 3 else None
+            self.source_outputs = build_source_outputs(
+                {"win": self.win, **({"tie": self.tie} if self.tie is not None else {})}, n_sources)
         else:
             self.mlp = mlp(side * len(self.combine), hidden, n_classes, dropout)
             self.source_outputs = build_source_outputs({"mlp": self.mlp}, n_sources)
@@ -172,6 +175,8 @@ class PairHead(nn.Module):
             return self._run("mlp", self.features(a, b), source)
         win_a = self._run("win", torch.cat([a, b, a - b, a * b], -1), source)
         win_b = self._run("win", torch.cat([b, a, b - a, a * b], -1), source)
+        if self.tie is None:
+            return torch.cat([win_a, win_b], -1)
         tie = self._run("tie", torch.cat([a + b, (a - b).abs(), a * b], -1), source)
         return torch.cat([win_a, win_b, tie], -1)
 

@@ -138,10 +138,16 @@ def shard_module(module: nn.Module, backbone: nn.Module, precision: str, device:
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
     one_backbone_call(module)
+    # what sharding saves: this rank keeps its shard (DTensor.to_local) of each parameter, and so of its gradient and
+    # AdamW moments: about 1 / world size of the full model's states
+    total = sum(p.numel() for p in module.parameters())
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in module.parameters())
     info = {"blocks": len(blocks), "block_class": type(blocks[0]).__name__,
-            "mixed_precision": "bf16 compute, fp32 reduce" if policy else "none"}
-    log.info("FSDP2: %d x %s sharded one by one, then the root module; mixed precision: %s",
-             info["blocks"], info["block_class"], info["mixed_precision"])
+            "mixed_precision": "bf16 compute, fp32 reduce" if policy else "none",
+            "rank_parameters": local, "parameters": total}
+    log.info("FSDP2: %d x %s sharded one by one, then the root module; mixed precision: %s; this rank holds %d of "
+             "%d parameters (%.1f%%)", info["blocks"], info["block_class"], info["mixed_precision"], local, total,
+             100.0 * local / max(total, 1))
     return info
 
 
