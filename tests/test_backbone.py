@@ -86,6 +86,22 @@ def test_tiny_overrides_from_hydra_switch_to_absolute_positions():
     assert not torch.allclose(moved, swapped, atol=1e-4)  # word order still reaches the encoder
 
 
+def test_every_parameter_of_the_embedded_backbone_gets_a_gradient():
+    """DDP stalls on a parameter no loss reaches (the encoder's LayerNorm of relative embeddings that the
+    absolute-position embedded model does not have): conf/model/tiny_embedded.yaml's backbone has none."""
+    from omegaconf import OmegaConf
+
+    from .conftest import REPO
+
+    overrides = OmegaConf.load(REPO / "conf" / "model" / "tiny_embedded.yaml").tiny_config
+    overrides = OmegaConf.merge(overrides, {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64})
+    model = build_backbone("tiny", vocab_size=500, tiny_overrides=overrides)
+    ids = torch.randint(5, 500, (3, 10))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.square().mean().backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused
+
+
 def test_tiny_needs_vocab_size():
     with pytest.raises(ValueError, match="vocab_size"):
         build_backbone("tiny")
