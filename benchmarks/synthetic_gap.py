@@ -48,9 +48,10 @@ def pinned(*parts: list[str]) -> list[str]:
 # Earlier embedded defaults, pinned, so that every stored run keeps the settings it was measured with:
 # relative-position attention, batch 32, lr 3e-3, no symmetric head, 20,000 rows until 2026-12-05 noon
 ONE_LAYER_20K = ["model.tiny_config.relative_attention=true", "model.tiny_config.position_biased_input=false",
-                 "model.tiny_config.pos_att_type=[p2c,c2p]", "model.symmetric_head=false", "model.lr=3e-3",
+                 "model.tiny_config.pos_att_type=[p2c,c2p]", "model.tiny_config.norm_rel_ebd=layer_norm",
+                 "model.symmetric_head=false", "model.lr=3e-3",
                  "model.head_lr=3e-3", "data.batch_size=32", "data.synthetic_rows=20000"]
-RELATIVE = ONE_LAYER_20K[:3]  # DeBERTa-v3's relative-position attention (tiny.yaml's)
+RELATIVE = ONE_LAYER_20K[:4]  # DeBERTa-v3's relative-position attention (tiny.yaml's)
 # 2 layers on 10,000 rows until 2026-12-05 morning (the interaction, then the relevance loss, were added on top of it)
 TWO_LAYERS_10K = pinned(ONE_LAYER_20K, ["model.tiny_config.num_hidden_layers=2", "data.synthetic_rows=10000"])
 # the interaction without the relevance loss (the default of 2026-12-04 evening)

@@ -21,7 +21,8 @@ COMMON = ["data.synthetic_rows=300", "data.max_length=48", "data.batch_size=16",
           # the embedded default's recipe when the fixture was written (issue 21 changed it in conf/experiment/embedded.yaml)
           "model.interaction=none", "model.relevance_weight=0.0", "model.lr=1e-3", "model.head_lr=1e-3",
           "model.symmetric_head=false", "model.tiny_config.relative_attention=true",
-          "model.tiny_config.position_biased_input=false", "model.tiny_config.pos_att_type=[p2c,c2p]"]
+          "model.tiny_config.position_biased_input=false", "model.tiny_config.pos_att_type=[p2c,c2p]",
+          "model.tiny_config.norm_rel_ebd=layer_norm"]
 TINY = ["model.tokenizer_vocab_size=300", "model.tiny_config.hidden_size=32", "model.tiny_config.num_hidden_layers=1",
         "model.tiny_config.num_attention_heads=2", "model.tiny_config.intermediate_size=64",
         "model.tiny_config.max_position_embeddings=128"]
