@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,7 @@ class EncodingSpec:
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "stats_features", tuple(str(s) for s in self.stats_features))
         if self.stats_norm is not None:
-            object.__setattr__(self, "stats_norm", _plain(self.stats_norm))
+            object.__setattr__(self, "stats_norm", plain(self.stats_norm))
         if self.layout not in LAYOUTS:
             raise UserError(f"data.layout={self.layout!r}; choose from {', '.join(LAYOUTS)}")
         if self.template not in TEMPLATES:
@@ -146,11 +146,15 @@ class EncodingSpec:
         return tuple(f.name for f in dataclasses.fields(cls))
 
 
-def _plain(value: Any) -> Any:
-    """Nested mappings and sequences as dicts and lists of plain numbers (OmegaConf and numpy free)."""
+def plain(value: Any) -> Any:
+    """Nested mappings and sequences (Hydra's DictConfig / ListConfig, numpy arrays) as dicts and lists of plain
+    values (OmegaConf and numpy free: transformers' config validation, JSON and checkpoints take them)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        items = value.tolist() if hasattr(value, "tolist") else value
-        return [_plain(v) for v in items] if isinstance(items, list) else items
+        return {str(k): plain(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):
+        items = value.tolist()
+        return [plain(v) for v in items] if isinstance(items, list) else items
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [plain(v) for v in value]
     return value
+

@@ -8,7 +8,7 @@ trained on the training texts and cached on disk, since no model hub is reachabl
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from transformers import (
 
 from pref_lightning.core.cli import say
 from pref_lightning.core.errors import MissingFileError, UserError
+from pref_lightning.data.contract import plain
 from pref_lightning.data.tokenizers import (
     TRUST_REMOTE_CODE,
     cached_trained_tokenizer,
@@ -142,17 +143,8 @@ def weight_dtype(name: str | None):
     return getattr(torch, name)
 
 
-def _plain(value: Any) -> Any:
-    """Hydra's DictConfig / ListConfig as dict / list: transformers' config validation rejects them."""
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return [_plain(item) for item in value]
-    return value
-
-
 def tiny_config(vocab_size: int, overrides: Mapping[str, Any] | None = None) -> DebertaV2Config:
-    return DebertaV2Config(**{**TINY_DEFAULTS, **_plain(dict(overrides or {})), "vocab_size": vocab_size})
+    return DebertaV2Config(**{**TINY_DEFAULTS, **plain(dict(overrides or {})), "vocab_size": vocab_size})
 
 
 def build_backbone(
