@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -26,13 +25,13 @@ from pref_lightning.train.callbacks import LogProgress
 from pref_lightning.train.prior_guard import advice
 from pref_lightning.train.resume import resume_checkpoint, same_config_runs
 
+from . import warm
 from .conftest import REPO
 
 
 def run(script, *overrides, cwd, env=None):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return warm.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, env=env, timeout=300)
 
 
 def compose_cfg(name, overrides=()):

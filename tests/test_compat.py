@@ -5,6 +5,8 @@ from transformers import BertConfig, DebertaV2Config, LlamaConfig, RobertaConfig
 
 from pref_lightning.model.compat import check_max_length, check_vocabulary, position_limit
 
+from . import warm
+
 
 def test_position_limits_of_absolute_relative_and_rotary_families():
     assert position_limit(BertConfig(max_position_embeddings=512)) == 512
@@ -42,14 +44,13 @@ def bert_dir(tmp_path_factory, tiny_tokenizer):
 
 def test_train_refuses_before_reading_any_data(bert_dir, tmp_path):
     """The training file does not exist: the error must be the max-length one, so no data was read."""
-    import subprocess
     import sys
 
     from .conftest import REPO
 
-    run = subprocess.run([sys.executable, "train.py", "data=kaggle", f"model.backbone={bert_dir}",
-                          f"data.train_path={tmp_path / 'missing.csv'}", "data.max_length=128",
-                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = warm.run([sys.executable, "train.py", "data=kaggle", f"model.backbone={bert_dir}",
+                    f"data.train_path={tmp_path / 'missing.csv'}", "data.max_length=128",
+                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, timeout=300)
     assert run.returncode != 0
     assert "data.max_length=128 exceeds the backbone's limit" in run.stderr and "64 absolute positions" in run.stderr
     assert "FileNotFoundError" not in run.stderr and "does not exist" not in run.stderr

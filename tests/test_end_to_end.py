@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from pref_lightning.core.metrics import CLASS_COLUMNS
 from pref_lightning.data.records import ORACLE_COLUMNS
 
+from . import warm
 from .conftest import ARENA_SAMPLE, REPO, TEST_TINY_OVERRIDES, needs_shared_data
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,7 @@ FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false
 
 def run(script, *overrides, timeout=600, env=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    result = subprocess.run([sys.executable, script, *overrides], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = warm.run([sys.executable, script, *overrides], cwd=REPO, env=env, timeout=timeout)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout + result.stderr
 

@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from . import warm
 from .conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -15,8 +15,7 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 def run(*args, timeout=600):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return warm.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, timeout=timeout)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real check would run")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -32,6 +31,7 @@ from pref_lightning.data.submission import submission_frame, winner_frame
 from pref_lightning.model.module import PreferenceModule
 from pref_lightning.predict.prediction import gather_predictions
 
+from . import warm
 from .conftest import REPO, TEST_TINY
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
@@ -300,9 +300,8 @@ def tiny_checkpoint(path, tokenizer, n_classes=3):
 
 def run_predict(*overrides):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "predict.py", *overrides, "trainer.enable_progress_bar=false",
-                             "trainer.accelerator=cpu"], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = warm.run([sys.executable, "predict.py", *overrides, "trainer.enable_progress_bar=false",
+                       "trainer.accelerator=cpu"], cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
 

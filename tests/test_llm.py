@@ -13,6 +13,7 @@ from pref_lightning.core.errors import MissingFileError, UserError
 from pref_lightning.data.datamodule import PreferenceDataModule
 from pref_lightning.model.module import PreferenceModule
 
+from . import warm
 from .conftest import REPO
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
@@ -339,7 +340,6 @@ def test_average_refuses_adapters_of_different_inits(lora_run, tmp_path):
 @pytest.mark.slow
 def test_experiment_llm_lora_trains_and_predicts_on_cpu(llm_dirs, synthetic_csv, tmp_path):
     import json
-    import subprocess
     import sys
 
     import pandas as pd
@@ -380,7 +380,7 @@ def test_experiment_llm_lora_trains_and_predicts_on_cpu(llm_dirs, synthetic_csv,
     assert (frame[["winner_model_a", "winner_model_b", "winner_tie"]].sum(axis=1) - 1).abs().max() < 1e-6
     assert not frame[["winner_model_a", "winner_model_b", "winner_tie"]].equals(
         pd.read_csv(sub)[["winner_model_a", "winner_model_b", "winner_tie"]])
-    refused = subprocess.run([sys.executable, "predict.py", f"ckpt_path={best}", f"input_path={synthetic_csv}",
-                              f"output_path={tmp_path / 'x.csv'}", f"model.backbone={llm_dirs['other_llama']}"],
-                             cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    refused = warm.run([sys.executable, "predict.py", f"ckpt_path={best}", f"input_path={synthetic_csv}",
+                        f"output_path={tmp_path / 'x.csv'}", f"model.backbone={llm_dirs['other_llama']}"],
+                       cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: model.backbone=")

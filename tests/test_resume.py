@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from . import warm
 from .conftest import REPO
 from .test_end_to_end import FAST, run
 
@@ -21,9 +22,9 @@ COMMON = ["data.synthetic_rows=600", "trainer.max_epochs=2", "trainer.log_every_
 def train_killed_at(step, run_dir, *overrides):
     """train.py that receives a real SIGTERM after optimizer step `step`; returns its output."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}",
-                             "+callbacks.kill._target_=tests.signals.SigtermAtStep", f"+callbacks.kill.step={step}"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = warm.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}",
+                       "+callbacks.kill._target_=tests.signals.SigtermAtStep", f"+callbacks.kill.step={step}"],
+                      cwd=REPO, env=env, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 143, out[-3000:]
     return out
@@ -191,9 +192,8 @@ def test_single_run_into_another_configurations_folder_exits_with_one_line(tmp_p
     run("train.py", "data.synthetic_rows=200", "trainer.max_steps=2", "report=false", f"hydra.run.dir={run_dir}",
         *FAST)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.suffix != ".log"}
-    result = subprocess.run([sys.executable, "train.py", "data.synthetic_rows=200", "seed=3",
-                             f"hydra.run.dir={run_dir}", "ckpt_path=last", *FAST], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = warm.run([sys.executable, "train.py", "data.synthetic_rows=200", "seed=3",
+                       f"hydra.run.dir={run_dir}", "ckpt_path=last", *FAST], cwd=REPO, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         f"error: hydra.run.dir={run_dir} holds the run of another configuration (seed=42 there, seed=3 here); "
