@@ -133,6 +133,16 @@ def synthetic_gap(_: Any = None) -> str:
             ["oracle", f4(b["oracle"])], ["regression on the planted scores", f4(b["regression_on_planted_scores"])],
             ["the same without the off-topic term (best topic-blind)", f4(b["regression_without_topic_term"])],
             ["text-statistics regression", f4(b["text_stats_regression"])], ["class prior", f4(b["prior"])]])
+    diagnosis = data.get("diagnosis") or {}
+    if diagnosis:  # synthetic_gap.py --diagnose: where a trained run's gap goes
+        groups = list(next(iter(diagnosis.values()))["groups"])
+        first = next(iter(diagnosis.values()))
+        out += "\n" + table([f"diagnosed run ({first['rows']:,} fresh rows, seed {first['seed']})", "expected gap",
+                             *(f"{g} ({d['rows']:,} rows): gap, share" for g, d in first["groups"].items()),
+                             "topic-match AUC"],
+                            [[name, f4(d["expected_gap"]),
+                              *(f"{d['groups'][g]['expected_gap']:.4f}, {d['groups'][g]['share_of_gap']:.0%}"
+                                for g in groups), f4(d["topic_match_auc"])] for name, d in diagnosis.items()])
     return out
 
 

@@ -8,17 +8,21 @@ Writes benchmarks/results/synthetic_gap.json. Parts (CPU, offline):
             text-statistics regression (`synthetic.text_stats_log_loss`): what the topic term is worth
   runs      `python train.py seed=S` for each variant (VARIANTS: the recipe before, the recipe now, ablations)
             and seed: val log loss, oracle, gap, wall seconds; the worst gap per variant against the 0.05 target
+  --diagnose VARIANT:RUN_DIR   where a trained run's gap goes (`diagnose`): expected gap per row group on fresh
+            rows, and how well the interaction's prompt-answer cosine tells on-topic answers from off-topic ones
 
 Runs accumulate in the JSON (a variant's seeds replace only themselves), so variants can be measured in parts:
 
     python benchmarks/synthetic_gap.py                                   # bounds + before/after, seeds 0,1,2
     python benchmarks/synthetic_gap.py --parts runs --variants no_interaction --seeds 0
+    python benchmarks/synthetic_gap.py --parts none --diagnose default_on_seed_3:RUN_DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -81,6 +85,15 @@ VARIANTS: dict[str, list[str]] = {
                                   "data.synthetic_rows=44000"],
     "two_layers_lr_4e-3_28k_rows": ["model.tiny_config.num_hidden_layers=2", "model.lr=4e-3", "model.head_lr=4e-3",
                                     "data.synthetic_rows=28000"],
+    # screening around the default on seed 3 (2026-12-05 afternoon): each one change; none beat it (README)
+    "default_on_seed_3": [],  # the embedded default itself on the screening seed
+    "lr_1e-2": ["model.lr=1e-2", "model.head_lr=1e-2"],
+    "relevance_0.5": ["model.relevance_weight=0.5"],
+    "relevance_temperature_0.05": ["model.relevance_temperature=0.05"],
+    "relevance_temperature_0.2": ["model.relevance_temperature=0.2"],
+    "batch_128_lr_1e-2": ["data.batch_size=128", "model.lr=1e-2", "model.head_lr=1e-2"],
+    # an exponential moving average of the weights (Lightning's EMAWeightAveraging) read at validation
+    "ema_0.99": ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.99"],
     # ablations of the earlier defaults (each with one part switched back or moved)
     "no_interaction": pinned(INTERACTION_DEFAULT, ["model.interaction=none"]),
     "interaction_lr_1e-3": pinned(INTERACTION_DEFAULT, ["model.lr=1e-3", "model.head_lr=1e-3"]),
@@ -139,6 +152,59 @@ def train(run_dir: Path, overrides: list[str]) -> tuple[dict, float]:
     return metrics, seconds
 
 
+def diagnose(checkpoint: Path, rows: int = 4000, seed: int = 77) -> dict:
+    """Where a trained model's gap goes, on fresh rows of the same generator (seed 77: rows no run trained or
+    validated on), as `predict.py` scores them: the expected gap (mean KL(p_true || p), nats: the gap to the
+    oracle without the label draw's noise) in all and per row group, with each group's share of it; and how
+    well the cosine that `model.interaction` computes (prompt vs answer, mean input token embeddings, each
+    side encoded as in training) ranks on-topic answers above off-topic ones (AUC over text answers)."""
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+    from sklearn.metrics import roc_auc_score
+
+    from pref_lightning.data import synthetic
+    from pref_lightning.data.pairs import PairEncoder
+    from pref_lightning.data.records import records_from_frame
+    from pref_lightning.model.head import mean_pool, segment_masks
+    from pref_lightning.model.module import PreferenceModule
+
+    data = synthetic.generate(rows, seed=seed)
+    frame, lat = data.frame, data.latents
+    with tempfile.TemporaryDirectory(prefix="diagnose_") as work:
+        test, out = Path(work) / "test.csv", Path(work) / "submission.csv"
+        synthetic.write_csv(frame[["id", "prompt", "response_a", "response_b"]], test)
+        subprocess.run([sys.executable, str(REPO / "predict.py"), f"ckpt_path={checkpoint}", f"input_path={test}",
+                        f"output_path={out}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"],
+                       check=True, cwd=REPO, capture_output=True)
+        predicted = pd.read_csv(out)[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
+    true = data.true_proba
+    kl = (true * (np.log(true) - np.log(predicted))).sum(1)
+    off = lat["off_topic_a"].to_numpy() | lat["off_topic_b"].to_numpy()
+    groups = {"an answer off the prompt's topic": off, "both answers on topic": ~off,
+              "multi-turn": lat["n_turns"].to_numpy() > 1,
+              "a refusal": lat["refusal_a"].to_numpy() | lat["refusal_b"].to_numpy()}
+    by_group = {name: {"rows": int(mask.sum()), "expected_gap": round(float(kl[mask].mean()), 4),
+                       "share_of_gap": round(float(kl[mask].sum() / kl.sum()), 3)} for name, mask in groups.items()}
+
+    module, tokenizer, spec = PreferenceModule.from_checkpoint(str(checkpoint))
+    pairs = PairEncoder(tokenizer, spec).encode(records_from_frame(frame, "diagnose", require_labels=False))
+    cosines, on_topic = [], []
+    embeddings = module.backbone.get_input_embeddings()
+    with torch.no_grad():
+        for row, pair in enumerate(pairs):
+            for side, ids in (("a", pair.ids_a), ("b", pair.ids_b)):
+                if lat[f"kind_{side}"][row] != "text":
+                    continue
+                ids = torch.as_tensor(ids, dtype=torch.long)[None]
+                prompt, answer = segment_masks(ids, torch.ones_like(ids))
+                states = embeddings(ids).float()
+                cosines.append(float(F.cosine_similarity(mean_pool(states, prompt), mean_pool(states, answer))))
+                on_topic.append(not lat[f"off_topic_{side}"][row])
+    return {"checkpoint": str(checkpoint), "rows": rows, "seed": seed, "expected_gap": round(float(kl.mean()), 4),
+            "groups": by_group, "topic_match_auc": round(float(roc_auc_score(on_topic, cosines)), 4)}
+
+
 def run_variant(name: str, seeds: list[int], work: Path, extra: list[str]) -> list[dict]:
     rows = []
     for seed in seeds:
@@ -183,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect", nargs="*", default=[], metavar="VARIANT:SEED:RUN_DIR",
                         help="record a run already made (`python train.py seed=SEED <the variant's overrides>` into "
                              "RUN_DIR) instead of training it again: its metrics.json is read as is")
+    parser.add_argument("--diagnose", nargs="*", default=[], metavar="VARIANT:RUN_DIR",
+                        help="where a trained run's gap goes (diagnose(); RUN_DIR/checkpoints/best.ckpt), stored "
+                             "under `diagnosis` with the variant it was trained as")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -213,8 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         runs = sorted([*kept, row], key=lambda r: r["seed"])
         out["variants"][name] = {"overrides": VARIANTS[name], "runs": runs, **summarise(runs),
                                  "run_info": row.pop("run_info")}
+    for item in args.diagnose:
+        name, folder = item.split(":", 1)
+        if name not in VARIANTS:
+            parser.error(f"--diagnose {item}: unknown variant {name!r}")
+        out.setdefault("diagnosis", {})[name] = diagnose(Path(folder) / "checkpoints" / "best.ckpt")
+        print(f"diagnosis {name}: {out['diagnosis'][name]}", flush=True)
     merged = json.loads(args.out.read_text()) if args.out.exists() else {}
     merged.setdefault("variants", {}).update(out["variants"])
+    merged.setdefault("diagnosis", {}).update(out.get("diagnosis", {}))
     if "bounds" in out:
         merged["bounds"] = out["bounds"]
     merged["target_gap"] = TARGET_GAP

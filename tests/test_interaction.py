@@ -199,3 +199,30 @@ def test_the_relevance_loss_excludes_the_rows_twin_and_is_refused_without_the_in
     assert torch.allclose(sides[0], expected, atol=1e-6)
     with pytest.raises(UserError, match="model.relevance_weight"):
         PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=50, relevance_weight=0.5)
+
+
+def test_the_relevance_temperature_reaches_the_loss_and_must_be_positive(monkeypatch):
+    """model.relevance_temperature is what the training step's relevance loss divides the cosines by."""
+    import pref_lightning.model.module as module_file
+    from pref_lightning.model.head import relevance_loss
+
+    rng = np.random.default_rng(0)
+    batch, vocab = topic_pairs(8, rng)
+    seen = []
+
+    def spy(states, ids, mask, temperature):
+        seen.append(temperature)
+        return relevance_loss(states, ids, mask, temperature)
+
+    monkeypatch.setattr(module_file, "relevance_loss", spy)
+    losses = {}
+    for temperature in (0.1, 0.5):
+        torch.manual_seed(0)
+        module = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=vocab, head_hidden=8,
+                                  use_text_stats=False, interaction="prompt_answer_embeddings", relevance_weight=1.0,
+                                  relevance_temperature=temperature, swap_augment="none",
+                                  spec=EncodingSpec(n_classes=2))
+        losses[temperature] = float(module.training_step(dict(batch), 0))
+    assert seen == [0.1, 0.5] and losses[0.1] != pytest.approx(losses[0.5])
+    with pytest.raises(UserError, match="model.relevance_temperature"):
+        PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=50, relevance_temperature=0.0)

@@ -23,7 +23,7 @@ from pref_lightning.data.contract import EncodingSpec
 from pref_lightning.data.tokenizers import tokenizer_from_files
 from pref_lightning.model.augment import SWAP_MODES, augment_generator, flip_coins, swap_labels, swap_sides
 from pref_lightning.model.checkpoint import CHECKPOINT_KEY, load_checkpoint, payload, without_unused_weights
-from pref_lightning.model.head import VERDICT_TOKENS, relevance_loss
+from pref_lightning.model.head import RELEVANCE_TEMPERATURE, VERDICT_TOKENS, relevance_loss
 from pref_lightning.model.lora import check_base, trainable_summary, with_base_weights, without_base_weights
 from pref_lightning.model.network import PACKABLE_MODEL_TYPES, PACKED_MODES, PreferenceNetwork
 from pref_lightning.model.optim import backbone_depths, optimizer_and_schedule, parameter_groups, warmup_decay
@@ -111,6 +111,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
         interaction: str = "none",
         source_heads: bool = False,
         relevance_weight: float = 0.0,
+        relevance_temperature: float = RELEVANCE_TEMPERATURE,
         tokenizer: str | None = None,
         tokenizer_vocab_size: int | None = None,
         cache_dir: str | None = None,
@@ -127,6 +128,8 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
             raise UserError(f"model.relevance_weight={relevance_weight}: a weight >= 0, and > 0 only with "
                             "model.interaction=prompt_answer_embeddings (it shapes the token embeddings that "
                             "interaction compares)")
+        if relevance_temperature <= 0:
+            raise UserError(f"model.relevance_temperature={relevance_temperature} must be > 0")
         if text_anchor is not None and not isinstance(text_anchor, Mapping):
             raise UserError(f"model.text_anchor={text_anchor!r}: a checkpoint path is read by the training recipe "
                             "(train.training.build_model); the module takes what stages.read_text_scorer returns")
@@ -206,7 +209,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
         loss = self._loss(logits, labels, batch, targets)
         if self.hparams.relevance_weight > 0:  # label-free: every row teaches the prompt-answer match
             relevance = relevance_loss(self.backbone.get_input_embeddings()(batch["input_ids"]), batch["input_ids"],
-                                       batch["attention_mask"])
+                                       batch["attention_mask"], self.hparams.relevance_temperature)
             self.log("train/relevance_loss", relevance, batch_size=len(labels))
             loss = loss + self.hparams.relevance_weight * relevance
         if mode == "full":  # both orders in the same step
