@@ -92,6 +92,9 @@ VARIANTS: dict[str, list[str]] = {
     "relevance_temperature_0.05": ["model.relevance_temperature=0.05"],
     "relevance_temperature_0.2": ["model.relevance_temperature=0.2"],
     "batch_128_lr_1e-2": ["data.batch_size=128", "model.lr=1e-2", "model.head_lr=1e-2"],
+    # the token embeddings at twice / half the layer's LR (model.layer_lr_decay: depth 0 gets lr * decay)
+    "embeddings_lr_x2": ["model.layer_lr_decay=2.0"],
+    "embeddings_lr_x0.5": ["model.layer_lr_decay=0.5"],
     # an exponential moving average of the weights (Lightning's EMAWeightAveraging) read at validation
     "ema_0.99": ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.99"],
     # ablations of the earlier defaults (each with one part switched back or moved)
