@@ -95,6 +95,8 @@ VARIANTS: dict[str, list[str]] = {
     # the token embeddings at twice / half the layer's LR (model.layer_lr_decay: depth 0 gets lr * decay)
     "embeddings_lr_x2": ["model.layer_lr_decay=2.0"],
     "embeddings_lr_x0.5": ["model.layer_lr_decay=0.5"],
+    "head_hidden_512": ["model.head_hidden=512"],
+    "prompt_fraction_0.4": ["data.prompt_fraction=0.4"],
     # an exponential moving average of the weights (Lightning's EMAWeightAveraging) read at validation
     "ema_0.99": ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.99"],
     # ablations of the earlier defaults (each with one part switched back or moved)
