@@ -23,6 +23,7 @@ def test_each_fork_has_its_own_folder_environment_argv_and_exit_status(tmp_path)
         failing = warm.run([sys.executable, str(script), "x"], cwd=tmp_path,
                            env={**os.environ, "X": "3"})
         module = warm.run([sys.executable, "-m", "json.tool", "--help"], cwd=tmp_path)
+        nowhere = warm.run([sys.executable, str(script), "0"], cwd=tmp_path / "missing")
         with pytest.raises(subprocess.TimeoutExpired):
             warm.run([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path, timeout=1)
     assert first.returncode == 3 and f"{tmp_path / 'a'} one ['{script}', '3'] __main__" in first.stdout
@@ -30,6 +31,7 @@ def test_each_fork_has_its_own_folder_environment_argv_and_exit_status(tmp_path)
     assert second.returncode == 0 and f"{tmp_path} two" in second.stdout
     assert failing.returncode == 1 and "Traceback" in failing.stderr and "ValueError" in failing.stderr
     assert module.returncode == 0 and "usage" in module.stdout
+    assert nowhere.returncode == 1 and "FileNotFoundError" in nowhere.stderr
 
 
 def test_commands_other_than_python_are_refused():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,7 @@ class WarmPython:
             self.server.stdin.close()
             self.server.wait(timeout=30)
             self.server = None
+        shutil.rmtree(self.logs, ignore_errors=True)
 
     def run(self, cmd: list[str], cwd: str | Path, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
@@ -83,6 +85,8 @@ class WarmPython:
         reply = json.loads(self.server.stdout.readline())
         stdout, stderr = (out.with_suffix(s).read_text(errors="replace") if out.with_suffix(s).exists() else ""
                           for s in (".out", ".err"))
+        for suffix in (".out", ".err"):
+            out.with_suffix(suffix).unlink(missing_ok=True)
         if reply["timed_out"]:
             raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
         return subprocess.CompletedProcess(cmd, reply["returncode"], stdout=stdout, stderr=stderr)
@@ -125,12 +129,12 @@ def _serve(preload: list[str]) -> None:
         pid = os.fork()
         if pid == 0:  # the command's own process: no try/except, so it ends as `python ...` would
             os.setpgrp()
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            for fd, suffix in ((1, ".out"), (2, ".err")):  # first, so that even a missing cwd is reported there
+                os.dup2(os.open(request["out"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
             os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request["env"])
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            for fd, suffix in ((1, ".out"), (2, ".err")):
-                os.dup2(os.open(request["out"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
             sys.stdin = open(0, closefd=False)  # noqa: SIM115 (the process's own stdin, never closed)
             argv = request["argv"]
             if argv[0] == "-c":
