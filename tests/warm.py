@@ -47,9 +47,10 @@ class WarmPython:
         self.env = dict(os.environ if env is None else env)
         self.preload = preload
         self.server: subprocess.Popen | None = None
-        self.logs = Path(tempfile.mkdtemp(prefix="warm-python-"))
+        self.logs = Path()  # the folder of the forks' output files, made at __enter__
 
     def __enter__(self) -> WarmPython:
+        self.logs = Path(tempfile.mkdtemp(prefix="warm-python-"))
         self.server = subprocess.Popen([sys.executable, __file__, *self.preload], env=self.env, text=True,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         ready = self.server.stdout.readline()
@@ -62,7 +63,7 @@ class WarmPython:
             self.server.stdin.close()
             self.server.wait(timeout=30)
             self.server = None
-        shutil.rmtree(self.logs, ignore_errors=True)
+            shutil.rmtree(self.logs, ignore_errors=True)
 
     def run(self, cmd: list[str], cwd: str | Path, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
