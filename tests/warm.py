@@ -1,7 +1,7 @@
 """Run `python SCRIPT ...` / `python -m MODULE ...` / `python -c CODE ...` commands in forks of one warm Python process.
 
 Every new Python process of this project spends ~6 s importing torch, Lightning, transformers and Hydra
-before it does anything (measured on CI's 2 cores); the README commands alone start ~45 of them. A warm
+before it does anything (on this project's 2-core machine); the README commands alone start ~45 of them. A warm
 server imports those once, then forks one child per command: the child changes to the command's folder,
 takes its environment, points its stdout and stderr at files and runs the script as `__main__` (`runpy`), so
 each command still runs in its own process, from a clean interpreter state except for the modules already
@@ -9,9 +9,9 @@ imported, and exits through the normal interpreter shutdown (atexit handlers, lo
 that starts processes itself (DDP, multirun) starts ordinary ones.
 
 What a fork does not get: a new hash seed (all forks share the server's) and new values of environment
-variables read at start-up or import (READ_AT_START): a command that changes one of those runs as a plain
-subprocess instead. Forking is safe because the server imports modules only: it runs no torch operation, so no OpenMP
-thread pool exists when it forks. Commands that are not `python ...` (ruff, pip) are not for this server.
+variables read at start-up or import (READ_AT_START): a command that changes one of those gets a server of its
+own (`run`) or, given to one `WarmPython`, a plain subprocess. Forking is safe because the server imports
+modules only: it runs no torch operation, so no OpenMP thread pool exists when it forks. Commands that are not `python ...` (ruff, pip) are not for this server.
 
     with WarmPython(env) as warm:
         done = warm.run([sys.executable, "train.py", "trainer.max_epochs=1"], cwd=folder, timeout=600)
