@@ -135,10 +135,10 @@ def synthetic_gap(_: Any = None) -> str:
             ["text-statistics regression", f4(b["text_stats_regression"])], ["class prior", f4(b["prior"])]])
     diagnosis = data.get("diagnosis") or {}
     if diagnosis:  # synthetic_gap.py --diagnose: where a trained run's gap goes
-        groups = list(next(iter(diagnosis.values()))["groups"])
         first = next(iter(diagnosis.values()))
+        groups = list(first["groups"])
         out += "\n" + table([f"diagnosed run ({first['rows']:,} fresh rows, seed {first['seed']})", "expected gap",
-                             *(f"{g} ({d['rows']:,} rows): gap, share" for g, d in first["groups"].items()),
+                             *(f"{g} ({first['groups'][g]['rows']:,} rows): gap, share" for g in groups),
                              "topic-match AUC"],
                             [[name, f4(d["expected_gap"]),
                               *(f"{d['groups'][g]['expected_gap']:.4f}, {d['groups'][g]['share_of_gap']:.0%}"

@@ -114,21 +114,27 @@ def test_the_interaction_reads_the_topic_that_decides():
     assert with_interaction < without - 0.2, (with_interaction, without)
 
 
-def test_a_checkpoint_with_the_interaction_predicts_the_same_after_reload(tmp_path, tiny_tokenizer, synthetic_csv):
-    interaction = "prompt_answer_embeddings"
+def interaction_checkpoint(tmp_path, tokenizer, train_csv, interaction: str = "prompt_answer_embeddings"):
+    """(module, datamodule, checkpoint path) of a tiny model with `interaction` trained 2 steps on `train_csv`."""
     from pref_lightning.data.tokenizers import tokenizer_files
 
-    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=8)
-    dm.attach_tokenizer(tiny_tokenizer)
+    dm = PreferenceDataModule(train_path=str(train_csv), max_length=32, batch_size=8)
+    dm.attach_tokenizer(tokenizer)
     dm.setup("fit")
-    module = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), head_hidden=16,
+    module = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tokenizer), head_hidden=16,
                               spec=dm.spec, interaction=interaction,
-                              tokenizer_files=tokenizer_files(tiny_tokenizer, tmp_path / "tok"))
+                              tokenizer_files=tokenizer_files(tokenizer, tmp_path / "tok"))
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, accelerator="cpu")
     trainer.fit(module, dm)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
+    return module, dm, path
+
+
+def test_a_checkpoint_with_the_interaction_predicts_the_same_after_reload(tmp_path, tiny_tokenizer, synthetic_csv):
+    interaction = "prompt_answer_embeddings"
+    module, dm, path = interaction_checkpoint(tmp_path, tiny_tokenizer, synthetic_csv, interaction)
     restored, _, _ = PreferenceModule.from_checkpoint(str(path))
     assert restored.hparams.interaction == interaction
     batch = next(iter(dm.val_dataloader()))

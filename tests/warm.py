@@ -97,7 +97,6 @@ def _paths(env: dict[str, str]) -> list[str]:
     return [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
-REPO = Path(__file__).resolve().parents[1]
 _SERVERS: dict[tuple, WarmPython] = {}
 
 
@@ -107,6 +106,8 @@ def run(cmd: list[str], cwd: str | Path, env: dict[str, str] | None = None,
     command, in a fork of a warm server of this test session: one server per set of start-up variables
     (READ_AT_START, e.g. PYTHONWARNINGS=ignore or not), started on first use, stopped at exit; each imports
     from the repository and the command's PYTHONPATH."""
+    from .conftest import REPO  # the repository the tests import from
+
     env = dict(os.environ if env is None else env)
     key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(READ_AT_START) and k != "PYTHONPATH"))
     paths = [str(REPO), *(p for p in _paths(env) if p != str(REPO))]
