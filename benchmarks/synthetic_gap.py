@@ -15,7 +15,7 @@ Runs accumulate in the JSON (a variant's seeds replace only themselves), so vari
 
     python benchmarks/synthetic_gap.py                                   # bounds + before/after, seeds 0,1,2
     python benchmarks/synthetic_gap.py --parts runs --variants no_interaction --seeds 0
-    python benchmarks/synthetic_gap.py --parts none --diagnose default_on_seed_3:RUN_DIR
+    python benchmarks/synthetic_gap.py --parts none --collect after:0:RUN_DIR --diagnose default_on_seed_3:RUN_DIR
 """
 
 from __future__ import annotations
@@ -62,11 +62,17 @@ TWO_LAYERS_10K = pinned(ONE_LAYER_20K, ["model.tiny_config.num_hidden_layers=2",
 INTERACTION_DEFAULT = pinned(TWO_LAYERS_10K, ["model.relevance_weight=0.0"])
 # the recipe before issue 21 (no interaction, lr 1e-3)
 BEFORE = pinned(INTERACTION_DEFAULT, ["model.interaction=none", "model.lr=1e-3", "model.head_lr=1e-3"])
+# the equivariant MLP head (model.symmetric_head=true) on the default's other settings: the embedded default of
+# 2026-12-05 afternoon, before the Davidson head (every screen made on it pins it)
+SYMMETRIC_MLP = ["model.symmetric_head=true"]
 VARIANTS: dict[str, list[str]] = {
     "before": BEFORE,
     # the embedded default as configured now: 1 layer with absolute positions, 40,000 rows in batches of 64,
-    # symmetric head, lr 6e-3, interaction + relevance loss
+    # the Davidson head (symmetric_head=davidson), lr 6e-3, interaction + relevance loss
     "after": [],
+    "default_on_seed_3": [],  # the embedded default itself on the screening seed (3, not a scored seed)
+    # the default of 2026-12-05 afternoon: the same with the equivariant MLP head (seeds 0-2, and 3 screened)
+    "absolute_positions_40k": SYMMETRIC_MLP,
     # the steps that led here, each as it was measured
     "interaction_only": INTERACTION_DEFAULT,
     "interaction_relevance_two_layers": TWO_LAYERS_10K,  # the default of 2026-12-05 morning
@@ -79,26 +85,26 @@ VARIANTS: dict[str, list[str]] = {
                                                             "data.synthetic_rows=20000"]),
     "relative_positions_batch_64_lr_4e-3_26k_rows": pinned(RELATIVE, ["model.lr=4e-3", "model.head_lr=4e-3",
                                                                      "data.synthetic_rows=26000"]),
-    "lr_4e-3": ["model.lr=4e-3", "model.head_lr=4e-3"],
-    "batch_32_lr_3e-3": ["data.batch_size=32", "model.lr=3e-3", "model.head_lr=3e-3"],
-    "batch_48_lr_4e-3_44k_rows": ["data.batch_size=48", "model.lr=4e-3", "model.head_lr=4e-3",
-                                  "data.synthetic_rows=44000"],
-    "two_layers_lr_4e-3_28k_rows": ["model.tiny_config.num_hidden_layers=2", "model.lr=4e-3", "model.head_lr=4e-3",
-                                    "data.synthetic_rows=28000"],
-    # screening around the default on seed 3 (2026-12-05 afternoon): each one change; none beat it (README)
-    "default_on_seed_3": [],  # the embedded default itself on the screening seed
-    "lr_1e-2": ["model.lr=1e-2", "model.head_lr=1e-2"],
-    "relevance_0.5": ["model.relevance_weight=0.5"],
-    "relevance_temperature_0.05": ["model.relevance_temperature=0.05"],
-    "relevance_temperature_0.2": ["model.relevance_temperature=0.2"],
-    "batch_128_lr_1e-2": ["data.batch_size=128", "model.lr=1e-2", "model.head_lr=1e-2"],
+    "lr_4e-3": pinned(SYMMETRIC_MLP, ["model.lr=4e-3", "model.head_lr=4e-3"]),
+    "batch_32_lr_3e-3": pinned(SYMMETRIC_MLP, ["data.batch_size=32", "model.lr=3e-3", "model.head_lr=3e-3"]),
+    "batch_48_lr_4e-3_44k_rows": pinned(SYMMETRIC_MLP, ["data.batch_size=48", "model.lr=4e-3", "model.head_lr=4e-3",
+                                                        "data.synthetic_rows=44000"]),
+    "two_layers_lr_4e-3_28k_rows": pinned(SYMMETRIC_MLP, ["model.tiny_config.num_hidden_layers=2", "model.lr=4e-3",
+                                                          "model.head_lr=4e-3", "data.synthetic_rows=28000"]),
+    # screening around the afternoon default (absolute_positions_40k) on seed 3: each one change; none beat it
+    "lr_1e-2": pinned(SYMMETRIC_MLP, ["model.lr=1e-2", "model.head_lr=1e-2"]),
+    "relevance_0.5": pinned(SYMMETRIC_MLP, ["model.relevance_weight=0.5"]),
+    "relevance_temperature_0.05": pinned(SYMMETRIC_MLP, ["model.relevance_temperature=0.05"]),
+    "relevance_temperature_0.2": pinned(SYMMETRIC_MLP, ["model.relevance_temperature=0.2"]),
+    "batch_128_lr_1e-2": pinned(SYMMETRIC_MLP, ["data.batch_size=128", "model.lr=1e-2", "model.head_lr=1e-2"]),
     # the token embeddings at twice / half the layer's LR (model.layer_lr_decay: depth 0 gets lr * decay)
-    "embeddings_lr_x2": ["model.layer_lr_decay=2.0"],
-    "embeddings_lr_x0.5": ["model.layer_lr_decay=0.5"],
-    "head_hidden_512": ["model.head_hidden=512"],
-    "prompt_fraction_0.4": ["data.prompt_fraction=0.4"],
+    "embeddings_lr_x2": pinned(SYMMETRIC_MLP, ["model.layer_lr_decay=2.0"]),
+    "embeddings_lr_x0.5": pinned(SYMMETRIC_MLP, ["model.layer_lr_decay=0.5"]),
+    "head_hidden_512": pinned(SYMMETRIC_MLP, ["model.head_hidden=512"]),
+    "prompt_fraction_0.4": pinned(SYMMETRIC_MLP, ["data.prompt_fraction=0.4"]),
     # an exponential moving average of the weights (Lightning's EMAWeightAveraging) read at validation
-    "ema_0.99": ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.99"],
+    "ema_0.99": pinned(SYMMETRIC_MLP, ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+                                       "+callbacks.ema.decay=0.99"]),
     # ablations of the earlier defaults (each with one part switched back or moved)
     "no_interaction": pinned(INTERACTION_DEFAULT, ["model.interaction=none"]),
     "interaction_lr_1e-3": pinned(INTERACTION_DEFAULT, ["model.lr=1e-3", "model.head_lr=1e-3"]),

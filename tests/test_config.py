@@ -20,10 +20,10 @@ def test_default_is_the_embedded_experiment():
     assert cfg.model.backbone == "tiny"
     assert cfg.data.train_path is None and cfg.data.synthetic_rows > 0
     # issue 21's embedded recipe (benchmarks/results/synthetic_gap.json, variant `after`): one layer with absolute
-    # positions, 40,000 rows in batches of 64, symmetric head, lr 6e-3
+    # positions, 40,000 rows in batches of 64, the Davidson head, lr 6e-3
     assert cfg.data.synthetic_rows == 40000 and cfg.data.batch_size == 64
     assert cfg.model.tiny_config.num_hidden_layers == 1 and not cfg.model.tiny_config.relative_attention
-    assert cfg.model.symmetric_head and cfg.model.lr == cfg.model.head_lr == 6e-3
+    assert cfg.model.symmetric_head == "davidson" and cfg.model.lr == cfg.model.head_lr == 6e-3
     assert cfg.model.interaction == "prompt_answer_embeddings" and cfg.model.relevance_weight == 0.2
     assert cfg.trainer.precision == "bf16-mixed"
     assert cfg.callbacks.model_checkpoint.monitor == "val/log_loss"

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pref_lightning.model.head import PairHead, pool
+from pref_lightning.core.errors import UserError
+from pref_lightning.model.head import PairHead, output_layers, pool
 
 SWAP = [1, 0, 2]
 
@@ -27,6 +28,43 @@ def test_symmetric_head_on_tie_less_data_swaps_its_two_logits():
     assert torch.equal(forward, swapped[:, [1, 0]])
     with pytest.raises(ValueError, match="4 classes"):
         PairHead(16, n_classes=4, symmetric=True)
+
+
+def test_davidson_head_scores_each_side_alone():
+    """symmetric="davidson": the win logits are a Bradley-Terry score difference, so they swap exactly with the
+    sides and chain (d(a, b) + d(b, c) = d(a, c)), which the equivariant MLP head does not; the tie logit falls by
+    kappa * |d| and is order-free; zeroed output layers (the anchored head's step 0) give zero logits."""
+    torch.manual_seed(0)
+    a, b, c = (torch.randn(6, 16, dtype=torch.float64) for _ in range(3))
+    s = [torch.randn(6, 5, dtype=torch.float64) for _ in range(3)]
+    diff = {}
+    for form in ("davidson", True):
+        head = PairHead(16, hidden=32, stats_size=5, symmetric=form).double()
+        ab, ba = head(a, b, s[0], s[1]), head(b, a, s[1], s[0])
+        assert torch.equal(ab[:, :2], ba[:, [1, 0]])
+        assert torch.allclose(ab[:, 2], ba[:, 2], atol=1e-12, rtol=0)
+        d = {(x, y): (lambda o: o[:, 0] - o[:, 1])(head(*pair))
+             for (x, y), pair in {(0, 1): (a, b, s[0], s[1]), (1, 2): (b, c, s[1], s[2]),
+                                  (0, 2): (a, c, s[0], s[2])}.items()}
+        diff[form] = (d[0, 1] + d[1, 2] - d[0, 2]).abs().max().item()
+    assert diff["davidson"] < 1e-12 < 0.01 < diff[True]
+    head = PairHead(16, hidden=32, symmetric="davidson").double()
+    with torch.no_grad():
+        head.tie_kappa.fill_(0.0)
+        tie_k0 = head(a, b)[:, 2]
+        head.tie_kappa.fill_(2.0)
+        d = head(a, b)[:, 0] * 2
+    softplus = torch.nn.functional.softplus
+    # raw kappa 0 -> 2: the tie logit falls by (softplus(2) - softplus(0)) * |d|, the win logits stay
+    assert torch.allclose(head(a, b)[:, 2], tie_k0 - (softplus(torch.tensor(2.0)) - softplus(torch.tensor(0.0))) * d.abs())
+    for layer in output_layers(head):
+        torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)
+    assert torch.equal(head(a, b), torch.zeros(6, 3, dtype=torch.float64))
+    binary = PairHead(16, hidden=32, n_classes=2, symmetric="davidson", n_sources=2).double()
+    out = binary(a, b, source=torch.tensor([0, 1, 0, 1, 1, 0]))
+    assert out.shape == (6, 2) and torch.equal(out[:, 0], -out[:, 1])
+    with pytest.raises(UserError, match="symmetric_head='bradley'"):
+        PairHead(16, symmetric="bradley")
 
 
 def test_plain_head_is_not_equivariant_but_shapes_match():

@@ -82,10 +82,11 @@ def test_batches_carry_normalised_side_statistics(tiny_tokenizer, synthetic_csv)
     assert stats.abs().max() < 20 and torch.isfinite(stats).all()
 
 
-def test_tta_swap_is_exact_for_symmetric_head_and_averages_otherwise(tiny_tokenizer, synthetic_csv):
+@pytest.mark.parametrize("form", [True, "davidson"])
+def test_tta_swap_is_exact_for_symmetric_head_and_averages_otherwise(tiny_tokenizer, synthetic_csv, form):
     batch = _batch(tiny_tokenizer, synthetic_csv)
     torch.manual_seed(0)
-    symmetric = tiny_module(tiny_tokenizer, symmetric_head=True).eval()
+    symmetric = tiny_module(tiny_tokenizer, symmetric_head=form).eval()
     with torch.no_grad():
         assert torch.allclose(symmetric(batch), symmetric(batch, tta_swap=True), atol=1e-5)
         # swapping the two sides of the batch swaps the win logits

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pref_lightning.core.errors import UserError
 
 COMBINATIONS = ("a", "b", "diff", "prod", "absdiff")
+# model.symmetric_head: false (an MLP over the combination), true (equivariant MLPs), davidson (per-side score)
+SYMMETRIC_FORMS = (False, True, "davidson")
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -121,8 +125,12 @@ class PairHead(nn.Module):
     `symmetric=True`: position-equivariant by construction. One MLP scores "this side wins" from
     (self, other, self-other, self*other), applied as f(a, b) and f(b, a); another scores the tie from
     the order-free (a+b, |a-b|, a*b). Swapping A and B swaps the two win logits exactly and leaves the
-    tie logit unchanged (with `n_classes=2`, tie-less data: the two win logits alone). Freshly initialised, so it
-    gets its own (higher) learning rate.
+    tie logit unchanged (with `n_classes=2`, tie-less data: the two win logits alone). `symmetric="davidson"`:
+    equivariant too, and each side's win logit is a score of that side alone, a Bradley-Terry reward with
+    Davidson's (1970) tie class: one MLP scores each side, s_a = g(a), s_b = g(b), d = s_a - s_b, and the logits
+    are [d / 2, -d / 2, t(a, b) - kappa * |d|], with t the order-free tie MLP above and kappa >= 0 learned (ties
+    less likely the more the scores differ; Davidson's model is kappa = 0). Every row then teaches the one
+    per-side score, whichever side it is on. Freshly initialised, so it gets its own (higher) learning rate.
 
     `n_sources` > 1 (`model.source_heads`): each MLP's last Linear is source 0's and every extra training
     source has its own output layer beside it (`source_outputs`, `routed`); `forward(..., source=None)` is
@@ -130,20 +138,30 @@ class PairHead(nn.Module):
     """
 
     def __init__(self, in_size: int, combine: Sequence[str] = ("a", "b", "diff", "prod"), hidden: int = 256,
-                 dropout: float = 0.0, n_classes: int = 3, stats_size: int = 0, symmetric: bool = False,
+                 dropout: float = 0.0, n_classes: int = 3, stats_size: int = 0, symmetric: bool | str = False,
                  n_sources: int = 1) -> None:
         super().__init__()
         unknown = [c for c in combine if c not in COMBINATIONS]
         if unknown or not combine:
             raise UserError(f"model.combine={list(combine)}; choose from {', '.join(COMBINATIONS)}")
+        if symmetric not in SYMMETRIC_FORMS:
+            raise UserError(f"model.symmetric_head={symmetric!r}; choose false, true or davidson")
         if symmetric and n_classes not in (2, 3):
             raise UserError(f"the symmetric head predicts A wins, B wins (and tie); {n_classes} classes given")
         self.combine = tuple(combine)
         self.symmetric = symmetric
+        self.davidson = symmetric == "davidson"
         self.stats_size = stats_size
         self.norm = nn.LayerNorm(in_size)  # keeps the head's input scale fixed whatever the backbone
         side = in_size + stats_size
-        if symmetric:
+        if self.davidson:
+            self.score = mlp(side, hidden, 1, dropout)
+            self.tie = mlp(3 * side, hidden, 1, dropout) if n_classes == 3 else None
+            # kappa = softplus(raw), 0.5 at the start (the synthetic oracle's is 0.6)
+            self.tie_kappa = nn.Parameter(torch.tensor(math.log(math.expm1(0.5)))) if n_classes == 3 else None
+            self.source_outputs = build_source_outputs(
+                {"score": self.score, **({"tie": self.tie} if self.tie is not None else {})}, n_sources)
+        elif symmetric:
             self.win = mlp(4 * side, hidden, 1, dropout)
             # tie-less (binary) data: the two win logits alone, still exactly swapped with the sides
             self.tie = mlp(3 * side, hidden, 1, dropout) if n_classes == 3 else None
@@ -173,6 +191,12 @@ class PairHead(nn.Module):
             a, b = torch.cat([a, stats_a.to(a.dtype)], -1), torch.cat([b, stats_b.to(b.dtype)], -1)
         if not self.symmetric:
             return self._run("mlp", self.features(a, b), source)
+        if self.davidson:
+            d = self._run("score", a, source) - self._run("score", b, source)  # (n, 1)
+            if self.tie is None:
+                return torch.cat([d / 2, -d / 2], -1)
+            tie = self._run("tie", torch.cat([a + b, (a - b).abs(), a * b], -1), source)
+            return torch.cat([d / 2, -d / 2, tie - F.softplus(self.tie_kappa) * d.abs()], -1)
         win_a = self._run("win", torch.cat([a, b, a - b, a * b], -1), source)
         win_b = self._run("win", torch.cat([b, a, b - a, a * b], -1), source)
         if self.tie is None:

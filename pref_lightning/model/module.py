@@ -78,7 +78,7 @@ class PreferenceModule(PreferenceNetwork, L.LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
         use_text_stats: bool = True,
-        symmetric_head: bool = False,
+        symmetric_head: bool | str = False,
         swap_augment: str = "random",
         tta_swap: bool = True,
         layer_lr_decay: float = 1.0,

@@ -116,7 +116,7 @@ class PreferenceNetwork(nn.Module):
         head_dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         use_text_stats: bool = True,
-        symmetric_head: bool = False,
+        symmetric_head: bool | str = False,
         tta_swap: bool = True,
         freeze_embeddings: bool = False,
         compile: bool = False,
