@@ -236,7 +236,8 @@ def stages(_: Any = None) -> str:
 
 def sweep(_: Any = None) -> str:
     """benchmarks/README.md and README.md: the 2-fold proxy sweep of the arena recipe (results/learning_real.json
-    `sweep`, `sweep_extra`, `sweep_lr1e5`, `sweep_head`, `sweep_head_extra`, and `blend:<variant>` for the blend with the anchor), every run as it ended
+    `sweep`, `sweep_extra`, `sweep_lr1e5`, `sweep_head`, `sweep_head_extra`, and `blend:<variant>` for the blend
+    with the anchor), every run as it ended
     (`model.anchor_fallback=false model.anchor_blend=1.0`, one validation at the end); a variant confirmed on
     all five folds also shows its 5-fold OOF, alone, averaged 1:1 with its step-0 anchor, and blended with the
     weight each fold gets from the other folds (`selection:<variant>`: no weight chosen on the fold it scores)."""
@@ -262,24 +263,21 @@ def sweep(_: Any = None) -> str:
               scores(stages["variants"]["s2_fresh"]))]
     for name, entry in result["variants"].items():
         lines.append((name, name, " ".join(entry["overrides"]), scores(entry)))
-    extra = real.get("sweep_extra")
-    if extra:
-        for name, entry in extra["variants"].items():
-            overrides = [o if not o.startswith("data.sources=") else "data.sources=<the 4 extra sets>"
-                         for o in entry["overrides"]] + [o for o in extra["setting"]["overrides"]
-                                                         if o.startswith("trainer.")]
-            lines.append((name, name, " ".join(overrides), scores(entry)))
-    # measured after arena_small moved to lr 1e-5: the overrides are on top of that recipe; the sweep_lr1e5 runs
-    # were made before it took the Davidson head (so they pin the plain MLP head it had then)
-    for key, pins in (("sweep_lr1e5", ["model.lr=1e-5", "model.symmetric_head=false"]), ("sweep_head", ["model.lr=1e-5"]),
-                      ("sweep_head_extra", ["model.lr=1e-5"])):
+    # (key, overrides the runs were measured on top of, label suffix): sweep_extra on the lr 5e-5 recipe (the
+    # section's text says so); the others after arena_small moved to lr 1e-5, the sweep_lr1e5 runs before it took
+    # the Davidson head (so they pin the plain MLP head it had then)
+    on_lr_1e5 = " (on the lr 1e-5 recipe)"
+    for key, pins, suffix in (("sweep_extra", [], ""),
+                              ("sweep_lr1e5", ["model.lr=1e-5", "model.symmetric_head=false"], on_lr_1e5),
+                              ("sweep_head", ["model.lr=1e-5"], on_lr_1e5),
+                              ("sweep_head_extra", ["model.lr=1e-5"], on_lr_1e5)):
         measured = real.get(key, {})
         trainer = [o for o in measured.get("setting", {}).get("overrides", []) if o.startswith("trainer.")]
         for name, entry in measured.get("variants", {}).items():
             overrides = [o if not o.startswith("data.sources=") else "data.sources=<the 4 extra sets>"
                          for o in entry["overrides"]]
             merged = {o.partition("=")[0]: o for o in [*pins, *overrides, *trainer]}  # a later value of a key wins
-            lines.append((f"{name} (on the lr 1e-5 recipe)", name, " ".join(merged.values()), scores(entry)))
+            lines.append((f"{name}{suffix}", name, " ".join(merged.values()), scores(entry)))
     rows = []
     for label, run, overrides, per_fold in lines:
         shown = [(label, per_fold)]

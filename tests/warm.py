@@ -11,7 +11,8 @@ that starts processes itself (DDP, multirun) starts ordinary ones.
 What a fork does not get: a new hash seed (all forks share the server's) and new values of environment
 variables read at start-up or import (READ_AT_START): a command that changes one of those gets a server of its
 own (`run`) or, given to one `WarmPython`, a plain subprocess. Forking is safe because the server imports
-modules only: it runs no torch operation, so no OpenMP thread pool exists when it forks. Commands that are not `python ...` (ruff, pip) are not for this server.
+modules only: it runs no torch operation, so no OpenMP thread pool exists when it forks. Commands that are not
+`python ...` (ruff, pip) are not for this server.
 
     with WarmPython(env) as warm:
         done = warm.run([sys.executable, "train.py", "trainer.max_epochs=1"], cwd=folder, timeout=600)
