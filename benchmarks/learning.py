@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -779,6 +780,19 @@ def other_fold_choice(per_fold: dict[str, dict[str, float]], fold_rows: dict[str
     return {"per_fold": chosen, "oof": oof}
 
 
+def blend_fold_rows(run_dir: Path, folds: Iterable[str]) -> dict[str, int]:
+    """{fold: validation rows} of the blended fold runs, counted in their own RUN_DIR/fold<k>/oof.csv (not
+    taken from another entry of the results file, which may cover other folds). Raises SystemExit naming a
+    missing file."""
+    rows = {}
+    for k in folds:
+        path = run_dir / f"fold{k}" / "oof.csv"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} not found: the blend's fold {k} needs its run's oof.csv")
+        rows[str(k)] = len(pd.read_csv(path))
+    return rows
+
+
 def run_selection(args: argparse.Namespace) -> None:
     """`--parts selection --blend-run DIR`: `other_fold_choice` of the stored "blend:<DIR name>" entry, into
     --real-out under "selection:<DIR name>" (no training; needs `--parts blend` first)."""
@@ -787,7 +801,7 @@ def run_selection(args: argparse.Namespace) -> None:
     blend = stored.get(f"blend:{name}")
     if blend is None:
         raise SystemExit(f"error: {args.real_out} has no 'blend:{name}': run --parts blend --blend-run {args.blend_run}")
-    fold_rows = next(v["fold_rows"] for v in stored.values() if isinstance(v, dict) and "fold_rows" in v)
+    fold_rows = blend_fold_rows(args.blend_run, blend["per_fold"])
     result = other_fold_choice(blend["per_fold"], fold_rows)
     stored[f"selection:{name}"] = {
         "what": "blend weight w (of " + ", ".join(map(str, BLEND_WEIGHTS)) + ") chosen per fold on the other "

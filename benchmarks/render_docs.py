@@ -236,7 +236,7 @@ def stages(_: Any = None) -> str:
 
 def sweep(_: Any = None) -> str:
     """benchmarks/README.md and README.md: the 2-fold proxy sweep of the arena recipe (results/learning_real.json
-    `sweep`, `sweep_extra`, `sweep_lr1e5`, `sweep_head`, `sweep_head_extra`, and `blend:<variant>` for the blend
+    `sweep`, `sweep_extra`, `sweep_lr1e5`, `sweep_head`, `sweep_head_extra`, `sweep_davidson`, and `blend:<variant>` for the blend
     with the anchor), every run as it ended
     (`model.anchor_fallback=false model.anchor_blend=1.0`, one validation at the end); a variant confirmed on
     all five folds also shows its 5-fold OOF, alone, averaged 1:1 with its step-0 anchor, and blended with the
@@ -270,7 +270,8 @@ def sweep(_: Any = None) -> str:
     for key, pins, suffix in (("sweep_extra", [], ""),
                               ("sweep_lr1e5", ["model.lr=1e-5", "model.symmetric_head=false"], on_lr_1e5),
                               ("sweep_head", ["model.lr=1e-5"], on_lr_1e5),
-                              ("sweep_head_extra", ["model.lr=1e-5"], on_lr_1e5)):
+                              ("sweep_head_extra", ["model.lr=1e-5"], on_lr_1e5),
+                              ("sweep_davidson", [], " (on the Davidson recipe)")):
         measured = real.get(key, {})
         trainer = [o for o in measured.get("setting", {}).get("overrides", []) if o.startswith("trainer.")]
         for name, entry in measured.get("variants", {}).items():

@@ -62,6 +62,27 @@ def test_other_fold_choice_never_reads_the_scored_fold():
     assert chosen["per_fold"]["0"]["weight"] == 0.5 and chosen["per_fold"]["2"]["weight"] == 0.5
 
 
+def test_selection_counts_each_fold_in_the_blended_runs_own_files(tmp_path):
+    """The honest selection weights each fold by its rows in the blended run's own fold<k>/oof.csv, not by an
+    entry of the results file that may cover only some folds (a 2-fold proxy stored first: KeyError before)."""
+    bench = load_script()
+    run = tmp_path / "run"
+    for k, n in {"0": 2, "1": 2, "2": 6}.items():
+        (run / f"fold{k}").mkdir(parents=True)
+        pd.DataFrame({"id": range(n)}).to_csv(run / f"fold{k}" / "oof.csv", index=False)
+    per_fold = {"0": {"0.5": 1.0, "1.0": 2.0}, "1": {"0.5": 1.0, "1.0": 2.0}, "2": {"0.5": 2.0, "1.0": 1.0}}
+    out = tmp_path / "real.json"
+    out.write_text(json.dumps({"proxy": {"fold_rows": {"0": 200, "1": 200}}, "blend:run": {"per_fold": per_fold}}))
+    bench.main(["--parts", "selection", "--blend-run", str(run), "--real-out", str(out)])
+    chosen = json.loads(out.read_text())["selection:run"]
+    # fold 2 (6 rows) outweighs fold 0 or 1 (2 rows): folds 0 and 1 get fold 2's best weight 1.0, fold 2 theirs
+    assert {k: v["weight"] for k, v in chosen["per_fold"].items()} == {"0": 1.0, "1": 1.0, "2": 0.5}
+    assert chosen["oof"] == pytest.approx(2.0)
+    (run / "fold2" / "oof.csv").unlink()
+    with pytest.raises(SystemExit, match="fold2/oof.csv"):
+        bench.main(["--parts", "selection", "--blend-run", str(run), "--real-out", str(out)])
+
+
 @pytest.mark.slow
 @needs_shared_data()
 def test_real_part_on_two_folds_with_a_tiny_model(tmp_path):
