@@ -236,8 +236,8 @@ def stages(_: Any = None) -> str:
 
 def sweep(_: Any = None) -> str:
     """benchmarks/README.md and README.md: the 2-fold proxy sweep of the arena recipe (results/learning_real.json
-    `sweep`, `sweep_extra`, `sweep_lr1e5`, `sweep_head`, `sweep_head_extra`, `sweep_davidson`, and `blend:<variant>` for the blend
-    with the anchor), every run as it ended
+    `sweep`, `sweep_extra`, `sweep_lr1e5`, `sweep_head`, `sweep_head_extra`, `sweep_davidson`, and
+    `blend:<variant>` for the blend with the anchor), every run as it ended
     (`model.anchor_fallback=false model.anchor_blend=1.0`, one validation at the end); a variant confirmed on
     all five folds also shows its 5-fold OOF, alone, averaged 1:1 with its step-0 anchor, and blended with the
     weight each fold gets from the other folds (`selection:<variant>`: no weight chosen on the fold it scores)."""

@@ -195,14 +195,16 @@ class PairHead(nn.Module):
             d = self._run("score", a, source) - self._run("score", b, source)  # (n, 1)
             if self.tie is None:
                 return torch.cat([d / 2, -d / 2], -1)
-            tie = self._run("tie", torch.cat([a + b, (a - b).abs(), a * b], -1), source)
-            return torch.cat([d / 2, -d / 2, tie - F.softplus(self.tie_kappa) * d.abs()], -1)
+            return torch.cat([d / 2, -d / 2, self._tie(a, b, source) - F.softplus(self.tie_kappa) * d.abs()], -1)
         win_a = self._run("win", torch.cat([a, b, a - b, a * b], -1), source)
         win_b = self._run("win", torch.cat([b, a, b - a, a * b], -1), source)
         if self.tie is None:
             return torch.cat([win_a, win_b], -1)
-        tie = self._run("tie", torch.cat([a + b, (a - b).abs(), a * b], -1), source)
-        return torch.cat([win_a, win_b, tie], -1)
+        return torch.cat([win_a, win_b, self._tie(a, b, source)], -1)
+
+    def _tie(self, a: torch.Tensor, b: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        """(n, 1) tie logit of the symmetric forms, from the order-free (a + b, |a - b|, a * b)."""
+        return self._run("tie", torch.cat([a + b, (a - b).abs(), a * b], -1), source)
 
 
 class CrossHead(nn.Module):
