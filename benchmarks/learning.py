@@ -513,9 +513,10 @@ def part_recipe(work: Path, data_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="synthetic,recipe",
-                        help="synthetic,real,real_split,recipe,anchor,blend,lexical,selection (real is hours in full: name it, "
-                             "with its knobs; anchor: the anchored head's ablation at step 0, ~1 min; lexical: "
-                             "the anchor with lexical prompt-answer features, ~1 min; selection: the blend weight chosen on "
+                        help="synthetic,real,real_split,recipe,anchor,blend,lexical,frozen_pca,selection (real is hours in full: "
+                             "name it, with its knobs; anchor: the anchored head's ablation at step 0, ~1 min; lexical: "
+                             "the anchor with lexical prompt-answer features, ~1 min; frozen_pca: the anchor with "
+                             "principal components of frozen MiniLM side vectors, ~2 min; selection: the blend weight chosen on "
                              "the other folds, from a stored blend, seconds)")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer rows: a few minutes in all (real: {QUICK}, unless given)")
@@ -538,8 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=RECIPE, help="real: the experiment every fold trains (default arena_small)")
     parser.add_argument("--text-anchor", type=Path, default=None,
                         help="anchor: a stage-1 checkpoint (model.text_anchor): the anchor with its text score")
-    parser.add_argument("--blend-run", type=Path, default=None,
-                        help="blend: a folder of fold runs (fold<k>/oof.csv) to blend with the step-0 anchor")
+    parser.add_argument("--blend-run", type=Path, action="append", default=[],
+                        help="blend: a folder of fold runs (fold<k>/oof.csv) to blend with the step-0 anchor; "
+                             "repeated: the runs' probabilities averaged (a seed ensemble), then blended")
     parser.add_argument("--text-anchor-label", default="stage1",
                         help="anchor: the name of that stage in --real-out (text_anchor:LABEL)")
     # --parts real_split
@@ -569,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             run_blend(args)
         if "lexical" in parts:
             run_lexical(args)
+        if "frozen_pca" in parts:
+            run_lexical(args, frozen=True)
         if "selection" in parts:
             run_selection(args)
     if any(p in parts for p in ("synthetic", "real_split", "recipe")):
@@ -695,30 +699,90 @@ def anchor_lexical(data_dir: Path, fold_list: list[int], seed: int = 42) -> dict
     return out
 
 
-def run_lexical(args: argparse.Namespace) -> None:
-    """`--parts lexical`: `anchor_lexical` on the folds, into --real-out under "anchor_lexical"."""
+def anchor_frozen_pca(data_dir: Path, fold_list: list[int], components: tuple[int, ...] = (8, 16, 32),
+                      seed: int = 42) -> dict[str, dict]:
+    """`--parts frozen_pca`: the anchored head's regression at step 0 (as `anchor_baseline`) with the first k
+    principal components of frozen pretrained MiniLM side vectors (each side `[CLS] prompt [SEP] answer
+    [SEP]` mean-pooled, as the recipe's head reads them at step 0) beside the statistics, per fold. The
+    components are fitted on the fold's training sides (no labels), standardised on them; the regression's
+    penalty is chosen by its own inner CV as always. Text in the anchor, computed once: does a linear read of
+    the frozen encoder add what the statistics lack?"""
+    import torch
+
+    from pref_lightning.model.anchor import anchor_log_loss, fit_anchor_on
+    from pref_lightning.model.backbone import build_backbone, load_tokenizer, resolve_backbone
+    from pref_lightning.model.head import pool
+
+    tokenizer = load_tokenizer(resolve_backbone("minilm"))
+    encoder = build_backbone("minilm", vocab_size=len(tokenizer)).eval()
+    vectors: dict[tuple[bytes, bytes], tuple[np.ndarray, np.ndarray]] = {}  # per encoded pair, computed once
+
+    def side_vectors(pairs, collate) -> tuple[np.ndarray, np.ndarray]:
+        todo = [p for p in pairs if (p.ids_a.tobytes(), p.ids_b.tobytes()) not in vectors]
+        for start in range(0, len(todo), 32):
+            chunk = todo[start:start + 32]
+            batch = collate(chunk)
+            with torch.no_grad():
+                hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                pooled = pool(hidden, batch["attention_mask"], "mean").double().numpy()
+            for i, p in enumerate(chunk):
+                vectors[(p.ids_a.tobytes(), p.ids_b.tobytes())] = (pooled[i], pooled[len(chunk) + i])
+        found = [vectors[(p.ids_a.tobytes(), p.ids_b.tobytes())] for p in pairs]
+        return np.stack([a for a, _ in found]), np.stack([b for _, b in found])
+
+    out: dict[str, dict] = {f"frozen_pca{k}": {"what": f"statistics + frozen MiniLM side vectors, PCA {k}",
+                                               "per_fold": {}} for k in components}
+    for fold in fold_list:
+        dm = arena_fold_datamodule(data_dir, fold, seed, tokenizer)
+        collate = dm.collator()
+        train_a, train_b = side_vectors(dm.anchor_rows("train_file")["pairs"], collate)
+        sides = np.concatenate([train_a, train_b])
+        mean = sides.mean(0)
+        basis = np.linalg.svd(sides - mean, full_matrices=False)[2]
+        stats_a, stats_b, val_labels = dm.split_statistics("val")
+        for k in components:
+            scale = ((sides - mean) @ basis[:k].T).std(0)
+
+            def side_columns(pairs, k=k, scale=scale, collate=collate, mean=mean, basis=basis):
+                a, b = side_vectors(pairs, collate)
+                return (a - mean) @ basis[:k].T / scale, (b - mean) @ basis[:k].T / scale
+            anchor = fit_anchor_on(dm, side_columns=side_columns)
+            val_a, val_b = side_columns(dm.val_set.pairs)
+            out[f"frozen_pca{k}"]["per_fold"][str(fold)] = anchor_log_loss(
+                anchor, np.concatenate([stats_a, val_a], 1), np.concatenate([stats_b, val_b], 1), val_labels, True, 0.002)
+        print(f"frozen pca fold {fold}: " + ", ".join(f"{n} {v['per_fold'][str(fold)]:.4f}" for n, v in out.items()),
+              flush=True)
+    return out
+
+
+def run_lexical(args: argparse.Namespace, frozen: bool = False) -> None:
+    """`--parts lexical` (`anchor_lexical`, into --real-out under "anchor_lexical") or `--parts frozen_pca`
+    (`anchor_frozen_pca`, under "anchor_frozen_pca") on the folds."""
     folds = [int(k) for k in (args.folds or ",".join(map(str, range(N_FOLDS)))).split(",") if k]
     _, _, fold_of = arena_folds(args.data_dir.resolve(), 42)
-    table = anchor_lexical(args.data_dir.resolve(), folds)
+    key = "anchor_frozen_pca" if frozen else "anchor_lexical"
+    table = (anchor_frozen_pca if frozen else anchor_lexical)(args.data_dir.resolve(), folds)
     rows = {str(k): int((fold_of == k).sum()) for k in folds}
     for entry in table.values():
         entry["oof"] = oof_total({k: (v, rows[k]) for k, v in entry["per_fold"].items()})
         print(f"| {entry['what']} | " + " | ".join(f"{entry['per_fold'][k]:.4f}" for k in rows)
               + f" | {entry['oof']:.4f} |")
     stored = json.loads(args.real_out.read_text()) if args.real_out.exists() else {}
-    stored["anchor_lexical"] = {**table, "run_info": run_info(sys.argv)}
+    stored[key] = {**table, "run_info": run_info(sys.argv)}
     args.real_out.parent.mkdir(parents=True, exist_ok=True)
     args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
-    print(f"written: {args.real_out} [anchor_lexical]")
+    print(f"written: {args.real_out} [{key}]")
 
 
 BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def anchor_blend(data_dir: Path, run_dir: Path, fold_list: list[int], seed: int = 42) -> dict[str, dict[str, float]]:
-    """Per fold and weight w, the log loss of w * (a run's validation probabilities, its oof.csv) + (1 - w) *
-    (the anchor's step-0 probabilities, fitted as the run fits it): shrinking the trained model towards its
-    baseline. Every weight is reported; none is chosen here."""
+def anchor_blend(data_dir: Path, run_dirs: list[Path], fold_list: list[int],
+                 seed: int = 42) -> dict[str, dict[str, float]]:
+    """Per fold and weight w, the log loss of w * (the runs' validation probabilities, their oof.csv, averaged
+    over the runs: one run, or a seed ensemble of the same folds) + (1 - w) * (the anchor's step-0
+    probabilities, fitted as the run fits it): shrinking the trained model towards its baseline. Every
+    weight is reported; none is chosen here."""
     import torch
 
     from pref_lightning.core.metrics import class_probabilities
@@ -732,31 +796,41 @@ def anchor_blend(data_dir: Path, run_dir: Path, fold_list: list[int], seed: int 
         stats_a, stats_b, labels = dm.split_statistics("val")
         anchor = class_probabilities(torch.from_numpy(anchor_logits(fit_anchor_on(dm), stats_a, stats_b)),
                                      floor=0.002).numpy()
-        oof = pd.read_csv(run_dir / f"fold{k}" / "oof.csv", dtype={"id": str}).set_index("id").loc[dm.val_ids]
-        if not np.array_equal(oof["label"].to_numpy(), labels):
-            raise RuntimeError(f"{run_dir}/fold{k}/oof.csv: labels differ from fold {k}'s validation rows")
-        trained = oof[list(CLASS_COLUMNS)].to_numpy()
-        # oof.csv holds calibrated probabilities (a temperature fitted on this fold): undo it, so that nothing
-        # in the blend was fitted on the fold it is scored on. p = f + (1 - K f) softmax(z / T)
-        temperature = json.loads((run_dir / f"fold{k}" / "metrics.json").read_text()).get("temperature", 1.0)
-        floor, n_classes = 0.002, trained.shape[1]
-        raw = np.clip((trained - floor) / (1 - n_classes * floor), 1e-12, None) ** temperature
-        trained = floor + (1 - n_classes * floor) * raw / raw.sum(1, keepdims=True)
+        trained = np.mean([uncalibrated_oof(run_dir / f"fold{k}", dm.val_ids, labels) for run_dir in run_dirs], 0)
         out[str(k)] = {str(w): log_loss(w * trained + (1 - w) * anchor, labels) for w in BLEND_WEIGHTS}
         print(f"blend fold {k}: {out[str(k)]}", flush=True)
     return out
 
 
+def uncalibrated_oof(fold_dir: Path, val_ids: list[str], labels: np.ndarray) -> np.ndarray:
+    """(n, 3) validation probabilities of one fold run (FOLD_DIR/oof.csv, rows in `val_ids` order) with its
+    calibration undone: oof.csv holds probabilities calibrated by a temperature fitted on this fold, so that
+    nothing in a blend is fitted on the fold it is scored on. p = f + (1 - K f) softmax(z / T).
+    Raises RuntimeError when its labels are not `labels`."""
+    oof = pd.read_csv(fold_dir / "oof.csv", dtype={"id": str}).set_index("id").loc[val_ids]
+    if not np.array_equal(oof["label"].to_numpy(), labels):
+        raise RuntimeError(f"{fold_dir}/oof.csv: labels differ from the fold's validation rows")
+    trained = oof[list(CLASS_COLUMNS)].to_numpy()
+    temperature = json.loads((fold_dir / "metrics.json").read_text()).get("temperature", 1.0)
+    floor, n_classes = 0.002, trained.shape[1]
+    raw = np.clip((trained - floor) / (1 - n_classes * floor), 1e-12, None) ** temperature
+    return floor + (1 - n_classes * floor) * raw / raw.sum(1, keepdims=True)
+
+
 def run_blend(args: argparse.Namespace) -> None:
-    """`--parts blend --blend-run DIR`: `anchor_blend` of the fold runs in DIR (DIR/fold<k>/oof.csv), into
-    --real-out under "blend:<DIR name>"."""
+    """`--parts blend --blend-run DIR [--blend-run DIR2 ...]`: `anchor_blend` of the fold runs in DIR
+    (DIR/fold<k>/oof.csv; several folders: their probabilities averaged, a seed ensemble), into --real-out
+    under "blend:<DIR name>" ("blend:<DIR name>+<DIR2 name>" for several)."""
+    if not args.blend_run:
+        raise SystemExit("error: --parts blend needs --blend-run DIR (a folder of fold runs)")
     folds = [int(k) for k in (args.folds or ",".join(map(str, range(N_FOLDS)))).split(",") if k]
-    run_dir = args.blend_run.resolve()
-    per_fold = anchor_blend(args.data_dir.resolve(), run_dir, folds)
+    run_dirs = [run.resolve() for run in args.blend_run]
+    per_fold = anchor_blend(args.data_dir.resolve(), run_dirs, folds)
     stored = json.loads(args.real_out.read_text()) if args.real_out.exists() else {}
-    key = f"blend:{run_dir.name}"
-    stored[key] = {"what": "w * trained (oof.csv with its calibration undone) + (1 - w) * step-0 anchor",
-                   "per_fold": per_fold, "run_info": run_info(sys.argv)}
+    key = f"blend:{blend_name(run_dirs)}"
+    what = "w * trained (oof.csv with its calibration undone"
+    what += (f"; the mean of {len(run_dirs)} runs' probabilities" if len(run_dirs) > 1 else "") + ")"
+    stored[key] = {"what": what + " + (1 - w) * step-0 anchor", "per_fold": per_fold, "run_info": run_info(sys.argv)}
     args.real_out.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"written: {args.real_out} [{key}]")
 
@@ -767,6 +841,9 @@ def other_fold_choice(per_fold: dict[str, dict[str, float]], fold_rows: dict[str
     rows it is scored on. `per_fold` is a `blend:<run>` entry's {fold: {weight: log loss}}; returns
     {"per_fold": {fold: {"weight", "log_loss"}}, "oof"} (the OOF row-weighted over the folds given)."""
     folds = sorted(per_fold, key=int)
+    if len(folds) < 2:
+        raise SystemExit(f"error: the blend weight is chosen on the other folds: {len(folds)} fold(s) blended, "
+                         "need 2 or more")
     chosen = {}
     for k in folds:
         others = [j for j in folds if j != k]
@@ -778,6 +855,11 @@ def other_fold_choice(per_fold: dict[str, dict[str, float]], fold_rows: dict[str
         chosen[k] = {"weight": float(weight), "log_loss": per_fold[k][weight]}
     oof = sum(chosen[k]["log_loss"] * fold_rows[k] for k in folds) / sum(fold_rows[k] for k in folds)
     return {"per_fold": chosen, "oof": oof}
+
+
+def blend_name(run_dirs: list[Path]) -> str:
+    """The results-file name of a blend of these run folders: their names joined by '+'."""
+    return "+".join(run.name for run in run_dirs)
 
 
 def blend_fold_rows(run_dir: Path, folds: Iterable[str]) -> dict[str, int]:
@@ -794,14 +876,18 @@ def blend_fold_rows(run_dir: Path, folds: Iterable[str]) -> dict[str, int]:
 
 
 def run_selection(args: argparse.Namespace) -> None:
-    """`--parts selection --blend-run DIR`: `other_fold_choice` of the stored "blend:<DIR name>" entry, into
-    --real-out under "selection:<DIR name>" (no training; needs `--parts blend` first)."""
+    """`--parts selection --blend-run DIR [--blend-run DIR2 ...]`: `other_fold_choice` of the stored
+    "blend:<name>" entry (`blend_name`), into --real-out under "selection:<name>" (no training; needs
+    `--parts blend` with the same folders first)."""
+    if not args.blend_run:
+        raise SystemExit("error: --parts selection needs --blend-run DIR (the folder --parts blend read)")
     stored = json.loads(args.real_out.read_text())
-    name = args.blend_run.name
+    name = blend_name(args.blend_run)
     blend = stored.get(f"blend:{name}")
     if blend is None:
-        raise SystemExit(f"error: {args.real_out} has no 'blend:{name}': run --parts blend --blend-run {args.blend_run}")
-    fold_rows = blend_fold_rows(args.blend_run, blend["per_fold"])
+        runs = " ".join(f"--blend-run {run}" for run in args.blend_run)
+        raise SystemExit(f"error: {args.real_out} has no 'blend:{name}': run --parts blend {runs}")
+    fold_rows = blend_fold_rows(args.blend_run[0], blend["per_fold"])
     result = other_fold_choice(blend["per_fold"], fold_rows)
     stored[f"selection:{name}"] = {
         "what": "blend weight w (of " + ", ".join(map(str, BLEND_WEIGHTS)) + ") chosen per fold on the other "

@@ -234,10 +234,20 @@ def stages(_: Any = None) -> str:
                   f"OOF ({sum(sizes.values()):,} rows)"], rows)
 
 
+def shown_sources(override: str) -> str:
+    """A `data.sources=...` override as the sweep table shows it: the four extra shared sets by that name, a
+    pseudo-labelled pool (a source with a teacher) with its files' names (folders dropped); others as they are."""
+    if not override.startswith("data.sources="):
+        return override
+    if "teacher" not in override:
+        return "data.sources=<the 4 extra sets>"
+    return re.sub(r"'/[^']*/([^/']+)'", r"\1", override)  # quoted paths (Hydra's override grammar)
+
+
 def sweep(_: Any = None) -> str:
     """benchmarks/README.md and README.md: the 2-fold proxy sweep of the arena recipe (results/learning_real.json
     `sweep`, `sweep_extra`, `sweep_lr1e5`, `sweep_head`, `sweep_head_extra`, `sweep_davidson`, and
-    `blend:<variant>` for the blend with the anchor), every run as it ended
+    `blend:<variant>` for the blend with the anchor, `blend:<run>+<run>` for a seed ensemble), every run as it ended
     (`model.anchor_fallback=false model.anchor_blend=1.0`, one validation at the end); a variant confirmed on
     all five folds also shows its 5-fold OOF, alone, averaged 1:1 with its step-0 anchor, and blended with the
     weight each fold gets from the other folds (`selection:<variant>`: no weight chosen on the fold it scores)."""
@@ -275,10 +285,16 @@ def sweep(_: Any = None) -> str:
         measured = real.get(key, {})
         trainer = [o for o in measured.get("setting", {}).get("overrides", []) if o.startswith("trainer.")]
         for name, entry in measured.get("variants", {}).items():
-            overrides = [o if not o.startswith("data.sources=") else "data.sources=<the 4 extra sets>"
-                         for o in entry["overrides"]]
+            overrides = [shown_sources(o) for o in entry["overrides"]]
             merged = {o.partition("=")[0]: o for o in [*pins, *overrides, *trainer]}  # a later value of a key wins
             lines.append((f"{name}{suffix}", name, " ".join(merged.values()), scores(entry)))
+    # seed ensembles (`--parts blend` of several run folders: "blend:<run>+<run>"): the runs' probabilities
+    # averaged (weight 1.0: the ensemble alone, as it ended), then blended like any run
+    for key, blend in real.items():
+        if key.startswith("blend:") and "+" in key:
+            runs = key.removeprefix("blend:")
+            lines.append((f"seed ensemble {' + '.join(runs.split('+'))} (probabilities averaged)", runs, "",
+                          {k: v["1.0"] for k, v in blend["per_fold"].items()}))
     rows = []
     for label, run, overrides, per_fold in lines:
         shown = [(label, per_fold)]
@@ -298,11 +314,14 @@ def sweep(_: Any = None) -> str:
 
 def anchor_lexical(_: Any = None) -> str:
     """benchmarks/README.md, Sweep: the anchor at step 0 with lexical prompt-answer features beside the
-    statistics (results/learning_real.json `anchor_lexical`, `benchmarks/learning.py --parts lexical`)."""
-    data = load("learning_real")["anchor_lexical"]
+    statistics (results/learning_real.json `anchor_lexical`, `benchmarks/learning.py --parts lexical`), or
+    with principal components of frozen MiniLM side vectors (`anchor_frozen_pca`, `--parts frozen_pca`)."""
+    real = load("learning_real")
+    # `--parts frozen_pca` (`anchor_frozen_pca`): principal components of frozen MiniLM side vectors instead
+    entries = {**real["anchor_lexical"], **real.get("anchor_frozen_pca", {})}
     folds = [str(k) for k in range(5)]
     rows = [[entry["what"], *(f4(entry["per_fold"][k]) for k in folds), f4(entry["oof"])]
-            for name, entry in data.items() if name != "run_info"]
+            for name, entry in entries.items() if name != "run_info"]
     return table(["anchor at step 0 (5 arena folds)", *(f"fold {k}" for k in folds), "OOF"], rows)
 
 

@@ -89,6 +89,22 @@ def test_arena_small_composes():
     assert cfg.trainer.max_epochs == cfg.trainer.check_val_every_n_epoch == 2
 
 
+def test_arena_pseudo_is_arena_small_plus_a_pool_labelled_by_its_own_teacher_run():
+    """experiment=arena_pseudo: arena_small with the Auto-J pairs as a source whose teacher is a stage trained
+    first into RUN/teacher: arena_small itself on the same folds, split and seed, the trained model alone."""
+    small = compose_train(["experiment=arena_small"])
+    cfg = compose_train(["experiment=arena_pseudo", "paths.output_dir=/runs/p", "data.fold=3", "seed=7"])
+    stage = OmegaConf.to_container(cfg.stage1, resolve=True)
+    assert stage["experiment"] == "arena_small" and stage["dir"] == "/runs/p/teacher"
+    assert stage["overrides"] == ["data.n_folds=5", "data.fold=3", "data.split_seed=7", "model.anchor_blend=1.0",
+                                  "model.anchor_fallback=false"]
+    (pool,) = OmegaConf.to_container(cfg.data.sources, resolve=True)
+    assert pool["path"].endswith("autoj_pairwise_test.csv") and pool["teacher"] == "/runs/p/teacher"
+    assert (pool["weight"], pool["loss_weight"]) == (0.5, 0.5)
+    for key in ("model", "trainer"):  # everything else is arena_small's
+        assert OmegaConf.to_container(cfg[key]) == OmegaConf.to_container(small[key])
+
+
 @pytest.mark.parametrize("model", ["tiny", "deberta_v3_small", "minilm", "llm_lora"])
 def test_model_files_inherit_the_shared_keys_of_one_base_file(model):
     """conf/model/_base.yaml holds the keys every model shares; each model file states only its own."""

@@ -83,6 +83,48 @@ def test_selection_counts_each_fold_in_the_blended_runs_own_files(tmp_path):
         bench.main(["--parts", "selection", "--blend-run", str(run), "--real-out", str(out)])
 
 
+def test_blend_reads_each_run_uncalibrated_and_names_a_seed_ensemble(tmp_path):
+    """A blend undoes each run's calibration (oof.csv holds softmax(z / T) floored; the blend reads
+    softmax(z) floored), and several --blend-run folders (a seed ensemble) are one entry named a+b, which
+    --parts selection looks up by the same names."""
+    import numpy as np
+    import torch
+
+    from pref_lightning.core.metrics import class_probabilities
+
+    bench = load_script()
+    logits = torch.tensor([[1.0, -0.5, 0.2], [-2.0, 0.3, 0.1], [0.0, 0.0, 3.0]])
+    labels = np.array([0, 1, 2])
+    fold = tmp_path / "a" / "fold0"
+    fold.mkdir(parents=True)
+    calibrated = class_probabilities(logits / 1.7, floor=0.002).numpy()
+    frame = pd.DataFrame(calibrated, columns=["winner_model_a", "winner_model_b", "winner_tie"])
+    frame.insert(0, "id", ["x", "y", "z"])
+    frame["label"] = labels
+    frame.iloc[::-1].to_csv(fold / "oof.csv", index=False)  # read back in the fold's own row order
+    (fold / "metrics.json").write_text(json.dumps({"temperature": 1.7}))
+    raw = bench.uncalibrated_oof(fold, ["x", "y", "z"], labels)
+    assert raw == pytest.approx(class_probabilities(logits, floor=0.002).numpy(), abs=1e-6)
+    with pytest.raises(RuntimeError, match="labels differ"):
+        bench.uncalibrated_oof(fold, ["x", "y", "z"], labels[::-1])
+
+    assert bench.blend_name([tmp_path / "a", tmp_path / "b"]) == "a+b"
+    (tmp_path / "a" / "fold1").mkdir(parents=True)
+    frame.to_csv(tmp_path / "a" / "fold1" / "oof.csv", index=False)
+    out = tmp_path / "real.json"
+    out.write_text(json.dumps({"blend:a+b": {"per_fold": {"0": {"0.5": 1.0, "1.0": 1.2}, "1": {"0.5": 0.9, "1.0": 0.8}}},
+                               "blend:a": {"per_fold": {"0": {"0.5": 1.0}}}}))
+    bench.main(["--parts", "selection", "--blend-run", str(tmp_path / "a"), "--blend-run", str(tmp_path / "b"),
+                "--real-out", str(out)])
+    # each fold takes the other's best weight: fold 0 gets 1.0 (1.2), fold 1 gets 0.5 (0.9)
+    assert json.loads(out.read_text())["selection:a+b"]["oof"] == pytest.approx((1.2 + 0.9) / 2)
+    with pytest.raises(SystemExit, match="need 2 or more"):
+        bench.main(["--parts", "selection", "--blend-run", str(tmp_path / "a"), "--real-out", str(out)])
+    out.write_text(json.dumps({}))
+    with pytest.raises(SystemExit, match="no 'blend:a'"):
+        bench.main(["--parts", "selection", "--blend-run", str(tmp_path / "a"), "--real-out", str(out)])
+
+
 @pytest.mark.slow
 @needs_shared_data()
 def test_real_part_on_two_folds_with_a_tiny_model(tmp_path):

@@ -250,6 +250,12 @@ def test_an_unlabelled_pool_trains_on_its_teachers_confident_rows(mix_files, tin
     np.testing.assert_array_equal(targets[dm.train_ids[0]], np.eye(3)[dm.train_set.pairs[0].label])
     batch = dm.collator()(dm.train_set.pairs)  # labelled and pseudo-labelled rows batch together
     assert batch["targets"].shape == (len(dm.train_set), 3)
+    # min_margin 0 (the default) keeps every row, u203's exactly balanced one too
+    every = PreferenceDataModule(train_path=str(mix_files / "train.csv"), val_fraction=0.2, split_seed=3,
+                                 sources=[{"path": str(mix_files / "pool.csv"), "teacher": str(mix_files / "pool_teacher.csv")}])
+    every.load_records()
+    assert every.data_counts["sources"][0]["removed_low_margin"] == 0
+    assert every.data_counts["sources"][0]["added_to_train"] == 6
 
 
 def test_a_pseudo_labelled_row_missing_from_its_teacher_is_named(mix_files):

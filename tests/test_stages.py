@@ -208,3 +208,47 @@ def test_vocabularies_compare_by_ids_not_file_bytes(tiny_tokenizer, llm_dirs):
     files["tokenizer.json"] = files["tokenizer.json"].replace(b'"truncation":null', b'"truncation": null')
     assert same_vocabulary(files, tiny_tokenizer)
     assert not same_vocabulary(files, load_tokenizer(str(llm_dirs["llama"])))
+
+
+def test_a_checkpoint_teacher_becomes_the_file_of_its_uncalibrated_predictions(tiny_tokenizer, synthetic_csv,
+                                                                               tmp_path):
+    """data.sources[i].teacher naming a checkpoint (or a run folder): train.py first writes RUN/teachers/<stem>.csv,
+    predict.py's output on the source with calibrate=false, one row per source id, the same whatever temperature
+    the teacher stored (it was fitted on the teacher's validation rows: a fold run's scored rows); reused while
+    newer than the checkpoint; a teacher file passes through; a missing checkpoint is a one-line error."""
+    import pandas as pd
+
+    from pref_lightning.train.stages import teacher_files
+
+    dm = PreferenceDataModule(train_path=str(synthetic_csv), max_length=32, batch_size=8)
+    dm.attach_tokenizer(tiny_tokenizer)
+    dm.setup("fit")  # the spec with its fitted statistics' normalisation, which prediction reads
+    torch.manual_seed(3)
+    teacher = PreferenceModule(backbone="tiny", tiny_config=TEST_TINY, vocab_size=len(tiny_tokenizer), head_hidden=16,
+                               spec=dm.spec, use_text_stats=False)
+    with torch.no_grad():  # a teacher whose probabilities vary from row to row
+        teacher.head.mlp[-1].weight.normal_(0, 2.0)
+    run = tmp_path / "teacher_run"
+    (run / "checkpoints").mkdir(parents=True)
+    plain = write_checkpoint(teacher, tiny_tokenizer, run / "checkpoints" / "best.ckpt")
+    hot = tmp_path / "hot.ckpt"
+    checkpoint = torch.load(plain, weights_only=True)
+    checkpoint[CHECKPOINT_KEY]["temperature"] = 3.0
+    torch.save(checkpoint, hot)
+    sources = [{"path": str(synthetic_csv), "teacher": str(run), "weight": 0.5}, {"path": "other.csv"},
+               {"path": "pool.csv", "teacher": "pool_teacher.csv"}]
+    resolved = teacher_files(sources, tmp_path / "student")
+    written = tmp_path / "student" / "teachers" / f"{synthetic_csv.stem}.csv"
+    assert resolved == [{**sources[0], "teacher": str(written)}, sources[1], sources[2]]
+    probs = pd.read_csv(written)
+    ids = pd.read_csv(synthetic_csv)["id"]
+    assert probs["id"].tolist() == ids.tolist()
+    values = probs[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
+    assert np.allclose(values.sum(1), 1.0, atol=1e-6) and values.std(0).max() > 0.01
+    stamp = written.stat().st_mtime_ns
+    assert teacher_files(sources, tmp_path / "student") == resolved and written.stat().st_mtime_ns == stamp
+    (hot_run,) = teacher_files([{"path": str(synthetic_csv), "teacher": str(hot)}], tmp_path / "hot")
+    hot_values = pd.read_csv(hot_run["teacher"])[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
+    assert np.allclose(hot_values, values, atol=1e-6)  # uncalibrated: the stored temperature is not applied
+    with pytest.raises(UserError, match=r"data.sources\[0\].teacher=.*missing.ckpt"):
+        teacher_files([{"path": str(synthetic_csv), "teacher": str(tmp_path / "missing.ckpt")}], tmp_path / "x")

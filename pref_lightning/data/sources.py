@@ -22,7 +22,9 @@ often answers tie.
 A source with a `teacher` (a pseudo-labelled source: the 2nd / 3rd / 9th place LMSYS recipe) may be
 unlabelled: each row's target is the teacher's probabilities for it, joined by id from the file
 `predict.py` writes for the source's file (`python predict.py ckpt_path=... input_path=POOL
-output_path=POOL_teacher.csv`); its hard label (for counts and the prior) is the teacher's argmax.
+output_path=POOL_teacher.csv`), or written by `train.py` first when `teacher` names a checkpoint or a run
+folder (uncalibrated predictions, `train.stages.teacher_files`); its hard label (for counts and the prior) is
+the teacher's argmax.
 `min_margin` keeps only rows the teacher is confident about, |P(A) - P(B)| > min_margin (WSDM 2nd place
 dropped rows with |pA - pB| <= 0.03); `teacher_temperature` softens or sharpens them. Its rows can say
 "tie" (the teacher says how likely one is) unless `ties: false`.
@@ -134,14 +136,16 @@ def resample(records: Sequence[PairRecord], weight: float, seed: int) -> list[Pa
 
 def pseudo_label(spec: SourceSpec, records: Sequence[PairRecord], n_classes: int) -> tuple[list[PairRecord], dict, dict]:
     """A pseudo-labelled source's rows: the teacher's probabilities (by id, `teacher.read_teacher`; a row the
-    teacher file lacks is an error naming it), rows with |P(A) - P(B)| <= `min_margin` dropped, the label
+    teacher file lacks is an error naming it), rows with |P(A) - P(B)| <= `min_margin` dropped (none when it is 0), the label
     set to the teacher's argmax. Returns (kept records, {id(record): target (K,) float32}, counts)."""
     from pref_lightning.data.teacher import read_teacher
 
     soft, _ = read_teacher(spec.teacher, [r.id for r in records], n_classes, spec.teacher_temperature)
     margin = np.abs(soft[:, 0] - soft[:, 1])
+    # min_margin 0 keeps every row: a row the teacher finds exactly balanced (identical answers) is a tie lesson
+    keep = margin > spec.min_margin if spec.min_margin > 0 else np.ones(len(records), dtype=bool)
     kept, targets = [], {}
-    for record, target, confident in zip(records, soft, margin > spec.min_margin):
+    for record, target, confident in zip(records, soft, keep):
         if confident:
             record.label = int(np.argmax(target))
             targets[id(record)] = target.astype(np.float32)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pref_lightning.core.atomic import atomic_write_text
 from pref_lightning.core.cli import say
@@ -44,7 +44,7 @@ from pref_lightning.train.calibration import TEMPERATURE_RANGE, fit_temperature
 from pref_lightning.train.callbacks import drop_progress_bars, exit_after_sigterm
 from pref_lightning.train.report import csv_metrics_path, write_report
 from pref_lightning.train.resume import RunIdentity, output_dir, resume_checkpoint, run_identity
-from pref_lightning.train.stages import ensure_stage
+from pref_lightning.train.stages import ensure_stage, teacher_files
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     # an earlier stage this recipe starts from (model.init_from / text_anchor name its checkpoint): trained
     # first when missing
     ensure_stage(cfg.get("stage1"), str(cfg.paths.data_dir), int(cfg.seed))
+    use_teacher_files(cfg, run_dir)  # a source whose teacher is a checkpoint: its predictions on the source
 
     tokenizer = check_backbone_settings(cfg)  # settings that contradict the backbone: refused before any data is read
     datamodule: PreferenceDataModule = instantiate(cfg.data)
@@ -102,6 +103,19 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_outputs(run_dir, cfg, metrics, model, datamodule, trainer, val_logits, val_labels)
     return metrics
+
+
+def use_teacher_files(cfg: DictConfig, run_dir: Path) -> None:
+    """`cfg.data.sources` with every teacher that names a checkpoint or run folder replaced, in place, by the
+    file of its uncalibrated predictions on that source (`train.stages.teacher_files`)."""
+    sources = cfg.data.get("sources")
+    if not sources:
+        return
+    raw = OmegaConf.to_container(sources, resolve=True)
+    resolved = teacher_files(list(raw), run_dir)
+    if resolved != raw:
+        with open_dict(cfg):
+            cfg.data.sources = resolved
 
 
 def build_model(cfg: DictConfig, datamodule: PreferenceDataModule, tokenizer: Any,
