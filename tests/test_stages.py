@@ -20,7 +20,7 @@ from pref_lightning.model.stages import (
 )
 from pref_lightning.train.stages import ensure_stage
 
-from .conftest import TEST_TINY
+from .conftest import REPO, SHARED_DATA, TEST_TINY, needs_shared_data
 
 
 def tiny(tokenizer, seed: int, n_classes: int = 3, tiny_config=TEST_TINY, **kwargs) -> PreferenceModule:
@@ -252,3 +252,35 @@ def test_a_checkpoint_teacher_becomes_the_file_of_its_uncalibrated_predictions(t
     assert np.allclose(hot_values, values, atol=1e-6)  # uncalibrated: the stored temperature is not applied
     with pytest.raises(UserError, match=r"data.sources\[0\].teacher=.*missing.ckpt"):
         teacher_files([{"path": str(synthetic_csv), "teacher": str(tmp_path / "missing.ckpt")}], tmp_path / "x")
+
+
+@pytest.mark.slow
+@needs_shared_data()
+def test_arena_pseudo_trains_its_teacher_labels_the_pool_and_trains_the_student(tmp_path):
+    """experiment=arena_pseudo end to end on a tiny backbone (a few batches): one command trains the teacher stage
+    into RUN/teacher on the same fold, writes its uncalibrated predictions of the Auto-J pool to RUN/teachers/,
+    and trains the student on the arena rows plus that pool, which metrics.json counts."""
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    tiny_run = ["model=tiny", "trainer.limit_train_batches=2", "trainer.max_epochs=1", "data.max_length=32",
+                "report=false"]
+    stage = ["data.n_folds=5", "data.fold=1", "data.split_seed=42", "model.anchor_blend=1.0",
+             "model.anchor_fallback=false", *tiny_run]
+    run = tmp_path / "pseudo"
+    command = [sys.executable, "train.py", "experiment=arena_pseudo", f"paths.data_dir={SHARED_DATA}",
+               f"hydra.run.dir={run}", "data.fold=1", *tiny_run,
+               "stage1.overrides=[" + ",".join(f"'{o}'" for o in stage) + "]"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    teacher = json.loads((run / "teacher" / "metrics.json").read_text())
+    student = json.loads((run / "metrics.json").read_text())
+    assert teacher["fold"] == student["fold"] == 1 and teacher["train_rows"] == 799
+    pool = pd.read_csv(run / "teachers" / "autoj_pairwise_test.csv")
+    assert len(pool) == len(pd.read_csv(SHARED_DATA / "autoj_pairwise_test.csv"))
+    (source,) = student["data_counts"]["sources"]
+    assert source["teacher"] == str(run / "teachers" / "autoj_pairwise_test.csv") and source["removed_low_margin"] == 0
+    assert student["train_rows"] == 799 + source["added_to_train"] and source["added_to_train"] > 600
