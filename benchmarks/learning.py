@@ -39,7 +39,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pref_lightning.core.metrics import CLASS_COLUMNS, class_prior, log_loss, prior_log_loss  # noqa: E402
+from pref_lightning.core.metrics import CLASS_COLUMNS, PROB_FLOOR, class_prior, log_loss, prior_log_loss  # noqa: E402
 from pref_lightning.data.folds import assign_folds, fold_split, grouped_split, prompt_key  # noqa: E402
 from pref_lightning.data.records import label_array, read_records  # noqa: E402
 from pref_lightning.data.text_stats import fit_logistic_regression, pair_stats_matrix, predict_proba  # noqa: E402
@@ -350,7 +350,7 @@ def anchor_baseline(data_dir: Path, fold_list: list[int], seed: int, max_length:
             text_a, text_b = columns(dm.val_set.pairs)
             val_a, val_b = np.concatenate([val_a, text_a], 1), np.concatenate([val_b, text_b], 1)
         out[k] = anchor_log_loss(fit_anchor_on(dm, **(options or {}), side_columns=columns), val_a, val_b, val_labels,
-                                 True, 0.002)
+                                 True, PROB_FLOOR)
         print(f"anchor fold {k}: {out[k]:.4f}", flush=True)
     return out
 
@@ -569,10 +569,9 @@ def main(argv: list[str] | None = None) -> int:
             run_anchor_ablation(args)
         if "blend" in parts:
             run_blend(args)
-        if "lexical" in parts:
-            run_lexical(args)
-        if "frozen_pca" in parts:
-            run_lexical(args, frozen=True)
+        for part in ("lexical", "frozen_pca"):
+            if part in parts:
+                run_anchor_features(args, part)
         if "selection" in parts:
             run_selection(args)
     if any(p in parts for p in ("synthetic", "real_split", "recipe")):
@@ -685,7 +684,7 @@ def anchor_lexical(data_dir: Path, fold_list: list[int], seed: int = 42) -> dict
         if not np.array_equal(labels[val_rows], val_labels):
             raise RuntimeError(f"fold {k}: the datamodule's validation rows differ from the arena rows")
         out["statistics"]["per_fold"][str(k)] = anchor_log_loss(fit_anchor_on(dm), stats_a, stats_b, val_labels,
-                                                                True, 0.002)
+                                                                True, PROB_FLOOR)
         for name, (col_a, col_b) in columns.items():
             def side_columns(pairs, col_a=col_a, col_b=col_b, train_rows=train_rows):
                 if len(pairs) != len(train_rows):
@@ -694,7 +693,7 @@ def anchor_lexical(data_dir: Path, fold_list: list[int], seed: int = 42) -> dict
             anchor = fit_anchor_on(dm, side_columns=side_columns)
             out[name]["per_fold"][str(k)] = anchor_log_loss(
                 anchor, np.concatenate([stats_a, col_a[val_rows]], 1), np.concatenate([stats_b, col_b[val_rows]], 1),
-                val_labels, True, 0.002)
+                val_labels, True, PROB_FLOOR)
         print(f"lexical fold {k}: " + ", ".join(f"{n} {v['per_fold'][str(k)]:.4f}" for n, v in out.items()), flush=True)
     return out
 
@@ -749,19 +748,19 @@ def anchor_frozen_pca(data_dir: Path, fold_list: list[int], components: tuple[in
             anchor = fit_anchor_on(dm, side_columns=side_columns)
             val_a, val_b = side_columns(dm.val_set.pairs)
             out[f"frozen_pca{k}"]["per_fold"][str(fold)] = anchor_log_loss(
-                anchor, np.concatenate([stats_a, val_a], 1), np.concatenate([stats_b, val_b], 1), val_labels, True, 0.002)
+                anchor, np.concatenate([stats_a, val_a], 1), np.concatenate([stats_b, val_b], 1), val_labels, True, PROB_FLOOR)
         print(f"frozen pca fold {fold}: " + ", ".join(f"{n} {v['per_fold'][str(fold)]:.4f}" for n, v in out.items()),
               flush=True)
     return out
 
 
-def run_lexical(args: argparse.Namespace, frozen: bool = False) -> None:
+def run_anchor_features(args: argparse.Namespace, part: str) -> None:
     """`--parts lexical` (`anchor_lexical`, into --real-out under "anchor_lexical") or `--parts frozen_pca`
-    (`anchor_frozen_pca`, under "anchor_frozen_pca") on the folds."""
+    (`anchor_frozen_pca`, under "anchor_frozen_pca"): the step-0 anchor with extra text columns, on the folds."""
     folds = [int(k) for k in (args.folds or ",".join(map(str, range(N_FOLDS)))).split(",") if k]
     _, _, fold_of = arena_folds(args.data_dir.resolve(), 42)
-    key = "anchor_frozen_pca" if frozen else "anchor_lexical"
-    table = (anchor_frozen_pca if frozen else anchor_lexical)(args.data_dir.resolve(), folds)
+    key = f"anchor_{part}"
+    table = {"lexical": anchor_lexical, "frozen_pca": anchor_frozen_pca}[part](args.data_dir.resolve(), folds)
     rows = {str(k): int((fold_of == k).sum()) for k in folds}
     for entry in table.values():
         entry["oof"] = oof_total({k: (v, rows[k]) for k, v in entry["per_fold"].items()})
@@ -795,7 +794,7 @@ def anchor_blend(data_dir: Path, run_dirs: list[Path], fold_list: list[int],
         dm = arena_fold_datamodule(data_dir, k, seed, tokenizer)
         stats_a, stats_b, labels = dm.split_statistics("val")
         anchor = class_probabilities(torch.from_numpy(anchor_logits(fit_anchor_on(dm), stats_a, stats_b)),
-                                     floor=0.002).numpy()
+                                     floor=PROB_FLOOR).numpy()
         trained = np.mean([uncalibrated_oof(run_dir / f"fold{k}", dm.val_ids, labels) for run_dir in run_dirs], 0)
         out[str(k)] = {str(w): log_loss(w * trained + (1 - w) * anchor, labels) for w in BLEND_WEIGHTS}
         print(f"blend fold {k}: {out[str(k)]}", flush=True)
@@ -812,7 +811,7 @@ def uncalibrated_oof(fold_dir: Path, val_ids: list[str], labels: np.ndarray) -> 
         raise RuntimeError(f"{fold_dir}/oof.csv: labels differ from the fold's validation rows")
     trained = oof[list(CLASS_COLUMNS)].to_numpy()
     temperature = json.loads((fold_dir / "metrics.json").read_text()).get("temperature", 1.0)
-    floor, n_classes = 0.002, trained.shape[1]
+    floor, n_classes = PROB_FLOOR, trained.shape[1]
     raw = np.clip((trained - floor) / (1 - n_classes * floor), 1e-12, None) ** temperature
     return floor + (1 - n_classes * floor) * raw / raw.sum(1, keepdims=True)
 

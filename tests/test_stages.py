@@ -1,5 +1,8 @@
 """Stages (issue 21): init_from across backbones and class counts, the frozen text anchor, stage training."""
 
+import os
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pytest
@@ -212,7 +215,7 @@ def test_vocabularies_compare_by_ids_not_file_bytes(tiny_tokenizer, llm_dirs):
 
 def test_a_checkpoint_teacher_becomes_the_file_of_its_uncalibrated_predictions(tiny_tokenizer, synthetic_csv,
                                                                                tmp_path):
-    """data.sources[i].teacher naming a checkpoint (or a run folder): train.py first writes RUN/teachers/<stem>.csv,
+    """data.sources[i].teacher naming a checkpoint (or a run folder): train.py first writes RUN/teachers/<i>_<stem>.csv,
     predict.py's output on the source with calibrate=false, one row per source id, the same whatever temperature
     the teacher stored (it was fitted on the teacher's validation rows: a fold run's scored rows); reused while
     newer than the checkpoint; a teacher file passes through; a missing checkpoint is a one-line error."""
@@ -238,7 +241,7 @@ def test_a_checkpoint_teacher_becomes_the_file_of_its_uncalibrated_predictions(t
     sources = [{"path": str(synthetic_csv), "teacher": str(run), "weight": 0.5}, {"path": "other.csv"},
                {"path": "pool.csv", "teacher": "pool_teacher.csv"}]
     resolved = teacher_files(sources, tmp_path / "student")
-    written = tmp_path / "student" / "teachers" / f"{synthetic_csv.stem}.csv"
+    written = tmp_path / "student" / "teachers" / f"0_{synthetic_csv.stem}.csv"
     assert resolved == [{**sources[0], "teacher": str(written)}, sources[1], sources[2]]
     probs = pd.read_csv(written)
     ids = pd.read_csv(synthetic_csv)["id"]
@@ -247,6 +250,13 @@ def test_a_checkpoint_teacher_becomes_the_file_of_its_uncalibrated_predictions(t
     assert np.allclose(values.sum(1), 1.0, atol=1e-6) and values.std(0).max() > 0.01
     stamp = written.stat().st_mtime_ns
     assert teacher_files(sources, tmp_path / "student") == resolved and written.stat().st_mtime_ns == stamp
+    pool_copy = tmp_path / "pool_copy.csv"  # a pool file newer than its teacher file: predicted again
+    pool_copy.write_bytes(synthetic_csv.read_bytes())
+    (again,) = teacher_files([{"path": str(pool_copy), "teacher": str(run)}], tmp_path / "student")
+    assert again["teacher"] == str(tmp_path / "student" / "teachers" / "0_pool_copy.csv")
+    os.utime(again["teacher"], ns=(1, 1))
+    teacher_files([{"path": str(pool_copy), "teacher": str(run)}], tmp_path / "student")
+    assert Path(again["teacher"]).stat().st_mtime_ns > 1
     (hot_run,) = teacher_files([{"path": str(synthetic_csv), "teacher": str(hot)}], tmp_path / "hot")
     hot_values = pd.read_csv(hot_run["teacher"])[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
     assert np.allclose(hot_values, values, atol=1e-6)  # uncalibrated: the stored temperature is not applied
@@ -279,8 +289,8 @@ def test_arena_pseudo_trains_its_teacher_labels_the_pool_and_trains_the_student(
     teacher = json.loads((run / "teacher" / "metrics.json").read_text())
     student = json.loads((run / "metrics.json").read_text())
     assert teacher["fold"] == student["fold"] == 1 and teacher["train_rows"] == 799
-    pool = pd.read_csv(run / "teachers" / "autoj_pairwise_test.csv")
+    pool = pd.read_csv(run / "teachers" / "0_autoj_pairwise_test.csv")
     assert len(pool) == len(pd.read_csv(SHARED_DATA / "autoj_pairwise_test.csv"))
     (source,) = student["data_counts"]["sources"]
-    assert source["teacher"] == str(run / "teachers" / "autoj_pairwise_test.csv") and source["removed_low_margin"] == 0
+    assert source["teacher"] == str(run / "teachers" / "0_autoj_pairwise_test.csv") and source["removed_low_margin"] == 0
     assert student["train_rows"] == 799 + source["added_to_train"] and source["added_to_train"] > 600
